@@ -51,8 +51,10 @@ def main() -> int:
         existing = {p.name for p in target.glob("*_pb2*.py*")}
         if args.check:
             stale = sorted(
-                n for n in names | existing
-                if n not in names or n not in existing
+                n
+                for n in names | existing
+                if n not in names
+                or n not in existing
                 or not filecmp.cmp(Path(tmp) / PACKAGE_DIR / n, target / n, shallow=False)
             )
             if stale:

@@ -93,9 +93,7 @@ def tiny_model_path(spec: TinyModelSpec | None = None, cache_dir: Path | None = 
     return root / f"tiny-llama-s{spec.seed}-{spec.fingerprint()}"
 
 
-def build_tiny_model(
-    spec: TinyModelSpec | None = None, cache_dir: Path | None = None, force: bool = False
-) -> Path:
+def build_tiny_model(spec: TinyModelSpec | None = None, cache_dir: Path | None = None, force: bool = False) -> Path:
     """Build (or reuse) the tiny model and return its directory.
 
     The directory is complete or absent: files are written to a temporary sibling and

@@ -1,0 +1,1 @@
+"""Adapter registry: versioned, validated, atomic storage of adapters and models."""

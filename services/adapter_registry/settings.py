@@ -1,0 +1,37 @@
+"""Adapter registry settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from services.common.errors import InvalidArgument
+from services.common.settings import ServerSettings, setting
+
+
+@dataclass
+class RegistrySettings(ServerSettings):
+    """Settings of `python -m services.adapter_registry`."""
+
+    ENV_PREFIX: ClassVar[str] = "TUNEDOCK_REGISTRY_"
+    SERVICE_NAME: ClassVar[str] = "adapter_registry"
+    DEFAULT_PORT: ClassVar[int] = 50052
+
+    database_url: str = setting(
+        "", "SQLAlchemy URL of the metadata store; empty means sqlite:///<data-dir>/registry/registry.db"
+    )
+    blob_url: str = setting(
+        "", "blob store: empty means <data-dir>/registry/blobs; s3://bucket/prefix for S3-compatible storage"
+    )
+    s3_endpoint_url: str = setting("", "S3 endpoint URL (MinIO, Ceph, moto ...); empty means AWS")
+    max_artifact_mb: int = setting(20480, "largest artifact accepted, in MiB")
+    max_files: int = setting(10000, "most files in one artifact")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_artifact_mb <= 0 or self.max_files <= 0:
+            raise InvalidArgument("max_artifact_mb and max_files must be > 0")
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'registry' / 'registry.db'}"
+        if not self.blob_url:
+            self.blob_url = str(self.data_dir / "registry" / "blobs")

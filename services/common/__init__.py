@@ -1,0 +1,1 @@
+"""Shared server runtime: settings, logging, errors, interceptors, metrics, serving."""

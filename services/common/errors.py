@@ -1,0 +1,79 @@
+"""Domain errors raised by service cores.
+
+Cores never import grpc: they raise these, and `interceptors.ErrorMappingInterceptor`
+turns each into its gRPC status. The message is sent to the client as-is, so it must
+say what is wrong and what to fix; anything that is not a `TuneDockError` becomes
+INTERNAL with the traceback logged and never sent.
+"""
+
+from __future__ import annotations
+
+
+class TuneDockError(Exception):
+    """Base class. `status` names the gRPC status code (grpc.StatusCode member name)."""
+
+    status = "UNKNOWN"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(TuneDockError):
+    """The request itself is malformed: a field is missing, out of range or unparseable."""
+
+    status = "INVALID_ARGUMENT"
+
+
+class NotFound(TuneDockError):
+    """The named item does not exist (or the caller may not see it)."""
+
+    status = "NOT_FOUND"
+
+
+class AlreadyExists(TuneDockError):
+    """The item to create exists already."""
+
+    status = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(TuneDockError):
+    """The request is well formed but the system is not in a state to accept it."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(TuneDockError):
+    """A size, rate or capacity limit was hit."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(TuneDockError):
+    """A dependency (registry, engine, database) cannot be reached right now; retry later."""
+
+    status = "UNAVAILABLE"
+
+
+class Aborted(TuneDockError):
+    """A concurrent change won; the client may retry."""
+
+    status = "ABORTED"
+
+
+class PermissionDenied(TuneDockError):
+    """The caller is known but lacks the role for this call."""
+
+    status = "PERMISSION_DENIED"
+
+
+class Unauthenticated(TuneDockError):
+    """No valid credentials came with the call."""
+
+    status = "UNAUTHENTICATED"
+
+
+class DataLoss(TuneDockError):
+    """Stored bytes do not match their checksum."""
+
+    status = "DATA_LOSS"

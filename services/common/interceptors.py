@@ -1,0 +1,194 @@
+"""Server interceptors: domain-error mapping and per-RPC observability.
+
+Both wrap every handler kind (unary/stream in and out) through `wrap_handler`, so the
+servicers stay thin: they convert protos, call a core, and let exceptions fly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from services.common import errors
+from services.common.logging import request_id
+from services.common.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler, wrap_unary: Callable, wrap_stream: Callable) -> grpc.RpcMethodHandler:
+    """Rebuild `handler` with its behavior wrapped: `wrap_unary` for unary responses,
+    `wrap_stream` for streaming responses. Serializers are kept."""
+    kinds = (
+        ("unary_unary", grpc.unary_unary_rpc_method_handler, wrap_unary),
+        ("unary_stream", grpc.unary_stream_rpc_method_handler, wrap_stream),
+        ("stream_unary", grpc.stream_unary_rpc_method_handler, wrap_unary),
+        ("stream_stream", grpc.stream_stream_rpc_method_handler, wrap_stream),
+    )
+    for attr, build, wrap in kinds:
+        behavior = getattr(handler, attr)
+        if behavior is not None:
+            return build(
+                wrap(behavior),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+    return handler
+
+
+async def _call(behavior: Callable, request: Any, context: aio.ServicerContext) -> Any:
+    """Call a unary-response behavior, sync or async."""
+    result = behavior(request, context)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+async def _iterate(behavior: Callable, request: Any, context: aio.ServicerContext):
+    """Iterate a streaming-response behavior, async generator or sync generator."""
+    result = behavior(request, context)
+    if inspect.isawaitable(result):
+        result = await result
+    if hasattr(result, "__aiter__"):
+        async for item in result:
+            yield item
+    elif result is not None:
+        for item in result:
+            yield item
+
+
+class ErrorMappingInterceptor(aio.ServerInterceptor):
+    """The one place that turns exceptions into gRPC statuses.
+
+    `TuneDockError` subclasses carry their status and a client-facing message;
+    `NotImplementedError` becomes UNIMPLEMENTED; anything else is INTERNAL, with the
+    traceback logged here and a generic message (with the request id) sent.
+    """
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+
+        def wrap_unary(behavior):
+            async def wrapped(request, context):
+                try:
+                    return await _call(behavior, request, context)
+                except Exception as exc:
+                    await self._abort(exc, context, method)
+
+            return wrapped
+
+        def wrap_stream(behavior):
+            async def wrapped(request, context):
+                try:
+                    async for item in _iterate(behavior, request, context):
+                        yield item
+                except Exception as exc:
+                    await self._abort(exc, context, method)
+
+            return wrapped
+
+        return wrap_handler(handler, wrap_unary, wrap_stream)
+
+    @staticmethod
+    async def _abort(exc: Exception, context: aio.ServicerContext, method: str) -> None:
+        if isinstance(exc, aio.AbortError):
+            raise exc  # the servicer aborted deliberately: status already set
+        if isinstance(exc, errors.TuneDockError):
+            await context.abort(getattr(grpc.StatusCode, exc.status), exc.message)
+        if isinstance(exc, NotImplementedError):
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented yet")
+        log.error("unhandled error in %s", method, exc_info=exc)
+        await context.abort(
+            grpc.StatusCode.INTERNAL, f"internal error (request id {request_id.get() or 'unknown'}); see server log"
+        )
+
+
+class ObservabilityInterceptor(aio.ServerInterceptor):
+    """Request ids, one log line per finished RPC, Prometheus counters and latency histograms.
+
+    Sits outside `ErrorMappingInterceptor`, so the status it records is the final one.
+    The request id comes from the `x-request-id` metadata key when the client sends one
+    and is echoed back in the initial metadata.
+    """
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if method.startswith("/grpc.health.") or method.startswith("/grpc.reflection."):
+            return handler  # probes would drown the request log
+        incoming = dict(handler_call_details.invocation_metadata or ())
+        service, _, rpc = method.strip("/").rpartition("/")
+
+        def start(context) -> tuple[contextvars.Token, float]:
+            rid = incoming.get("x-request-id") or uuid.uuid4().hex[:16]
+            token = request_id.set(rid)
+            self.metrics.in_flight.labels(service, rpc).inc()
+            return token, time.perf_counter()
+
+        def finish(context, token, started: float, exc: BaseException | None) -> None:
+            code = _final_code(context, exc)
+            elapsed = time.perf_counter() - started
+            self.metrics.in_flight.labels(service, rpc).dec()
+            self.metrics.requests.labels(service, rpc, code).inc()
+            self.metrics.latency.labels(service, rpc).observe(elapsed)
+            log.info("rpc %s %s", method, code, extra={"rpc": method, "code": code, "ms": round(elapsed * 1e3, 2)})
+            request_id.reset(token)
+
+        def wrap_unary(behavior):
+            async def wrapped(request, context):
+                token, started = start(context)
+                exc = None
+                try:
+                    return await _call(behavior, request, context)
+                except BaseException as e:
+                    exc = e
+                    raise
+                finally:
+                    finish(context, token, started, exc)
+
+            return wrapped
+
+        def wrap_stream(behavior):
+            async def wrapped(request, context):
+                token, started = start(context)
+                exc = None
+                try:
+                    async for item in _iterate(behavior, request, context):
+                        yield item
+                except BaseException as e:
+                    exc = e
+                    raise
+                finally:
+                    finish(context, token, started, exc)
+
+            return wrapped
+
+        return wrap_handler(handler, wrap_unary, wrap_stream)
+
+
+def _final_code(context: aio.ServicerContext, exc: BaseException | None) -> str:
+    code = context.code()
+    if code is not None and code != grpc.StatusCode.OK:
+        return code.name if isinstance(code, grpc.StatusCode) else str(code)
+    if exc is None:
+        return "OK"
+    if isinstance(exc, (GeneratorExit, asyncio.CancelledError)):
+        return "CANCELLED"
+    return "UNKNOWN"

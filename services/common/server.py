@@ -1,0 +1,151 @@
+"""One way to build and run a TuneDock gRPC server.
+
+`GrpcServer` wires a service's servicers into a `grpc.aio` server with the shared
+interceptors, the standard health service (one status per service), reflection and a
+Prometheus side port. `run_service` is what every `python -m services.X` calls: it
+parses settings (clear one-line errors), configures JSON logging, serves until SIGTERM
+or SIGINT, then shuts down gracefully: health flips to NOT_SERVING first (so load
+balancers drain), in-flight RPCs get `shutdown_grace_s` to finish, the rest are cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from services.common.errors import TuneDockError
+from services.common.interceptors import ErrorMappingInterceptor, ObservabilityInterceptor
+from services.common.logging import configure_logging
+from services.common.metrics import ServerMetrics
+from services.common.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceBinding:
+    """A servicer and how to add it: `add(servicer, server)` is the generated `add_XServicer_to_server`."""
+
+    full_name: str
+    servicer: Any
+    add: Callable[[Any, aio.Server], None]
+
+
+@dataclass
+class GrpcServer:
+    """A gRPC server for one TuneDock service; `start()` then `stop()`."""
+
+    settings: ServerSettings
+    bindings: Sequence[ServiceBinding]
+    on_stop: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+
+    port: int = 0
+    metrics_port: int | None = None
+
+    def __post_init__(self) -> None:
+        self.health = HealthServicer()
+        self._server: aio.Server | None = None
+        self._metrics_http = None
+
+    @property
+    def address(self) -> str:
+        host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "::", "") else self.settings.host
+        return f"{host}:{self.port}"
+
+    async def start(self) -> GrpcServer:
+        max_bytes = self.settings.max_message_mb * 1024 * 1024
+        server = aio.server(
+            interceptors=[ObservabilityInterceptor(self.metrics), ErrorMappingInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", max_bytes),
+                ("grpc.max_send_message_length", max_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        for binding in self.bindings:
+            binding.add(binding.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [b.full_name for b in self.bindings]
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+        )
+        self.port = server.add_insecure_port(self.settings.address)
+        if self.port == 0:
+            raise TuneDockError(f"could not bind {self.settings.address}: is the port in use?")
+        await server.start()
+        self._server = server
+        if self.settings.metrics_port >= 0:
+            self._metrics_http, self.metrics_port = self.metrics.serve_http(
+                self.settings.host, self.settings.metrics_port
+            )
+        for name in ["", *names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving %s on %s",
+            ", ".join(names),
+            self.address,
+            extra={"grpc_port": self.port, "metrics_port": self.metrics_port},
+        )
+        return self
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self._server is None:
+            return
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        self._server = None
+        for callback in self.on_stop:
+            result = callback()
+            if asyncio.iscoroutine(result):
+                await result
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+BuildServer = Callable[[Any], Awaitable[GrpcServer]]
+
+
+def run_service(settings_cls: type[ServerSettings], build: BuildServer, argv: list[str] | None = None) -> int:
+    """Entry point body of `python -m services.X`: settings, logging, serve until a signal."""
+    try:
+        settings = settings_cls.load(sys.argv[1:] if argv is None else argv)
+    except TuneDockError as exc:
+        print(f"{settings_cls.SERVICE_NAME}: {exc.message}", file=sys.stderr)
+        return 2
+    configure_logging(settings_cls.SERVICE_NAME, settings.log_level)
+    try:
+        return asyncio.run(_serve(settings, build))
+    except TuneDockError as exc:
+        log.error("cannot start: %s", exc.message)
+        return 1
+
+
+async def _serve(settings: ServerSettings, build: BuildServer) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = await build(settings)
+    await server.start()
+    await stop.wait()
+    log.info("signal received; draining for up to %.1fs", settings.shutdown_grace_s)
+    await server.stop()
+    return 0

@@ -1,0 +1,146 @@
+"""Settings: a dataclass per service, filled from defaults < environment < flags, then validated.
+
+Every field documents itself through `field(metadata={"help": ...})`; the same text
+becomes the `--flag` help. Environment variables are `<ENV_PREFIX><FIELD_NAME>` upper-case
+(e.g. `TUNEDOCK_REGISTRY_PORT`), except `data_dir`, which also honours `TUNEDOCK_HOME`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from services.common.errors import InvalidArgument
+
+S = TypeVar("S", bound="ServerSettings")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def default_data_dir() -> Path:
+    """$TUNEDOCK_HOME, else ~/.tunedock."""
+    return Path(os.environ.get("TUNEDOCK_HOME", Path.home() / ".tunedock")).expanduser()
+
+
+def setting(default: Any, help: str, **kwargs: Any) -> Any:
+    """A documented settings field."""
+    if callable(default) and not isinstance(default, type):
+        return field(default_factory=default, metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class ServerSettings:
+    """Settings every TuneDock server has."""
+
+    ENV_PREFIX: ClassVar[str] = "TUNEDOCK_"
+    SERVICE_NAME: ClassVar[str] = "server"
+    DEFAULT_PORT: ClassVar[int] = 50050
+
+    host: str = setting("127.0.0.1", "address to bind the gRPC server to")
+    port: int = setting(-1, "gRPC port (0 picks a free one; -1 means the service's default port)")
+    metrics_port: int = setting(0, "port of the Prometheus /metrics HTTP endpoint (0 picks a free one, -1 disables)")
+    data_dir: Path = setting(default_data_dir, "directory for the service's state (env TUNEDOCK_HOME)")
+    log_level: str = setting("INFO", "log level: DEBUG, INFO, WARNING or ERROR")
+    shutdown_grace_s: float = setting(5.0, "seconds in-flight RPCs get to finish on SIGTERM before they are cancelled")
+    max_message_mb: int = setting(64, "largest gRPC message accepted or sent, in MiB")
+
+    def __post_init__(self) -> None:
+        if self.port == -1:
+            self.port = self.DEFAULT_PORT
+        self.data_dir = Path(self.data_dir).expanduser()
+        self.log_level = self.log_level.upper()
+        problems = []
+        if not 0 <= self.port <= 65535:
+            problems.append(f"port must be 0..65535, got {self.port}")
+        if not -1 <= self.metrics_port <= 65535:
+            problems.append(f"metrics_port must be -1..65535, got {self.metrics_port}")
+        if self.log_level not in _LOG_LEVELS:
+            problems.append(f"log_level must be one of {', '.join(_LOG_LEVELS)}, got {self.log_level!r}")
+        if self.shutdown_grace_s < 0:
+            problems.append(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+        if self.max_message_mb <= 0:
+            problems.append(f"max_message_mb must be > 0, got {self.max_message_mb}")
+        if self.host not in ("localhost", "") and not _is_hostname(self.host):
+            problems.append(f"host {self.host!r} is not an IP address or host name")
+        if problems:
+            raise InvalidArgument("invalid settings: " + "; ".join(problems))
+
+    @property
+    def address(self) -> str:
+        """host:port as gRPC wants it (IPv6 literals bracketed)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @classmethod
+    def load(cls: type[S], argv: list[str] | None = None, **overrides: Any) -> S:
+        """Defaults, then environment, then `argv` flags, then `overrides`; validated."""
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            env = os.environ.get(cls.ENV_PREFIX + f.name.upper())
+            if env is not None:
+                values[f.name] = _convert(_field_type(cls, f), env, f.name)
+        if argv is not None:
+            parsed = cls.argument_parser().parse_args(argv)
+            values.update({k: v for k, v in vars(parsed).items() if v is not None})
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def argument_parser(cls) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(
+            prog=f"python -m services.{cls.SERVICE_NAME}",
+            description=f"TuneDock {cls.SERVICE_NAME} service. Every flag can also be set as "
+            f"{cls.ENV_PREFIX}<FLAG> in the environment.",
+        )
+        for f in dataclasses.fields(cls):
+            typ = _field_type(cls, f)
+            flag = "--" + f.name.replace("_", "-")
+            help_text = f.metadata.get("help", "")
+            if typ is bool:
+                parser.add_argument(
+                    flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+                )
+            else:
+                parser.add_argument(
+                    flag, dest=f.name, default=None, help=help_text, type=lambda s, t=typ, n=f.name: _convert(t, s, n)
+                )
+        return parser
+
+
+def _is_hostname(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return all(part and len(part) < 64 and part.replace("-", "").isalnum() for part in host.split("."))
+
+
+def _field_type(cls: type, f: dataclasses.Field) -> Any:
+    hints = typing.get_type_hints(cls)
+    typ = hints[f.name]
+    if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
+        typ = next(a for a in typing.get_args(typ) if a is not type(None))
+    return typ
+
+
+def _convert(typ: Any, raw: str, name: str) -> Any:
+    try:
+        if typ is bool:
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if typing.get_origin(typ) is list:
+            return [part.strip() for part in raw.split(",") if part.strip()]
+        return typ(raw)
+    except ValueError:
+        raise InvalidArgument(f"setting {name}: cannot read {raw!r} as {getattr(typ, '__name__', typ)}") from None

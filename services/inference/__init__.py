@@ -1,0 +1,1 @@
+"""Inference: one vLLM engine over a base model, LoRA adapters picked per request."""

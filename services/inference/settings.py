@@ -1,0 +1,46 @@
+"""Inference settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from services.common.errors import InvalidArgument
+from services.common.settings import ServerSettings, setting
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class InferenceSettings(ServerSettings):
+    """Settings of `python -m services.inference`."""
+
+    ENV_PREFIX: ClassVar[str] = "TUNEDOCK_INFERENCE_"
+    SERVICE_NAME: ClassVar[str] = "inference"
+    DEFAULT_PORT: ClassVar[int] = 50053
+
+    base_model: str = setting("", "base model (hub id or local path); empty means the embedded tiny model")
+    registry_address: str = setting("127.0.0.1:50052", "address of the adapter registry adapters resolve through")
+    max_loras: int = setting(4, "adapters active in one engine batch (vLLM max_loras)")
+    max_cpu_loras: int = setting(16, "adapters kept in the engine's host-memory LRU (vLLM max_cpu_loras)")
+    max_lora_rank: int = setting(64, "largest adapter rank served")
+    max_model_len: int = setting(1024, "longest prompt + completion in tokens")
+    dtype: str = setting("auto", "engine dtype: auto, float32, bfloat16 or float16")
+    kv_cache_gib: float = setting(1.0, "KV cache size on the CPU backend, GiB (VLLM_CPU_KVCACHE_SPACE)")
+    adapter_cache_mb: int = setting(2048, "bound of the local adapter cache on disk, MiB")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dtype not in _DTYPES:
+            raise InvalidArgument(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if not 1 <= self.max_loras <= self.max_cpu_loras:
+            raise InvalidArgument(
+                "need 1 <= max_loras <= max_cpu_loras, "
+                f"got max_loras={self.max_loras}, max_cpu_loras={self.max_cpu_loras}"
+            )
+        if self.max_lora_rank not in (8, 16, 32, 64, 128, 256, 320, 512):
+            raise InvalidArgument(
+                f"max_lora_rank must be one of 8, 16, 32, 64, 128, 256, 320, 512 (vLLM), got {self.max_lora_rank}"
+            )
+        if self.kv_cache_gib <= 0 or self.max_model_len <= 0 or self.adapter_cache_mb <= 0:
+            raise InvalidArgument("kv_cache_gib, max_model_len and adapter_cache_mb must be > 0")

@@ -1,0 +1,1 @@
+"""Trainer: runs Full, Freeze, LoRA and QLoRA jobs and publishes their outputs."""

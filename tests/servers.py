@@ -1,0 +1,37 @@
+"""Run a real `GrpcServer` on port 0 in a background event-loop thread, for synchronous tests."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+
+from services.common.server import GrpcServer
+
+
+class ServerThread:
+    """Starts `build()`'s server on its own loop; `.address`, `.server`, `.stop()`."""
+
+    def __init__(self, build: Callable[[], Awaitable[GrpcServer]]) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server: GrpcServer = self.run(self._start(build))
+
+    async def _start(self, build):
+        server = await build()
+        await server.start()
+        return server
+
+    def run(self, coro, timeout: float = 120):
+        """Run a coroutine on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def stop(self, grace: float = 0.5) -> None:
+        self.run(self.server.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)

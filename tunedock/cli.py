@@ -1,0 +1,113 @@
+"""The `tunedock` command line."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="TuneDock: fine-tune, register and serve LLM adapters.", no_args_is_help=True, pretty_exceptions_enable=False
+)
+console = Console()
+err = Console(stderr=True)
+
+
+def _home(data_dir: Path | None) -> Path:
+    from tunedock.tiny_model import default_home
+
+    return (data_dir or default_home()).expanduser()
+
+
+@app.command("tiny-model")
+def tiny_model(
+    seed: int = typer.Option(0, help="seed of the random initialisation"),
+    cache_dir: Path = typer.Option(None, help="where models are cached (default $TUNEDOCK_HOME/models)"),
+    force: bool = typer.Option(False, help="rebuild even if cached"),
+) -> None:
+    """Build (or reuse) the tiny local Llama model and print its directory."""
+    from tunedock.tiny_model import TinyModelSpec, build_tiny_model
+
+    print(build_tiny_model(TinyModelSpec(seed=seed), cache_dir, force=force))
+
+
+@app.command()
+def up(
+    data_dir: Path = typer.Option(None, help="state directory (default $TUNEDOCK_HOME or ~/.tunedock)"),
+    base_model: str = typer.Option("", help="base model for inference (hub id or path); default: the tiny model"),
+    host: str = typer.Option("127.0.0.1", help="address the services bind to"),
+    port_offset: int = typer.Option(0, help="added to the default ports 50051-50053 / 9451-9453"),
+    check: bool = typer.Option(False, help="start, check health, print the status table, stop"),
+) -> None:
+    """Start trainer, adapter registry and inference locally; Ctrl-C stops them."""
+    from tunedock.local_stack import SERVICES, LocalStack
+
+    home = _home(data_dir)
+    if not base_model:
+        from tunedock.tiny_model import build_tiny_model
+
+        with console.status("building the tiny model (cached after the first run)"):
+            base_model = str(build_tiny_model(cache_dir=home / "models"))
+    stack = LocalStack(home, host=host, base_model=base_model, port_offset=port_offset)
+    stack.start()
+    try:
+        with console.status("waiting for the services to become healthy"):
+            status = stack.wait_healthy()
+    except RuntimeError as exc:
+        stack.stop()
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    table = Table(title=f"TuneDock (data and logs: {home})")
+    for column in ("service", "address", "health", "metrics"):
+        table.add_column(column)
+    for module, _, _, metrics_port in SERVICES:
+        table.add_row(
+            module, stack.address(module), status[module], f"http://{host}:{metrics_port + port_offset}/metrics"
+        )
+    console.print(table)
+    if check:
+        codes = stack.stop()
+        bad = {m: c for m, c in codes.items() if c != 0}
+        if bad:
+            err.print(f"[red]error:[/red] services did not stop cleanly: {bad}")
+            raise typer.Exit(1)
+        console.print("all three services were healthy and stopped cleanly")
+        return
+    console.print("press Ctrl-C to stop")
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        while all(p.poll() is None for p in stack.processes.values()):
+            time.sleep(0.5)
+        dead = [m for m, p in stack.processes.items() if p.poll() is not None]
+        err.print(f"[red]error:[/red] {', '.join(dead)} exited; see the logs above. Stopping the rest.")
+        stack.stop()
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        console.print("stopping ...")
+        stack.stop()
+
+
+@app.command()
+def demo(
+    data_dir: Path = typer.Option(None, help="state directory (default $TUNEDOCK_HOME or ~/.tunedock)"),
+    port_offset: int = typer.Option(0, help="added to the default ports"),
+) -> None:
+    """The end-to-end demo on the embedded defaults (for now: build the tiny model, start the
+    three services, check their health, stop them)."""
+    up(data_dir=data_dir, base_model="", host="127.0.0.1", port_offset=port_offset, check=True)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Start the three services locally on the embedded defaults (what `tunedock up` runs).
+
+Each service is its own process (`python -m services.X`), sharing one data directory;
+they stop together on Ctrl-C/SIGTERM. Kept free of heavy imports: only the tiny model
+build (when no base model is given) pulls in torch, once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+SERVICES = (
+    # (module, proto service, default port, default metrics port)
+    ("trainer", "tunedock.v1.TrainerService", 50051, 9451),
+    ("adapter_registry", "tunedock.v1.AdapterRegistryService", 50052, 9452),
+    ("inference", "tunedock.v1.InferenceService", 50053, 9453),
+)
+
+
+def check_health(address: str, service: str = "", timeout: float = 2.0) -> str:
+    """The standard health check: returns the status name, or 'UNREACHABLE'."""
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    except grpc.RpcError:
+        return "UNREACHABLE"
+
+
+@dataclass
+class LocalStack:
+    """The three services as child processes."""
+
+    data_dir: Path
+    host: str = "127.0.0.1"
+    base_model: str = ""
+    port_offset: int = 0
+    extra_env: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def address(self, module: str) -> str:
+        port = next(p for m, _, p, _ in SERVICES if m == module) + self.port_offset
+        return f"{self.host}:{port}"
+
+    def start(self) -> None:
+        env = {**os.environ, "TUNEDOCK_HOME": str(self.data_dir), **self.extra_env}
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        log_dir = self.data_dir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        for module, _, port, metrics_port in SERVICES:
+            args = [
+                sys.executable,
+                "-m",
+                f"services.{module}",
+                "--host",
+                self.host,
+                "--port",
+                str(port + self.port_offset),
+                "--metrics-port",
+                str(metrics_port + self.port_offset),
+                "--data-dir",
+                str(self.data_dir),
+            ]
+            if module != "adapter_registry":
+                args += ["--registry-address", self.address("adapter_registry")]
+            if module == "inference" and self.base_model:
+                args += ["--base-model", self.base_model]
+            log_file = open(log_dir / f"{module}.log", "ab")  # noqa: SIM115 - owned by the child
+            self.processes[module] = subprocess.Popen(
+                args, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def wait_healthy(self, timeout: float = 120.0) -> dict[str, str]:
+        """Wait until every service answers SERVING; raise with the log tail if one dies or times out."""
+        deadline = time.monotonic() + timeout
+        status: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            for module, service, _, _ in SERVICES:
+                proc = self.processes[module]
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{module} exited with code {proc.returncode}:\n{self.log_tail(module)}")
+                status[module] = check_health(self.address(module), service, timeout=1.0)
+            if all(s == "SERVING" for s in status.values()):
+                return status
+            time.sleep(0.3)
+        waiting = ", ".join(m for m, s in status.items() if s != "SERVING")
+        raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {waiting} to become healthy")
+
+    def log_tail(self, module: str, lines: int = 20) -> str:
+        path = self.data_dir / "logs" / f"{module}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def stop(self, timeout: float = 20.0) -> dict[str, int]:
+        """SIGTERM all, wait, SIGKILL stragglers; returns exit codes."""
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        codes = {}
+        for module, proc in self.processes.items():
+            try:
+                codes[module] = proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                codes[module] = proc.wait()
+        return codes
