@@ -1,25 +1,43 @@
-"""Wires the registry servicer into a server."""
+"""Wires the registry core, its stores and servicer into a server."""
 
 from __future__ import annotations
 
+import asyncio
+
+from services.adapter_registry.blobs import open_blob_store
+from services.adapter_registry.core import Registry
+from services.adapter_registry.metadata import MetadataStore
+from services.adapter_registry.servicer import AdapterRegistryServicer
 from services.adapter_registry.settings import RegistrySettings
 from services.common.server import GrpcServer, ServiceBinding
 from tunedock.v1 import adapter_registry_pb2, adapter_registry_pb2_grpc
 
 
-class AdapterRegistryServicer(adapter_registry_pb2_grpc.AdapterRegistryServiceServicer):
-    """Registry API (methods answer UNIMPLEMENTED until the registry issue lands)."""
+def build_registry(settings: RegistrySettings) -> Registry:
+    metadata = MetadataStore(settings.database_url)
+    registry = Registry(
+        metadata,
+        open_blob_store(settings.blob_url, settings.s3_endpoint_url),
+        staging_dir=settings.data_dir / "registry" / "staging",
+        max_artifact_bytes=settings.max_artifact_mb * 1024 * 1024,
+        max_files=settings.max_files,
+    )
+    registry.collect_garbage()
+    return registry
 
 
 async def build_server(settings: RegistrySettings) -> GrpcServer:
+    registry = await asyncio.to_thread(build_registry, settings)
     service = adapter_registry_pb2.DESCRIPTOR.services_by_name["AdapterRegistryService"]
-    return GrpcServer(
+    server = GrpcServer(
         settings,
         [
             ServiceBinding(
                 service.full_name,
-                AdapterRegistryServicer(),
+                AdapterRegistryServicer(registry),
                 adapter_registry_pb2_grpc.add_AdapterRegistryServiceServicer_to_server,
             )
         ],
     )
+    server.on_stop.append(registry.metadata.close)
+    return server

@@ -49,5 +49,5 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("botocore", "urllib3", "alembic.runtime.migration"):
+    for noisy in ("botocore", "urllib3", "alembic", "s3transfer"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

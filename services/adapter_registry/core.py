@@ -1,0 +1,232 @@
+"""The registry core: publish sessions, resolve, download, aliases, deletes, events.
+
+Publish is atomic by construction:
+1. the manifest is checked before any byte is accepted;
+2. chunks stream into a private staging directory, hashed as they arrive;
+3. when every file is complete and its sha256 matches, the contents are validated;
+4. blobs move into the content-addressed store; then ONE metadata transaction makes the
+   version visible. A failure anywhere before step 4's commit removes the staging
+   directory and any blob this publish added that nothing references; `collect_garbage`
+   at start-up sweeps what a crash left behind.
+No grpc here: the servicer converts protos to these calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.adapter_registry.blobs import CHUNK, BlobStore
+from services.adapter_registry.domain import NewVersion, StoredFile, Version
+from services.adapter_registry.metadata import MetadataStore
+from services.adapter_registry.refs import Ref, check_name
+from services.adapter_registry.validation import DeclaredFile, check_contents, check_manifest
+from services.common.errors import DataLoss, InvalidArgument
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ManifestIn:
+    """A publish request's manifest, as plain data."""
+
+    name: str
+    kind: str
+    files: tuple[DeclaredFile, ...]
+    lineage: dict
+    labels: dict[str, str]
+    description: str = ""
+
+
+class PublishSession:
+    """One in-progress publish. Feed `write()` the chunks, then `commit()`; `abort()` on any failure."""
+
+    def __init__(self, registry: Registry, manifest: ManifestIn) -> None:
+        self.registry = registry
+        self.manifest = manifest
+        self.declared = {f.path: f for f in manifest.files}
+        self.dir = Path(tempfile.mkdtemp(prefix="publish-", dir=registry.staging_dir))
+        self._hashes = {path: hashlib.sha256() for path in self.declared}
+        self._written = dict.fromkeys(self.declared, 0)
+        self._handles: dict[str, object] = {}
+        self._added_blobs: list[str] = []
+
+    def write(self, path: str, offset: int, data: bytes) -> None:
+        declared = self.declared.get(path)
+        if declared is None:
+            raise InvalidArgument(f"chunk for {path!r}, which the manifest does not list")
+        if offset != self._written[path]:
+            raise InvalidArgument(
+                f"chunk for {path!r} at offset {offset}, expected {self._written[path]}: "
+                "send each file's chunks in order"
+            )
+        if offset + len(data) > declared.size:
+            raise InvalidArgument(f"file {path!r} is larger than the {declared.size} bytes the manifest declares")
+        handle = self._handles.get(path)
+        if handle is None:
+            target = self.dir / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            handle = self._handles[path] = target.open("wb")
+        handle.write(data)
+        self._hashes[path].update(data)
+        self._written[path] += len(data)
+
+    def commit(self) -> tuple[Version, bool]:
+        for handle in self._handles.values():
+            handle.close()
+        for path, declared in self.declared.items():
+            if self._written[path] != declared.size:
+                raise InvalidArgument(
+                    f"file {path!r} ended after {self._written[path]} of {declared.size} bytes; "
+                    "the upload is incomplete"
+                )
+            if declared.size == 0:
+                (self.dir / path).parent.mkdir(parents=True, exist_ok=True)
+                (self.dir / path).touch()
+            actual = self._hashes[path].hexdigest()
+            if actual != declared.sha256:
+                raise DataLoss(
+                    f"file {path!r}: sha256 of the received bytes is {actual}, the manifest says {declared.sha256}; "
+                    "the upload was corrupted, publish again"
+                )
+        m = self.manifest
+        facts = check_contents(m.kind, self.dir, m.files)
+        files = tuple(StoredFile(f.path, f.size, f.sha256) for f in sorted(m.files, key=lambda f: f.path))
+        new = NewVersion(
+            name=m.name,
+            kind=m.kind,
+            files=files,
+            lineage=m.lineage,
+            labels=m.labels,
+            description=m.description,
+            lora_rank=facts.rank if facts else 0,
+            lora_alpha=facts.alpha if facts else 0.0,
+            target_modules=facts.target_modules if facts else (),
+        )
+        existing = self.registry.metadata.find_by_content(m.name, new.content_sha256)
+        if existing is not None:
+            return existing, False
+        # Held against delete_version's blob removal: a blob this publish relies on must not
+        # vanish between "already stored" and the commit that references it.
+        with self.registry.blob_lock:
+            for f in files:
+                if self.registry.blobs.put(f.sha256, self.dir / f.path):
+                    self._added_blobs.append(f.sha256)
+            version, created = self.registry.metadata.add_version(new)
+            self._added_blobs.clear()  # committed: they are referenced now
+        return version, created
+
+    def abort(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        if self._added_blobs:
+            with self.registry.blob_lock:
+                referenced = self.registry.metadata.referenced_blobs()
+                for sha in self._added_blobs:
+                    if sha not in referenced:
+                        self.registry.blobs.delete(sha)
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Registry:
+    """Versioned, validated, atomic storage over a MetadataStore and a BlobStore."""
+
+    def __init__(
+        self, metadata: MetadataStore, blobs: BlobStore, staging_dir: Path, max_artifact_bytes: int, max_files: int
+    ) -> None:
+        self.metadata = metadata
+        self.blobs = blobs
+        self.staging_dir = Path(staging_dir)
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        self.max_artifact_bytes = max_artifact_bytes
+        self.max_files = max_files
+        self.blob_lock = threading.RLock()
+
+    def begin_publish(self, manifest: ManifestIn) -> PublishSession:
+        check_name(manifest.name)
+        check_manifest(manifest.kind, manifest.files, self.max_artifact_bytes, self.max_files)
+        for key in manifest.labels:
+            if not key or len(key) > 128 or len(manifest.labels[key]) > 512:
+                raise InvalidArgument(f"label {key!r}: keys must be 1-128 characters, values at most 512")
+        return PublishSession(self, manifest)
+
+    def resolve(self, ref: str) -> Version:
+        return self.metadata.resolve(Ref.parse(ref))
+
+    def download(
+        self, ref: str, path: str = "", offset: int = 0
+    ) -> tuple[Version, Iterator[tuple[str, int, bytes, str]]]:
+        """Resolve, then yield (path, offset, bytes, file_sha256-on-last-chunk) for the requested files."""
+        version = self.resolve(ref)
+        if offset < 0:
+            raise InvalidArgument(f"offset must be >= 0, got {offset}")
+        if offset and not path:
+            raise InvalidArgument("an offset needs a path: resume one file at a time")
+        files = [f for f in version.files if not path or f.path == path]
+        if path and not files:
+            raise InvalidArgument(
+                f"{version.ref} has no file {path!r}; its files are {[f.path for f in version.files]}"
+            )
+        if files and offset > files[0].size:
+            raise InvalidArgument(f"offset {offset} is past the end of {path!r} ({files[0].size} bytes)")
+        return version, self._chunks(files, offset)
+
+    def _chunks(self, files: list[StoredFile], offset: int) -> Iterator[tuple[str, int, bytes, str]]:
+        for f in files:
+            position = offset
+            digest = hashlib.sha256() if offset == 0 else None
+            pending: bytes | None = None
+            for data in self.blobs.read(f.sha256, offset, CHUNK):
+                if pending is not None:
+                    yield f.path, position - len(pending), pending, ""
+                if digest:
+                    digest.update(data)
+                position += len(data)
+                pending = data
+            if digest and digest.hexdigest() != f.sha256:
+                raise DataLoss(f"stored bytes of {f.path!r} do not match their sha256; the blob store is corrupt")
+            yield f.path, position - len(pending or b""), pending or b"", f.sha256
+            offset = 0
+
+    def set_alias(self, name: str, alias: str, version: int):
+        from services.adapter_registry.refs import check_alias
+
+        check_name(name)
+        check_alias(alias)
+        if version < 1:
+            raise InvalidArgument(f"version must be >= 1, got {version}")
+        return self.metadata.set_alias(name, alias, version)
+
+    def delete_alias(self, name: str, alias: str) -> int:
+        return self.metadata.delete_alias(check_name(name), alias)
+
+    def delete_version(self, name: str, version: int, force: bool) -> list[str]:
+        check_name(name)
+        if version < 1:
+            raise InvalidArgument(f"version must be >= 1, got {version}")
+        with self.blob_lock:
+            removed, unreferenced = self.metadata.delete_version(name, version, force)
+            for sha in unreferenced:
+                self.blobs.delete(sha)
+        return removed
+
+    def collect_garbage(self) -> int:
+        """Remove staging leftovers and blobs no version references (after a crash). Returns blobs removed."""
+        for leftover in self.staging_dir.glob("publish-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        with self.blob_lock:
+            referenced = self.metadata.referenced_blobs()
+            orphans = [sha for sha in self.blobs.list() if sha not in referenced]
+            for sha in orphans:
+                self.blobs.delete(sha)
+        if orphans:
+            log.info("removed %d orphaned blobs", len(orphans))
+        return len(orphans)

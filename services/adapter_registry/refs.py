@@ -1,0 +1,57 @@
+"""Artifact names, aliases and references: `name`, `name:3`, `name@alias`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from services.common.errors import InvalidArgument
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+LATEST = "latest"
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name or ""):
+        raise InvalidArgument(
+            f"invalid artifact name {name!r}: use 1-128 lowercase letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def check_alias(alias: str) -> str:
+    if not ALIAS_RE.match(alias or ""):
+        raise InvalidArgument(
+            f"invalid alias {alias!r}: use 1-64 lowercase letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return alias
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A parsed reference: exactly one of `version` / `alias` is set (a bare name means alias latest)."""
+
+    name: str
+    version: int | None = None
+    alias: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Ref:
+        text = (text or "").strip()
+        if not text:
+            raise InvalidArgument("empty reference: use 'name', 'name:3' or 'name@alias'")
+        if "@" in text:
+            name, _, alias = text.partition("@")
+            return cls(check_name(name), alias=check_alias(alias))
+        if ":" in text:
+            name, _, number = text.partition(":")
+            if not number.isdigit() or int(number) < 1:
+                raise InvalidArgument(f"invalid reference {text!r}: the version after ':' must be a number >= 1")
+            return cls(check_name(name), version=int(number))
+        return cls(check_name(text), alias=LATEST)
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.version}" if self.version is not None else f"{self.name}@{self.alias}"

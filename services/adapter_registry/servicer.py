@@ -1,0 +1,210 @@
+"""gRPC servicer: converts protos to core calls and back. No business logic here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from google.protobuf import json_format
+
+from services.adapter_registry.core import ManifestIn, Registry
+from services.adapter_registry.domain import Artifact, Event, Version
+from services.adapter_registry.validation import DeclaredFile
+from services.common.errors import InvalidArgument
+from tunedock.v1 import adapter_registry_pb2 as pb
+from tunedock.v1 import adapter_registry_pb2_grpc, common_pb2
+
+log = logging.getLogger(__name__)
+
+KIND_NAMES = {
+    pb.ARTIFACT_KIND_LORA_ADAPTER: "lora_adapter",
+    pb.ARTIFACT_KIND_MODEL: "model",
+    pb.ARTIFACT_KIND_DELTA: "delta",
+}
+KIND_ENUMS = {v: k for k, v in KIND_NAMES.items()}
+EVENT_TYPES = {
+    "published": pb.EVENT_TYPE_PUBLISHED,
+    "alias_moved": pb.EVENT_TYPE_ALIAS_MOVED,
+    "alias_deleted": pb.EVENT_TYPE_ALIAS_DELETED,
+    "version_deleted": pb.EVENT_TYPE_VERSION_DELETED,
+}
+WATCH_POLL_S = 1.0  # also picks up events written by other registry replicas
+
+
+def labels_to_dict(labels) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for label in labels:
+        if label.key in out:
+            raise InvalidArgument(f"label {label.key!r} is given twice")
+        out[label.key] = label.value
+    return out
+
+
+def version_to_proto(v: Version) -> pb.ArtifactVersion:
+    msg = pb.ArtifactVersion(
+        name=v.name,
+        version=v.version,
+        kind=KIND_ENUMS[v.kind],
+        content_sha256=v.content_sha256,
+        size=v.size,
+        description=v.description,
+        lora_rank=v.lora_rank,
+        lora_alpha=v.lora_alpha,
+        target_modules=list(v.target_modules),
+        aliases=list(v.aliases),
+        files=[pb.FileEntry(path=f.path, size=f.size, sha256=f.sha256) for f in v.files],
+        labels=[common_pb2.Label(key=k, value=val) for k, val in sorted(v.labels.items())],
+    )
+    json_format.ParseDict(v.lineage, msg.lineage, ignore_unknown_fields=True)
+    msg.create_time.FromDatetime(v.created_at)
+    return msg
+
+
+def artifact_to_proto(a: Artifact) -> pb.Artifact:
+    msg = pb.Artifact(
+        name=a.name,
+        kind=KIND_ENUMS[a.kind],
+        latest_version=a.latest_version,
+        aliases=a.aliases,
+        base_model=a.base_model,
+        labels=[common_pb2.Label(key=k, value=v) for k, v in sorted(a.labels.items())],
+    )
+    msg.update_time.FromDatetime(a.updated_at)
+    return msg
+
+
+def event_to_proto(e: Event) -> pb.WatchResponse:
+    msg = pb.WatchResponse(
+        event_id=e.id,
+        type=EVENT_TYPES[e.type],
+        name=e.name,
+        version=e.version,
+        alias=e.alias,
+        content_sha256=e.content_sha256,
+    )
+    msg.create_time.FromDatetime(e.created_at)
+    return msg
+
+
+class AdapterRegistryServicer(adapter_registry_pb2_grpc.AdapterRegistryServiceServicer):
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self._changed = asyncio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def Publish(self, request_iterator, context):
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("manifest"):
+            raise InvalidArgument("the first message of a Publish stream must be the manifest")
+        m = first.manifest
+        if m.kind not in KIND_NAMES:
+            raise InvalidArgument("manifest.kind must be LORA_ADAPTER, MODEL or DELTA")
+        manifest = ManifestIn(
+            name=m.name,
+            kind=KIND_NAMES[m.kind],
+            files=tuple(DeclaredFile(f.path, f.size, f.sha256) for f in m.files),
+            lineage=json_format.MessageToDict(m.lineage),
+            labels=labels_to_dict(m.labels),
+            description=m.description,
+        )
+        session = await asyncio.to_thread(self.registry.begin_publish, manifest)
+        try:
+            async for request in request_iterator:
+                if not request.HasField("chunk"):
+                    raise InvalidArgument("only the first message of a Publish stream may be a manifest")
+                session.write(request.chunk.path, request.chunk.offset, request.chunk.data)
+            version, created = await asyncio.to_thread(session.commit)
+        except BaseException:
+            # Client gone, bad chunk, checksum or validation failure: nothing becomes visible.
+            session.abort()
+            raise
+        finally:
+            session.close()
+        if created:
+            self._notify()
+            log.info(
+                "published %s",
+                version.ref,
+                extra={"artifact": version.name, "version": version.version, "bytes": version.size},
+            )
+        return pb.PublishResponse(version=version_to_proto(version), deduplicated=not created)
+
+    async def GetVersion(self, request, context):
+        version = await asyncio.to_thread(self.registry.resolve, request.ref)
+        return pb.GetVersionResponse(version=version_to_proto(version))
+
+    async def Resolve(self, request, context):
+        v = await asyncio.to_thread(self.registry.resolve, request.ref)
+        return pb.ResolveResponse(
+            name=v.name, version=v.version, content_sha256=v.content_sha256, kind=KIND_ENUMS[v.kind]
+        )
+
+    async def ListArtifacts(self, request, context):
+        kind = KIND_NAMES.get(request.kind, "") if request.kind else ""
+        if request.kind and not kind:
+            raise InvalidArgument(f"unknown artifact kind {request.kind}")
+        page = await asyncio.to_thread(
+            self.registry.metadata.list_artifacts,
+            kind,
+            request.base_model,
+            labels_to_dict(request.labels),
+            request.page_size,
+            request.page_token,
+        )
+        return pb.ListArtifactsResponse(
+            artifacts=[artifact_to_proto(a) for a in page.items], next_page_token=page.next_token
+        )
+
+    async def ListVersions(self, request, context):
+        page = await asyncio.to_thread(
+            self.registry.metadata.list_versions, request.name, request.page_size, request.page_token
+        )
+        return pb.ListVersionsResponse(
+            versions=[version_to_proto(v) for v in page.items], next_page_token=page.next_token
+        )
+
+    async def Download(self, request, context):
+        version, chunks = await asyncio.to_thread(self.registry.download, request.ref, request.path, request.offset)
+        yield pb.DownloadResponse(version=version_to_proto(version))
+        while (item := await asyncio.to_thread(next, chunks, None)) is not None:
+            path, offset, data, sha = item
+            yield pb.DownloadResponse(chunk=pb.FileChunk(path=path, offset=offset, data=data), file_sha256=sha)
+
+    async def SetAlias(self, request, context):
+        version, previous = await asyncio.to_thread(
+            self.registry.set_alias, request.name, request.alias, request.version
+        )
+        self._notify()
+        return pb.SetAliasResponse(version=version_to_proto(version), previous_version=previous)
+
+    async def DeleteAlias(self, request, context):
+        previous = await asyncio.to_thread(self.registry.delete_alias, request.name, request.alias)
+        self._notify()
+        return pb.DeleteAliasResponse(previous_version=previous)
+
+    async def DeleteVersion(self, request, context):
+        removed = await asyncio.to_thread(self.registry.delete_version, request.name, request.version, request.force)
+        self._notify()
+        return pb.DeleteVersionResponse(removed_aliases=removed)
+
+    async def Watch(self, request, context):
+        if request.after_event_id < 0:
+            raise InvalidArgument("after_event_id must be >= 0")
+        if request.name:
+            from services.adapter_registry.refs import check_name
+
+            check_name(request.name)
+        after = request.after_event_id or await asyncio.to_thread(self.registry.metadata.last_event_id)
+        while True:
+            changed = self._changed
+            events = await asyncio.to_thread(self.registry.metadata.events_after, after, request.name)
+            for event in events:
+                yield event_to_proto(event)
+                after = event.id
+            if not events:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), WATCH_POLL_S)
