@@ -20,9 +20,21 @@ def start_service(module: str, data_dir: Path, *args: str) -> tuple[subprocess.P
     log_path = data_dir.with_suffix(".log")
     log = log_path.open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", f"services.{module}", "--port", "0", "--metrics-port", "-1",
-         "--data-dir", str(data_dir), *args],
-        cwd=ROOT, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [
+            sys.executable,
+            "-m",
+            f"services.{module}",
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--data-dir",
+            str(data_dir),
+            *args,
+        ],
+        cwd=ROOT,
+        stderr=log,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -49,8 +61,11 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
 
 def write_json(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **payload}
+    payload = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **payload,
+    }
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2))
     print(f"\nwrote {path.relative_to(ROOT)}")

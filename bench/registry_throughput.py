@@ -20,7 +20,6 @@ from pathlib import Path
 
 from bench._common import print_table, start_service, write_json
 from tunedock.client import RegistryClient
-from tunedock.v1 import adapter_registry_pb2 as pb
 
 
 def make_model_dir(root: Path, size_mb: int) -> Path:
@@ -40,11 +39,22 @@ def make_model_dir(root: Path, size_mb: int) -> Path:
 def make_adapter_dir(root: Path, index: int) -> Path:
     """A tiny but valid LoRA adapter (r=2, one module), unique per index."""
     root.mkdir(parents=True)
-    (root / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "base_model_name_or_path": "x",
-         "index": index}))
-    tensors = {"base_model.model.layers.0.q_proj.lora_A.weight": [2, 64],
-               "base_model.model.layers.0.q_proj.lora_B.weight": [64, 2]}
+    (root / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": 2,
+                "lora_alpha": 4,
+                "target_modules": ["q_proj"],
+                "base_model_name_or_path": "x",
+                "index": index,
+            }
+        )
+    )
+    tensors = {
+        "base_model.model.layers.0.q_proj.lora_A.weight": [2, 64],
+        "base_model.model.layers.0.q_proj.lora_B.weight": [64, 2],
+    }
     header, offset = {}, 0
     for name, shape in tensors.items():
         size = shape[0] * shape[1] * 4
@@ -99,13 +109,23 @@ def main() -> None:
         small_bytes = sum(dir_bytes(d) for d in dirs)
         copy_s, _ = timed(lambda: shutil.copytree(small_root, work / "small-copy"))
         up_s, _ = timed(lambda: [client.publish_dir(d, f"small-{i}") for i, d in enumerate(dirs)])
-        down_s, _ = timed(lambda: [client.download(f"small-{i}", work / "small-down" / str(i))
-                                   for i in range(args.small)])
-        results["small"] = {"count": args.small, "bytes": small_bytes, "copy_s": copy_s, "upload_s": up_s,
-                            "download_s": down_s}
+        down_s, _ = timed(
+            lambda: [client.download(f"small-{i}", work / "small-down" / str(i)) for i in range(args.small)]
+        )
+        results["small"] = {
+            "count": args.small,
+            "bytes": small_bytes,
+            "copy_s": copy_s,
+            "upload_s": up_s,
+            "download_s": down_s,
+        }
         rows += [
-            [f"{args.small} small adapters", "plain file copy (baseline)", f"{args.small / copy_s:,.0f} adapters/s",
-             "1.00x"],
+            [
+                f"{args.small} small adapters",
+                "plain file copy (baseline)",
+                f"{args.small / copy_s:,.0f} adapters/s",
+                "1.00x",
+            ],
             ["", "gRPC publish, one by one", f"{args.small / up_s:,.0f} adapters/s", f"{copy_s / up_s:.3f}x"],
             ["", "gRPC download, one by one", f"{args.small / down_s:,.0f} adapters/s", f"{copy_s / down_s:.3f}x"],
         ]
@@ -123,10 +143,21 @@ def main() -> None:
         latencies.sort()
         p50 = statistics.median(latencies)
         p99 = latencies[int(len(latencies) * 0.99) - 1]
-        results["resolve"] = {"versions_stored": stored + extra, "calls": args.resolves, "p50_ms": p50, "p99_ms": p99,
-                              "fill_s": fill_s}
-        rows.append([f"resolve, {stored + extra:,} versions stored", f"{args.resolves} calls",
-                     f"p50 {p50:.2f} ms, p99 {p99:.2f} ms", ""])
+        results["resolve"] = {
+            "versions_stored": stored + extra,
+            "calls": args.resolves,
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "fill_s": fill_s,
+        }
+        rows.append(
+            [
+                f"resolve, {stored + extra:,} versions stored",
+                f"{args.resolves} calls",
+                f"p50 {p50:.2f} ms, p99 {p99:.2f} ms",
+                "",
+            ]
+        )
         client.close()
     finally:
         proc.terminate()
@@ -146,8 +177,9 @@ def fill_versions(registry_dir: Path, count: int) -> None:
     store = MetadataStore(f"sqlite:///{registry_dir / 'registry' / 'registry.db'}")
     for i in range(count):
         sha = f"{i:064x}"
-        store.add_version(NewVersion(name="filler", kind="lora_adapter", files=(StoredFile("w.bin", 1, sha),),
-                                     lineage={}, labels={}))
+        store.add_version(
+            NewVersion(name="filler", kind="lora_adapter", files=(StoredFile("w.bin", 1, sha),), lineage={}, labels={})
+        )
     store.close()
 
 

@@ -171,17 +171,16 @@ def check_lora_adapter(root: Path) -> AdapterFacts:
     if not isinstance(alpha, int | float) or isinstance(alpha, bool):
         raise FailedPrecondition(f"adapter_config.json: lora_alpha must be a number, got {alpha!r}")
     targets = config.get("target_modules")
-    if isinstance(targets, str):
-        target_list: tuple[str, ...] = (targets,)
-    elif isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
-        target_list = tuple(sorted(targets))
-    else:
+    if not (
+        isinstance(targets, str) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))
+    ):
         raise FailedPrecondition(
             f"adapter_config.json: target_modules must be a name list or a string, got {targets!r}"
         )
     rank_pattern = config.get("rank_pattern") or {}
 
     header = read_safetensors_header(root / "adapter_model.safetensors", "adapter_model.safetensors")
+    listed = targets if isinstance(targets, list) else None
     pairs: dict[str, dict[str, list[int]]] = {}
     for name, info in header.items():
         match = _LORA_KEY.match(name)
@@ -195,7 +194,8 @@ def check_lora_adapter(root: Path) -> AdapterFacts:
             missing = "lora_B" if "A" in shapes else "lora_A"
             raise FailedPrecondition(f"adapter_model.safetensors: {module} has no {missing} tensor")
         short = module.rsplit(".", 1)[-1]
-        if isinstance(targets, list) and short not in targets:
+        # PEFT lists short names ("q_proj") or, for all-linear, full module paths.
+        if listed is not None and short not in listed and not any(module.endswith("." + t) for t in listed):
             raise FailedPrecondition(
                 f"adapter_model.safetensors: {module} is not among target_modules {sorted(targets)} in "
                 "adapter_config.json"
@@ -207,7 +207,8 @@ def check_lora_adapter(root: Path) -> AdapterFacts:
                 f"adapter_model.safetensors: {module} has lora_A {a} and lora_B {b}, which do not agree with "
                 f"r={expected_rank} from adapter_config.json (expected lora_A [r, in] and lora_B [out, r])"
             )
-    return AdapterFacts(rank, float(alpha), target_list, str(config.get("base_model_name_or_path") or ""))
+    modules = tuple(sorted({m.rsplit(".", 1)[-1] for m in pairs}))
+    return AdapterFacts(rank, float(alpha), modules, str(config.get("base_model_name_or_path") or ""))
 
 
 def check_contents(kind: str, root: Path, files: Sequence[DeclaredFile]) -> AdapterFacts | None:

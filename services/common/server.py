@@ -48,6 +48,7 @@ class GrpcServer:
     settings: ServerSettings
     bindings: Sequence[ServiceBinding]
     on_stop: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
+    after_start: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
 
     port: int = 0
@@ -89,6 +90,10 @@ class GrpcServer:
             self._metrics_http, self.metrics_port = self.metrics.serve_http(
                 self.settings.host, self.settings.metrics_port
             )
+        for callback in self.after_start:
+            result = callback()
+            if asyncio.iscoroutine(result):
+                await result
         for name in ["", *names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(

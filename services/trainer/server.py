@@ -1,34 +1,51 @@
-"""Wires the trainer's servicers into a server."""
+"""Wires the trainer core, its stores, executor and servicers into a server."""
 
 from __future__ import annotations
 
+import asyncio
+
+from services.adapter_registry.blobs import LocalBlobStore
 from services.common.server import GrpcServer, ServiceBinding
+from services.trainer.core import TrainerCore
+from services.trainer.executor import LocalExecutor
+from services.trainer.servicer import TrainerServicer, TrainerWorkerServicer
 from services.trainer.settings import TrainerSettings
+from services.trainer.store import JobStore
 from tunedock.v1 import trainer_pb2, trainer_pb2_grpc
 
 
-class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
-    """Job and dataset API (methods answer UNIMPLEMENTED until the trainer issue lands)."""
-
-
-class TrainerWorkerServicer(trainer_pb2_grpc.TrainerWorkerServiceServicer):
-    """API the training workers report through."""
-
-
 async def build_server(settings: TrainerSettings) -> GrpcServer:
+    store = await asyncio.to_thread(JobStore, settings.database_url)
+    core = TrainerCore(
+        store,
+        LocalBlobStore(settings.data_dir / "trainer" / "datasets"),
+        executor=None,
+        max_concurrent=settings.max_concurrent_jobs,
+        max_attempts=settings.max_attempts,
+        max_dataset_bytes=settings.max_dataset_mb * 1024 * 1024,
+        data_dir=settings.data_dir,
+        registry_address=settings.registry_address,
+    )
     services = trainer_pb2.DESCRIPTOR.services_by_name
-    return GrpcServer(
+    server = GrpcServer(
         settings,
         [
             ServiceBinding(
                 services["TrainerService"].full_name,
-                TrainerServicer(),
+                TrainerServicer(core),
                 trainer_pb2_grpc.add_TrainerServiceServicer_to_server,
             ),
             ServiceBinding(
                 services["TrainerWorkerService"].full_name,
-                TrainerWorkerServicer(),
+                TrainerWorkerServicer(core),
                 trainer_pb2_grpc.add_TrainerWorkerServiceServicer_to_server,
             ),
         ],
     )
+    # Workers report back to this server, so the executor needs its bound port: it is wired
+    # in once the server has started (`after_start`).
+    core.executor = LocalExecutor(lambda: server.address, settings.data_dir / "trainer" / "logs", core.worker_exited)
+    server.after_start.append(core.recover)
+    server.on_stop.insert(0, core.executor.close)
+    server.on_stop.append(store.close)
+    return server

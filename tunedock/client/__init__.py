@@ -2,5 +2,6 @@
 
 from tunedock.client.channel import connect
 from tunedock.client.registry import RegistryClient
+from tunedock.client.trainer import TrainerClient
 
-__all__ = ["RegistryClient", "connect"]
+__all__ = ["RegistryClient", "TrainerClient", "connect"]

@@ -24,35 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tunedock/v1/common.proto\x12\x0btunedock.v1\"7\n\nFullConfig\x12)\n\toptimizer\x18\x01 \x01(\x0e\x32\x16.tunedock.v1.Optimizer\"\xc0\x01\n\x0c\x46reezeConfig\x12\x18\n\x10trainable_layers\x18\x01 \x01(\x05\x12\x1f\n\x17trainable_layer_indices\x18\x02 \x03(\x05\x12\x19\n\x11trainable_modules\x18\x03 \x03(\t\x12\x15\n\rextra_modules\x18\x04 \x03(\t\x12)\n\toptimizer\x18\x05 \x01(\x0e\x32\x16.tunedock.v1.Optimizer\x12\x18\n\x10publish_expanded\x18\x06 \x01(\x08\"\x8e\x01\n\nLoraConfig\x12\t\n\x01r\x18\x01 \x01(\x05\x12\r\n\x05\x61lpha\x18\x02 \x01(\x02\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12\x12\n\nuse_rslora\x18\x05 \x01(\x08\x12)\n\toptimizer\x18\x06 \x01(\x0e\x32\x16.tunedock.v1.Optimizer\"\xe9\x01\n\x0bQLoraConfig\x12%\n\x04lora\x18\x01 \x01(\x0b\x32\x17.tunedock.v1.LoraConfig\x12*\n\nquant_type\x18\x02 \x01(\x0e\x32\x16.tunedock.v1.QuantType\x12\x19\n\x0c\x64ouble_quant\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12)\n\rcompute_dtype\x18\x04 \x01(\x0e\x32\x12.tunedock.v1.Dtype\x12\x1c\n\x0fpaged_optimizer\x18\x05 \x01(\x08H\x01\x88\x01\x01\x42\x0f\n\r_double_quantB\x12\n\x10_paged_optimizer\"\xc2\x01\n\x0cMethodConfig\x12\'\n\x04\x66ull\x18\x01 \x01(\x0b\x32\x17.tunedock.v1.FullConfigH\x00\x12+\n\x06\x66reeze\x18\x02 \x01(\x0b\x32\x19.tunedock.v1.FreezeConfigH\x00\x12\'\n\x04lora\x18\x03 \x01(\x0b\x32\x17.tunedock.v1.LoraConfigH\x00\x12)\n\x05qlora\x18\x04 \x01(\x0b\x32\x18.tunedock.v1.QLoraConfigH\x00\x42\x08\n\x06\x63onfig\"%\n\x06Metric\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\"#\n\x05Label\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t*g\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x0f\n\x0bMETHOD_FULL\x10\x01\x12\x11\n\rMETHOD_FREEZE\x10\x02\x12\x0f\n\x0bMETHOD_LORA\x10\x03\x12\x10\n\x0cMETHOD_QLORA\x10\x04*\xa9\x01\n\tOptimizer\x12\x19\n\x15OPTIMIZER_UNSPECIFIED\x10\x00\x12\x13\n\x0fOPTIMIZER_ADAMW\x10\x01\x12\x18\n\x14OPTIMIZER_ADAMW_8BIT\x10\x02\x12\x1e\n\x1aOPTIMIZER_PAGED_ADAMW_8BIT\x10\x03\x12\x1f\n\x1bOPTIMIZER_PAGED_ADAMW_32BIT\x10\x04\x12\x11\n\rOPTIMIZER_SGD\x10\x05*s\n\nLrSchedule\x12\x1b\n\x17LR_SCHEDULE_UNSPECIFIED\x10\x00\x12\x18\n\x14LR_SCHEDULE_CONSTANT\x10\x01\x12\x16\n\x12LR_SCHEDULE_LINEAR\x10\x02\x12\x16\n\x12LR_SCHEDULE_COSINE\x10\x03*O\n\tQuantType\x12\x1a\n\x16QUANT_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0eQUANT_TYPE_NF4\x10\x01\x12\x12\n\x0eQUANT_TYPE_FP4\x10\x02*X\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tunedock/v1/common.proto\x12\x0btunedock.v1\"7\n\nFullConfig\x12)\n\toptimizer\x18\x01 \x01(\x0e\x32\x16.tunedock.v1.Optimizer\"\xc0\x01\n\x0c\x46reezeConfig\x12\x18\n\x10trainable_layers\x18\x01 \x01(\x05\x12\x1f\n\x17trainable_layer_indices\x18\x02 \x03(\x05\x12\x19\n\x11trainable_modules\x18\x03 \x03(\t\x12\x15\n\rextra_modules\x18\x04 \x03(\t\x12)\n\toptimizer\x18\x05 \x01(\x0e\x32\x16.tunedock.v1.Optimizer\x12\x18\n\x10publish_expanded\x18\x06 \x01(\x08\"\x99\x01\n\nLoraConfig\x12\x0e\n\x01r\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\r\n\x05\x61lpha\x18\x02 \x01(\x02\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12\x12\n\nuse_rslora\x18\x05 \x01(\x08\x12)\n\toptimizer\x18\x06 \x01(\x0e\x32\x16.tunedock.v1.OptimizerB\x04\n\x02_r\"\xe9\x01\n\x0bQLoraConfig\x12%\n\x04lora\x18\x01 \x01(\x0b\x32\x17.tunedock.v1.LoraConfig\x12*\n\nquant_type\x18\x02 \x01(\x0e\x32\x16.tunedock.v1.QuantType\x12\x19\n\x0c\x64ouble_quant\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12)\n\rcompute_dtype\x18\x04 \x01(\x0e\x32\x12.tunedock.v1.Dtype\x12\x1c\n\x0fpaged_optimizer\x18\x05 \x01(\x08H\x01\x88\x01\x01\x42\x0f\n\r_double_quantB\x12\n\x10_paged_optimizer\"\xc2\x01\n\x0cMethodConfig\x12\'\n\x04\x66ull\x18\x01 \x01(\x0b\x32\x17.tunedock.v1.FullConfigH\x00\x12+\n\x06\x66reeze\x18\x02 \x01(\x0b\x32\x19.tunedock.v1.FreezeConfigH\x00\x12\'\n\x04lora\x18\x03 \x01(\x0b\x32\x17.tunedock.v1.LoraConfigH\x00\x12)\n\x05qlora\x18\x04 \x01(\x0b\x32\x18.tunedock.v1.QLoraConfigH\x00\x42\x08\n\x06\x63onfig\"%\n\x06Metric\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\"#\n\x05Label\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t*g\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x0f\n\x0bMETHOD_FULL\x10\x01\x12\x11\n\rMETHOD_FREEZE\x10\x02\x12\x0f\n\x0bMETHOD_LORA\x10\x03\x12\x10\n\x0cMETHOD_QLORA\x10\x04*\xa9\x01\n\tOptimizer\x12\x19\n\x15OPTIMIZER_UNSPECIFIED\x10\x00\x12\x13\n\x0fOPTIMIZER_ADAMW\x10\x01\x12\x18\n\x14OPTIMIZER_ADAMW_8BIT\x10\x02\x12\x1e\n\x1aOPTIMIZER_PAGED_ADAMW_8BIT\x10\x03\x12\x1f\n\x1bOPTIMIZER_PAGED_ADAMW_32BIT\x10\x04\x12\x11\n\rOPTIMIZER_SGD\x10\x05*s\n\nLrSchedule\x12\x1b\n\x17LR_SCHEDULE_UNSPECIFIED\x10\x00\x12\x18\n\x14LR_SCHEDULE_CONSTANT\x10\x01\x12\x16\n\x12LR_SCHEDULE_LINEAR\x10\x02\x12\x16\n\x12LR_SCHEDULE_COSINE\x10\x03*O\n\tQuantType\x12\x1a\n\x16QUANT_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0eQUANT_TYPE_NF4\x10\x01\x12\x12\n\x0eQUANT_TYPE_FP4\x10\x02*X\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tunedock.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_METHOD']._serialized_start=947
-  _globals['_METHOD']._serialized_end=1050
-  _globals['_OPTIMIZER']._serialized_start=1053
-  _globals['_OPTIMIZER']._serialized_end=1222
-  _globals['_LRSCHEDULE']._serialized_start=1224
-  _globals['_LRSCHEDULE']._serialized_end=1339
-  _globals['_QUANTTYPE']._serialized_start=1341
-  _globals['_QUANTTYPE']._serialized_end=1420
-  _globals['_DTYPE']._serialized_start=1422
-  _globals['_DTYPE']._serialized_end=1510
+  _globals['_METHOD']._serialized_start=958
+  _globals['_METHOD']._serialized_end=1061
+  _globals['_OPTIMIZER']._serialized_start=1064
+  _globals['_OPTIMIZER']._serialized_end=1233
+  _globals['_LRSCHEDULE']._serialized_start=1235
+  _globals['_LRSCHEDULE']._serialized_end=1350
+  _globals['_QUANTTYPE']._serialized_start=1352
+  _globals['_QUANTTYPE']._serialized_end=1431
+  _globals['_DTYPE']._serialized_start=1433
+  _globals['_DTYPE']._serialized_end=1521
   _globals['_FULLCONFIG']._serialized_start=41
   _globals['_FULLCONFIG']._serialized_end=96
   _globals['_FREEZECONFIG']._serialized_start=99
   _globals['_FREEZECONFIG']._serialized_end=291
   _globals['_LORACONFIG']._serialized_start=294
-  _globals['_LORACONFIG']._serialized_end=436
-  _globals['_QLORACONFIG']._serialized_start=439
-  _globals['_QLORACONFIG']._serialized_end=672
-  _globals['_METHODCONFIG']._serialized_start=675
-  _globals['_METHODCONFIG']._serialized_end=869
-  _globals['_METRIC']._serialized_start=871
-  _globals['_METRIC']._serialized_end=908
-  _globals['_LABEL']._serialized_start=910
-  _globals['_LABEL']._serialized_end=945
+  _globals['_LORACONFIG']._serialized_end=447
+  _globals['_QLORACONFIG']._serialized_start=450
+  _globals['_QLORACONFIG']._serialized_end=683
+  _globals['_METHODCONFIG']._serialized_start=686
+  _globals['_METHODCONFIG']._serialized_end=880
+  _globals['_METRIC']._serialized_start=882
+  _globals['_METRIC']._serialized_end=919
+  _globals['_LABEL']._serialized_start=921
+  _globals['_LABEL']._serialized_end=956
 # @@protoc_insertion_point(module_scope)

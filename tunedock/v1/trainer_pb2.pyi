@@ -375,3 +375,17 @@ class ReportEventResponse(_message.Message):
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     cancel_requested: bool
     def __init__(self, cancel_requested: _Optional[bool] = ...) -> None: ...
+
+class DownloadDatasetRequest(_message.Message):
+    __slots__ = ("job_id", "dataset_id")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    dataset_id: str
+    def __init__(self, job_id: _Optional[str] = ..., dataset_id: _Optional[str] = ...) -> None: ...
+
+class DownloadDatasetResponse(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...

@@ -429,6 +429,11 @@ class TrainerWorkerServiceStub:
                 request_serializer=tunedock_dot_v1_dot_trainer__pb2.ReportEventRequest.SerializeToString,
                 response_deserializer=tunedock_dot_v1_dot_trainer__pb2.ReportEventResponse.FromString,
                 _registered_method=True)
+        self.DownloadDataset = channel.unary_stream(
+                '/tunedock.v1.TrainerWorkerService/DownloadDataset',
+                request_serializer=tunedock_dot_v1_dot_trainer__pb2.DownloadDatasetRequest.SerializeToString,
+                response_deserializer=tunedock_dot_v1_dot_trainer__pb2.DownloadDatasetResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerWorkerServiceServicer:
@@ -449,6 +454,13 @@ class TrainerWorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DownloadDataset(self, request, context):
+        """Streams the bytes of a dataset the worker's job uses.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerWorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -461,6 +473,11 @@ def add_TrainerWorkerServiceServicer_to_server(servicer, server):
                     servicer.ReportEvent,
                     request_deserializer=tunedock_dot_v1_dot_trainer__pb2.ReportEventRequest.FromString,
                     response_serializer=tunedock_dot_v1_dot_trainer__pb2.ReportEventResponse.SerializeToString,
+            ),
+            'DownloadDataset': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadDataset,
+                    request_deserializer=tunedock_dot_v1_dot_trainer__pb2.DownloadDatasetRequest.FromString,
+                    response_serializer=tunedock_dot_v1_dot_trainer__pb2.DownloadDatasetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -518,6 +535,33 @@ class TrainerWorkerService:
             '/tunedock.v1.TrainerWorkerService/ReportEvent',
             tunedock_dot_v1_dot_trainer__pb2.ReportEventRequest.SerializeToString,
             tunedock_dot_v1_dot_trainer__pb2.ReportEventResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tunedock.v1.TrainerWorkerService/DownloadDataset',
+            tunedock_dot_v1_dot_trainer__pb2.DownloadDatasetRequest.SerializeToString,
+            tunedock_dot_v1_dot_trainer__pb2.DownloadDatasetResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,197 @@
+"""Flat training configuration built from a JobSpec proto, with defaults and validation.
+
+Like torchtune's config builders: the proto (nested, optional fields) becomes one flat,
+documented dataclass that the training flow reads top to bottom. Validation that needs
+no model lives in `__post_init__`; checks against the base model's config and weights
+(layer ranges, module names) live in `services.trainer.validation`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from services.common.errors import InvalidArgument
+from tunedock.v1 import common_pb2, trainer_pb2
+
+METHODS = ("full", "freeze", "lora", "qlora")
+SCHEDULES = {0: "cosine", 1: "constant", 2: "linear", 3: "cosine"}
+OPTIMIZERS = {0: "", 1: "adamw", 2: "adamw_8bit", 3: "paged_adamw_8bit", 4: "paged_adamw_32bit", 5: "sgd"}
+DTYPES = {0: "bfloat16", 1: "float32", 2: "bfloat16", 3: "float16"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs, flat."""
+
+    base_model: str
+    """Local path or hub id of the base model."""
+    method: str
+    """full | freeze | lora | qlora."""
+    dataset_ids: list[str] = field(default_factory=list)
+    """Training datasets (concatenated)."""
+    eval_dataset_ids: list[str] = field(default_factory=list)
+    """Evaluation datasets."""
+    validation_split: float = 0.0
+    """Fraction of training data held out for eval when there are no eval datasets."""
+    output_name: str = ""
+    """Registry name of the output."""
+    # LoRA / QLoRA
+    lora_r: int = 8
+    """Rank of the LoRA update."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (alpha/r, or alpha/sqrt(r) with rsLoRA)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt, or ["all-linear"]."""
+    use_rslora: bool = False
+    """Rank-stabilized scaling."""
+    quant_type: str = "nf4"
+    """QLoRA 4-bit type: nf4 | fp4."""
+    double_quant: bool = True
+    """QLoRA: quantize the quantization constants too."""
+    compute_dtype: str = "bfloat16"
+    """QLoRA compute dtype."""
+    paged_optimizer: bool = True
+    """QLoRA: paged optimizer where CUDA exists."""
+    # Freeze
+    trainable_layers: int = 2
+    """Freeze: train the last N layers (negative: first |N|)."""
+    trainable_layer_indices: list[int] = field(default_factory=list)
+    """Freeze: explicit layer indices (override trainable_layers)."""
+    trainable_modules: list[str] = field(default_factory=list)
+    """Freeze: module names inside the chosen layers (empty: whole layers)."""
+    extra_modules: list[str] = field(default_factory=list)
+    """Freeze: non-layer modules that also train (embed_tokens, norm, lm_head)."""
+    publish_expanded: bool = False
+    """Freeze: also publish the expanded full model."""
+    optimizer: str = ""
+    """adamw | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit | sgd; empty: the method's default."""
+    # Hyperparameters
+    epochs: float = 1.0
+    max_steps: int = 0
+    learning_rate: float = 0.0
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 0
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_seq_length: int = 512
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    packing: bool = False
+    eval_every_steps: int = 0
+    checkpoint_every_steps: int = 0
+    log_every_steps: int = 1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InvalidArgument(f"method must be one of {', '.join(METHODS)}")
+        if not self.base_model:
+            raise InvalidArgument("base_model is required: a local model directory, a hub id, or registry://name@alias")
+        if not self.dataset_ids:
+            raise InvalidArgument("at least one training dataset id is required (upload with `tunedock data upload`)")
+        if not self.learning_rate:
+            self.learning_rate = 2e-4 if self.method in ("lora", "qlora") else 2e-5
+        checks = [
+            (self.lora_r > 0, f"LoRA rank r must be > 0, got {self.lora_r}"),
+            (self.lora_alpha > 0, f"lora alpha must be > 0, got {self.lora_alpha}"),
+            (0 <= self.lora_dropout < 1, f"lora dropout must be in [0, 1), got {self.lora_dropout}"),
+            (self.quant_type in ("nf4", "fp4"), f"quant_type must be nf4 or fp4, got {self.quant_type}"),
+            (self.epochs > 0 or self.max_steps > 0, "set epochs > 0 or max_steps > 0"),
+            (self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}"),
+            (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
+            (self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}"),
+            (self.gradient_accumulation_steps > 0, "gradient_accumulation_steps must be > 0"),
+            (
+                16 <= self.max_seq_length <= 1 << 17,
+                f"max_seq_length must be in [16, 131072], got {self.max_seq_length}",
+            ),
+            (0 <= self.validation_split <= 0.5, f"validation_split must be in [0, 0.5], got {self.validation_split}"),
+            (
+                self.warmup_steps >= 0 and self.eval_every_steps >= 0 and self.checkpoint_every_steps >= 0,
+                "warmup_steps, eval_every_steps and checkpoint_every_steps must be >= 0",
+            ),
+            (self.log_every_steps > 0, "log_every_steps must be > 0"),
+            (bool(self.target_modules), "target_modules must name at least one module (or all-linear)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidArgument(message)
+        if "all-linear" in self.target_modules and len(self.target_modules) > 1:
+            raise InvalidArgument("target_modules: 'all-linear' cannot be combined with module names")
+
+    @property
+    def is_lora(self) -> bool:
+        return self.method in ("lora", "qlora")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def config_from_spec(spec: trainer_pb2.JobSpec) -> TrainConfig:
+    """The small builder: proto JobSpec -> TrainConfig (defaults filled, validated)."""
+    which = spec.method.WhichOneof("config")
+    if which is None:
+        raise InvalidArgument("method is required: set one of full, freeze, lora or qlora")
+    h = spec.hyperparameters
+    kwargs: dict = dict(
+        base_model=spec.base_model,
+        method=which,
+        dataset_ids=list(spec.train_dataset_ids),
+        eval_dataset_ids=list(spec.eval_dataset_ids),
+        validation_split=spec.validation_split,
+        output_name=spec.output_name,
+        epochs=h.epochs or (0.0 if h.max_steps else 1.0),
+        max_steps=h.max_steps,
+        learning_rate=h.learning_rate,
+        lr_schedule=SCHEDULES[h.lr_schedule],
+        warmup_steps=h.warmup_steps,
+        batch_size=h.batch_size or 4,
+        gradient_accumulation_steps=h.gradient_accumulation_steps or 1,
+        max_seq_length=h.max_seq_length or 512,
+        seed=h.seed,
+        gradient_checkpointing=h.gradient_checkpointing,
+        packing=h.packing,
+        eval_every_steps=h.eval_every_steps,
+        checkpoint_every_steps=h.checkpoint_every_steps,
+        log_every_steps=h.log_every_steps or 1,
+        weight_decay=h.weight_decay,
+        max_grad_norm=h.max_grad_norm or 1.0,
+    )
+    lora: common_pb2.LoraConfig | None = None
+    if which == "full":
+        kwargs["optimizer"] = OPTIMIZERS[spec.method.full.optimizer]
+    elif which == "freeze":
+        f = spec.method.freeze
+        kwargs.update(
+            trainable_layers=f.trainable_layers,
+            trainable_layer_indices=list(f.trainable_layer_indices),
+            trainable_modules=list(f.trainable_modules),
+            extra_modules=list(f.extra_modules),
+            optimizer=OPTIMIZERS[f.optimizer],
+            publish_expanded=f.publish_expanded,
+        )
+    elif which == "lora":
+        lora = spec.method.lora
+    else:
+        q = spec.method.qlora
+        lora = q.lora
+        kwargs.update(
+            quant_type="fp4" if q.quant_type == common_pb2.QUANT_TYPE_FP4 else "nf4",
+            double_quant=q.double_quant if q.HasField("double_quant") else True,
+            compute_dtype=DTYPES[q.compute_dtype],
+            paged_optimizer=q.paged_optimizer if q.HasField("paged_optimizer") else True,
+        )
+    if lora is not None:
+        r = lora.r if lora.HasField("r") else 8
+        kwargs.update(
+            lora_r=r,
+            lora_alpha=lora.alpha or 2.0 * max(r, 1),
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules) or ["all-linear"],
+            use_rslora=lora.use_rslora,
+            optimizer=OPTIMIZERS[lora.optimizer],
+        )
+    return TrainConfig(**kwargs)

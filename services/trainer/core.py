@@ -1,0 +1,273 @@
+"""The trainer core: datasets, job lifecycle, scheduling, worker reports, watching.
+
+States: validating -> queued -> running -> succeeded | failed | cancelled. Validation
+happens inside SubmitJob (a bad spec is refused and never stored). A worker that dies
+is retried from its last checkpoint up to `max_attempts`; reports from a superseded
+attempt are refused, so a stale worker cannot write over a newer one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import tempfile
+import uuid
+from pathlib import Path
+
+from google.protobuf import timestamp_pb2
+
+from services.adapter_registry.blobs import CHUNK, BlobStore
+from services.adapter_registry.refs import check_name
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from services.trainer.config import TrainConfig, config_from_spec
+from services.trainer.data.records import parse_dataset
+from services.trainer.executor import Executor
+from services.trainer.store import TERMINAL, DatasetRow, JobRecord, JobStore, now
+from services.trainer.validation import check_against_base, inspect_base, resolve_local_base
+from tunedock.v1 import trainer_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+STATE_ENUM = {
+    "validating": pb.JOB_STATE_VALIDATING,
+    "queued": pb.JOB_STATE_QUEUED,
+    "running": pb.JOB_STATE_RUNNING,
+    "succeeded": pb.JOB_STATE_SUCCEEDED,
+    "failed": pb.JOB_STATE_FAILED,
+    "cancelled": pb.JOB_STATE_CANCELLED,
+}
+STATE_NAME = {v: k for k, v in STATE_ENUM.items()}
+FORMAT_ENUM = {"alpaca": pb.DATASET_FORMAT_ALPACA, "chat": pb.DATASET_FORMAT_CHAT, "text": pb.DATASET_FORMAT_TEXT}
+
+
+def state_event(state: str, message: str = "") -> bytes:
+    return _event(state=pb.StateEvent(state=STATE_ENUM[state], message=message))
+
+
+def _event(**kwargs) -> bytes:
+    ts = timestamp_pb2.Timestamp()
+    ts.GetCurrentTime()
+    return pb.JobEvent(time=ts, **kwargs).SerializeToString()
+
+
+class TrainerCore:
+    def __init__(
+        self,
+        store: JobStore,
+        datasets: BlobStore,
+        executor: Executor | None,
+        max_concurrent: int,
+        max_attempts: int,
+        max_dataset_bytes: int,
+        data_dir: Path,
+        registry_address: str,
+    ) -> None:
+        self.store = store
+        self.datasets = datasets
+        self.executor = executor
+        self.max_concurrent = max_concurrent
+        self.max_attempts = max_attempts
+        self.max_dataset_bytes = max_dataset_bytes
+        self.data_dir = Path(data_dir)
+        self.registry_address = registry_address
+        self._changed: dict[str, asyncio.Event] = {}
+        self._schedule_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------------------ datasets
+
+    def store_dataset(self, name: str, fmt: str, path: Path) -> DatasetRow:
+        size = path.stat().st_size
+        if size > self.max_dataset_bytes:
+            raise ResourceExhausted(
+                f"dataset is {size / 2**20:.1f} MiB; the limit is {self.max_dataset_bytes / 2**20:.0f} MiB"
+            )
+        data = path.read_bytes()
+        parsed = parse_dataset(data, fmt)
+        sha = hashlib.sha256(data).hexdigest()
+        self.datasets.put(sha, path)
+        row = DatasetRow(
+            id=f"ds-{sha[:24]}",
+            name=name or "dataset.jsonl",
+            format=parsed.format,
+            num_records=len(parsed.examples),
+            size=size,
+            sha256=sha,
+            created_at=now(),
+        )
+        return self.store.add_dataset(row)
+
+    def dataset_bytes(self, job_id: str, dataset_id: str):
+        job = self.store.get_job(job_id)
+        spec = pb.JobSpec.FromString(job.spec)
+        if dataset_id not in (*spec.train_dataset_ids, *spec.eval_dataset_ids):
+            raise NotFound(f"dataset {dataset_id!r} is not used by job {job_id}")
+        row = self.store.get_dataset(dataset_id)
+        return self.datasets.read(row.sha256, 0, CHUNK)
+
+    # ---------------------------------------------------------------------------------- jobs
+
+    def validate(self, spec: pb.JobSpec) -> TrainConfig:
+        cfg = config_from_spec(spec)
+        if not spec.output_name:
+            raise InvalidArgument("output_name is required: the registry name the result is published under")
+        check_name(spec.output_name)
+        for dataset_id in (*cfg.dataset_ids, *cfg.eval_dataset_ids):
+            self.store.get_dataset(dataset_id)
+        if cfg.base_model.startswith("registry://"):
+            return cfg  # resolved and downloaded by the worker
+        base = resolve_local_base(cfg.base_model)
+        if base is None:
+            raise FailedPrecondition(
+                f"base model {cfg.base_model!r} not found: give a local directory with config.json, a hub id already "
+                "in the local Hugging Face cache, or registry://name@alias of a model artifact"
+            )
+        check_against_base(cfg, inspect_base(base))
+        return cfg
+
+    async def submit(self, spec: pb.JobSpec) -> JobRecord:
+        await asyncio.to_thread(self.validate, spec)
+        job_id = f"job-{uuid.uuid4().hex[:12]}"
+        job = await asyncio.to_thread(self.store.add_job, job_id, spec.SerializeToString(), state_event("queued"))
+        log.info("job %s queued", job_id, extra={"job_id": job_id, "output": spec.output_name})
+        self._notify(job_id)
+        await self.schedule()
+        return job
+
+    async def schedule(self) -> None:
+        """Start queued jobs while slots are free (oldest first)."""
+        if self.executor is None:
+            return
+        async with self._schedule_lock:
+            running = await asyncio.to_thread(self.store.count_state, "running")
+            queued = await asyncio.to_thread(self.store.jobs_in_state, "queued")
+            for job in queued[: max(0, self.max_concurrent - running)]:
+                attempt = job.attempt + 1
+                message = "started" if attempt == 1 else f"attempt {attempt}: resuming from the last checkpoint"
+                await asyncio.to_thread(
+                    self.store.update,
+                    job.id,
+                    [state_event("running", message)],
+                    state="running",
+                    attempt=attempt,
+                    started_at=job.started_at or now(),
+                )
+                self._notify(job.id)
+                await self.executor.start(job.id, attempt)
+
+    async def cancel(self, job_id: str) -> JobRecord:
+        job = await asyncio.to_thread(self.store.get_job, job_id)
+        if job.terminal:
+            raise FailedPrecondition(f"job {job_id} already ended ({job.state}); nothing to cancel")
+        job, _ = await asyncio.to_thread(
+            self.store.update,
+            job_id,
+            [state_event("cancelled", "cancelled by a client")],
+            state="cancelled",
+            cancel_requested=True,
+            ended_at=now(),
+        )
+        self._notify(job_id)
+        if self.executor is not None:
+            await self.executor.cancel(job_id)
+        log.info("job %s cancelled", job_id, extra={"job_id": job_id})
+        await self.schedule()
+        return job
+
+    async def worker_exited(self, job_id: str, attempt: int, code: int, tail: str) -> None:
+        job = await asyncio.to_thread(self.store.get_job, job_id)
+        if job.terminal or job.attempt != attempt:
+            await self.schedule()
+            return
+        reason = f"worker exited with code {code}" if code >= 0 else f"worker killed by signal {-code}"
+        if code == -9:
+            reason += " (SIGKILL: out of memory, or killed)"
+        if job.attempt < self.max_attempts:
+            await asyncio.to_thread(
+                self.store.update, job_id, [state_event("queued", f"{reason}; will resume")], state="queued"
+            )
+        else:
+            detail = f"{reason} after {job.attempt} attempt(s)"
+            last = [line for line in tail.splitlines() if line.strip()]
+            if last:
+                detail += f": {last[-1][:500]}"
+            await asyncio.to_thread(
+                self.store.update, job_id, [state_event("failed", detail)], state="failed", error=detail, ended_at=now()
+            )
+        self._notify(job_id)
+        await self.schedule()
+
+    async def recover(self) -> None:
+        """After a trainer restart: jobs that were running lost their worker; queue them again."""
+        for job in await asyncio.to_thread(self.store.jobs_in_state, "running"):
+            await asyncio.to_thread(
+                self.store.update, job.id, [state_event("queued", "trainer restarted; will resume")], state="queued"
+            )
+        await self.schedule()
+
+    # ------------------------------------------------------------------------------- reports
+
+    async def report(self, job_id: str, attempt: int, event: pb.JobEvent) -> bool:
+        """Record a worker's event; returns whether the worker should stop."""
+        job = await asyncio.to_thread(self.store.get_job, job_id)
+        if attempt != job.attempt:
+            raise FailedPrecondition(f"attempt {attempt} of {job_id} was superseded by attempt {job.attempt}; stop")
+        if job.state == "cancelled":
+            return True
+        if job.terminal:
+            raise FailedPrecondition(f"job {job_id} already ended ({job.state})")
+        fields: dict = {}
+        kind = event.WhichOneof("event")
+        if kind == "progress":
+            fields.update(step=event.progress.step, total_steps=event.progress.total_steps)
+        elif kind == "published":
+            fields.update(output_ref=event.published.ref, metrics={m.name: m.value for m in event.published.metrics})
+        elif kind == "state":
+            state = STATE_NAME.get(event.state.state)
+            if state not in ("succeeded", "failed"):
+                raise InvalidArgument("workers may only report the states succeeded or failed")
+            fields.update(state=state, ended_at=now())
+            if state == "failed":
+                fields["error"] = event.state.message
+        event.ClearField("sequence")
+        await asyncio.to_thread(self.store.update, job_id, [event.SerializeToString()], **fields)
+        self._notify(job_id)
+        return False
+
+    def assignment(self, job_id: str) -> tuple[JobRecord, Path]:
+        job = self.store.get_job(job_id)
+        if job.terminal:
+            raise FailedPrecondition(f"job {job_id} already ended ({job.state})")
+        return job, self.data_dir / "trainer" / "checkpoints" / job_id
+
+    # --------------------------------------------------------------------------------- watch
+
+    def _notify(self, job_id: str) -> None:
+        event = self._changed.pop(job_id, None)
+        if event is not None:
+            event.set()
+
+    async def watch(self, job_id: str, after: int = 0):
+        """Past events after `after`, then new ones, until the job has ended and all were sent."""
+        await asyncio.to_thread(self.store.get_job, job_id)
+        while True:
+            changed = self._changed.setdefault(job_id, asyncio.Event())
+            events = await asyncio.to_thread(self.store.events_after, job_id, after)
+            for seq, data in events:
+                event = pb.JobEvent.FromString(data)
+                event.sequence = seq
+                yield event
+                after = seq
+            if not events:
+                job = await asyncio.to_thread(self.store.get_job, job_id)
+                if job.state in TERMINAL and not await asyncio.to_thread(self.store.events_after, job_id, after):
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), 1.0)
+
+
+def staging_file(data_dir: Path) -> Path:
+    directory = data_dir / "trainer" / "staging"
+    directory.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkstemp(dir=directory, suffix=".upload")[1])

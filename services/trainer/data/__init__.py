@@ -1,0 +1,1 @@
+"""Datasets: parsing and validation (no torch) and tokenization for training."""

@@ -1,0 +1,131 @@
+"""gRPC servicers of the trainer: proto in, core call, proto out."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.common.errors import InvalidArgument, ResourceExhausted
+from services.trainer.core import FORMAT_ENUM, STATE_ENUM, STATE_NAME, TrainerCore, staging_file
+from services.trainer.store import DatasetRow, JobRecord
+from tunedock.v1 import common_pb2, trainer_pb2_grpc
+from tunedock.v1 import trainer_pb2 as pb
+
+FORMAT_NAME = {v: k for k, v in FORMAT_ENUM.items()}
+
+
+def job_to_proto(job: JobRecord) -> pb.Job:
+    msg = pb.Job(
+        id=job.id,
+        spec=pb.JobSpec.FromString(job.spec),
+        state=STATE_ENUM[job.state],
+        error=job.error,
+        step=job.step,
+        total_steps=job.total_steps,
+        attempt=job.attempt,
+        output_ref=job.output_ref,
+        metrics=[common_pb2.Metric(name=k, value=v) for k, v in sorted(job.metrics.items())],
+    )
+    msg.create_time.FromDatetime(job.created_at)
+    if job.started_at:
+        msg.start_time.FromDatetime(job.started_at)
+    if job.ended_at:
+        msg.end_time.FromDatetime(job.ended_at)
+    return msg
+
+
+def dataset_to_proto(row: DatasetRow) -> pb.Dataset:
+    msg = pb.Dataset(
+        id=row.id,
+        name=row.name,
+        format=FORMAT_ENUM[row.format],
+        num_records=row.num_records,
+        size=row.size,
+        sha256=row.sha256,
+    )
+    msg.create_time.FromDatetime(row.created_at)
+    return msg
+
+
+def _page(page_size: int, token: str) -> tuple[int, int]:
+    if page_size < 0:
+        raise InvalidArgument(f"page_size must be >= 0, got {page_size}")
+    if token and not token.isdigit():
+        raise InvalidArgument("page_token is not one this server issued; pass next_page_token unchanged")
+    return int(token or 0), min(page_size or 50, 1000)
+
+
+class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
+    def __init__(self, core: TrainerCore) -> None:
+        self.core = core
+
+    async def UploadDataset(self, request_iterator, context):
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("header"):
+            raise InvalidArgument("the first message of an UploadDataset stream must be the header")
+        fmt = FORMAT_NAME.get(first.header.format, "")
+        path = staging_file(self.core.data_dir)
+        try:
+            size = 0
+            with path.open("wb") as fh:
+                async for request in request_iterator:
+                    size += len(request.data)
+                    if size > self.core.max_dataset_bytes:
+                        raise ResourceExhausted(
+                            f"dataset exceeds the limit of {self.core.max_dataset_bytes / 2**20:.0f} MiB"
+                        )
+                    fh.write(request.data)
+            row = await asyncio.to_thread(self.core.store_dataset, first.header.name, fmt, path)
+        finally:
+            path.unlink(missing_ok=True)
+        return pb.UploadDatasetResponse(dataset=dataset_to_proto(row))
+
+    async def GetDataset(self, request, context):
+        return pb.GetDatasetResponse(
+            dataset=dataset_to_proto(await asyncio.to_thread(self.core.store.get_dataset, request.id))
+        )
+
+    async def ListDatasets(self, request, context):
+        offset, limit = _page(request.page_size, request.page_token)
+        rows = await asyncio.to_thread(self.core.store.list_datasets, offset, limit + 1)
+        token = str(offset + limit) if len(rows) > limit else ""
+        return pb.ListDatasetsResponse(datasets=[dataset_to_proto(r) for r in rows[:limit]], next_page_token=token)
+
+    async def SubmitJob(self, request, context):
+        return pb.SubmitJobResponse(job=job_to_proto(await self.core.submit(request.spec)))
+
+    async def GetJob(self, request, context):
+        return pb.GetJobResponse(job=job_to_proto(await asyncio.to_thread(self.core.store.get_job, request.id)))
+
+    async def ListJobs(self, request, context):
+        offset, limit = _page(request.page_size, request.page_token)
+        state = STATE_NAME.get(request.state, "") if request.state else ""
+        rows = await asyncio.to_thread(self.core.store.list_jobs, state, offset, limit + 1)
+        token = str(offset + limit) if len(rows) > limit else ""
+        return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in rows[:limit]], next_page_token=token)
+
+    async def CancelJob(self, request, context):
+        return pb.CancelJobResponse(job=job_to_proto(await self.core.cancel(request.id)))
+
+    async def WatchJob(self, request, context):
+        async for event in self.core.watch(request.id, request.after_sequence):
+            yield pb.WatchJobResponse(event=event)
+
+
+class TrainerWorkerServicer(trainer_pb2_grpc.TrainerWorkerServiceServicer):
+    def __init__(self, core: TrainerCore) -> None:
+        self.core = core
+
+    async def GetAssignment(self, request, context):
+        job, checkpoint_dir = await asyncio.to_thread(self.core.assignment, request.job_id)
+        return pb.GetAssignmentResponse(
+            job=job_to_proto(job), checkpoint_dir=str(checkpoint_dir), registry_address=self.core.registry_address
+        )
+
+    async def ReportEvent(self, request, context):
+        stop = await self.core.report(request.job_id, request.attempt, request.event)
+        return pb.ReportEventResponse(cancel_requested=stop)
+
+    async def DownloadDataset(self, request, context):
+        chunks = await asyncio.to_thread(self.core.dataset_bytes, request.job_id, request.dataset_id)
+        while (data := await asyncio.to_thread(next, chunks, None)) is not None:
+            yield pb.DownloadDatasetResponse(data=data)

@@ -1,0 +1,205 @@
+"""Trainer persistence: datasets, jobs and their event logs (SQLite by default, PostgreSQL too).
+
+Job specs and events are stored as serialized protos: they are the contract workers and
+clients speak, and storing them whole means a watcher replays exactly what was reported.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import JSON, Boolean, DateTime, Integer, LargeBinary, String, Text, create_engine, event, func, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from services.common.errors import NotFound
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class DatasetRow(Base):
+    __tablename__ = "datasets"
+    id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    format: Mapped[str] = mapped_column(String(16))
+    num_records: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    spec: Mapped[bytes] = mapped_column(LargeBinary)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    error: Mapped[str] = mapped_column(Text, default="")
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    total_steps: Mapped[int] = mapped_column(Integer, default=0)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    output_ref: Mapped[str] = mapped_column(String(200), default="")
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_seq: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class JobEventRow(Base):
+    __tablename__ = "job_events"
+    job_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+@dataclass
+class JobRecord:
+    id: str
+    spec: bytes
+    state: str
+    error: str
+    step: int
+    total_steps: int
+    attempt: int
+    output_ref: str
+    metrics: dict
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+def _record(row: JobRow) -> JobRecord:
+    return JobRecord(
+        row.id,
+        row.spec,
+        row.state,
+        row.error,
+        row.step,
+        row.total_steps,
+        row.attempt,
+        row.output_ref,
+        dict(row.metrics or {}),
+        row.cancel_requested,
+        _aware(row.created_at),
+        _aware(row.started_at),
+        _aware(row.ended_at),
+    )
+
+
+class JobStore:
+    """Sync API; the service calls it from worker threads. Writes are serialized in-process."""
+
+    def __init__(self, url: str) -> None:
+        kwargs: dict = {"pool_pre_ping": True}
+        if url.startswith("sqlite"):
+            path = url.split("///", 1)[-1]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        self.engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", lambda c, _r: c.execute("PRAGMA journal_mode=WAL"))
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _write(self):
+        with self._lock, self._sessions() as s, s.begin():
+            yield s
+
+    # datasets
+    def add_dataset(self, row: DatasetRow) -> DatasetRow:
+        with self._write() as s:
+            existing = s.get(DatasetRow, row.id)
+            if existing is not None:
+                return existing
+            s.add(row)
+            return row
+
+    def get_dataset(self, dataset_id: str) -> DatasetRow:
+        with self._sessions() as s:
+            row = s.get(DatasetRow, dataset_id)
+            if row is None:
+                raise NotFound(f"dataset {dataset_id!r} not found; upload it with `tunedock data upload FILE`")
+            return row
+
+    def list_datasets(self, offset: int, limit: int) -> list[DatasetRow]:
+        with self._sessions() as s:
+            query = select(DatasetRow).order_by(DatasetRow.created_at.desc(), DatasetRow.id).offset(offset)
+            return list(s.scalars(query.limit(limit)))
+
+    # jobs
+    def add_job(self, job_id: str, spec: bytes, event: bytes) -> JobRecord:
+        with self._write() as s:
+            row = JobRow(id=job_id, spec=spec, state="queued", created_at=now(), metrics={}, last_seq=1)
+            s.add(row)
+            s.add(JobEventRow(job_id=job_id, seq=1, data=event))
+            return _record(row)
+
+    def get_job(self, job_id: str) -> JobRecord:
+        with self._sessions() as s:
+            row = s.get(JobRow, job_id)
+            if row is None:
+                raise NotFound(f"job {job_id!r} not found")
+            return _record(row)
+
+    def list_jobs(self, state: str, offset: int, limit: int) -> list[JobRecord]:
+        with self._sessions() as s:
+            query = select(JobRow).order_by(JobRow.created_at.desc(), JobRow.id.desc())
+            if state:
+                query = query.where(JobRow.state == state)
+            return [_record(r) for r in s.scalars(query.offset(offset).limit(limit))]
+
+    def jobs_in_state(self, state: str) -> list[JobRecord]:
+        with self._sessions() as s:
+            query = select(JobRow).where(JobRow.state == state).order_by(JobRow.created_at, JobRow.id)
+            return [_record(r) for r in s.scalars(query)]
+
+    def count_state(self, state: str) -> int:
+        with self._sessions() as s:
+            return s.scalar(select(func.count()).select_from(JobRow).where(JobRow.state == state)) or 0
+
+    def update(self, job_id: str, event_bytes: list[bytes] | None = None, **fields) -> tuple[JobRecord, list[int]]:
+        """Set fields and append events (sequence numbers assigned here) in one transaction."""
+        with self._write() as s:
+            row = s.get(JobRow, job_id)
+            if row is None:
+                raise NotFound(f"job {job_id!r} not found")
+            for key, value in fields.items():
+                setattr(row, key, value)
+            seqs = []
+            for data in event_bytes or []:
+                row.last_seq += 1
+                s.add(JobEventRow(job_id=job_id, seq=row.last_seq, data=data))
+                seqs.append(row.last_seq)
+            return _record(row), seqs
+
+    def events_after(self, job_id: str, after: int) -> list[tuple[int, bytes]]:
+        with self._sessions() as s:
+            query = select(JobEventRow).where(JobEventRow.job_id == job_id, JobEventRow.seq > after)
+            return [(e.seq, e.data) for e in s.scalars(query.order_by(JobEventRow.seq))]

@@ -1,0 +1,1 @@
+"""The training flow (worker side only: imports torch, transformers, peft, bitsandbytes)."""

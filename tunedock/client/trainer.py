@@ -1,0 +1,75 @@
+"""Trainer SDK: upload datasets, submit/get/list/cancel jobs, watch their events."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+
+from tunedock.client.channel import connect
+from tunedock.v1 import trainer_pb2 as pb
+from tunedock.v1 import trainer_pb2_grpc
+
+CHUNK = 1024 * 1024
+TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
+
+
+class TrainerClient:
+    def __init__(self, address: str | grpc.Channel, timeout: float = 60.0) -> None:
+        self.channel = connect(address) if isinstance(address, str) else address
+        self.stub = trainer_pb2_grpc.TrainerServiceStub(self.channel)
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> TrainerClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def upload_dataset(self, path: Path | str, name: str = "") -> pb.Dataset:
+        """Upload a JSONL / JSON-array file; returns the stored dataset (validated)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist or is not a file")
+
+        def stream():
+            yield pb.UploadDatasetRequest(header=pb.DatasetHeader(name=name or path.name))
+            with path.open("rb") as fh:
+                while block := fh.read(CHUNK):
+                    yield pb.UploadDatasetRequest(data=block)
+
+        return self.stub.UploadDataset(stream(), timeout=self.timeout * 10).dataset
+
+    def submit(self, spec: pb.JobSpec) -> pb.Job:
+        return self.stub.SubmitJob(pb.SubmitJobRequest(spec=spec), timeout=self.timeout).job
+
+    def get(self, job_id: str) -> pb.Job:
+        return self.stub.GetJob(pb.GetJobRequest(id=job_id), timeout=self.timeout).job
+
+    def list(self, state: int = 0, page_size: int = 0) -> Iterator[pb.Job]:
+        token = ""
+        while True:
+            page = self.stub.ListJobs(
+                pb.ListJobsRequest(state=state, page_size=page_size, page_token=token), timeout=self.timeout
+            )
+            yield from page.jobs
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
+
+    def cancel(self, job_id: str) -> pb.Job:
+        return self.stub.CancelJob(pb.CancelJobRequest(id=job_id), timeout=self.timeout).job
+
+    def watch(self, job_id: str, after_sequence: int = 0, timeout: float | None = None) -> Iterator[pb.JobEvent]:
+        """Every event of the job, past then live, until it ends."""
+        for reply in self.stub.WatchJob(pb.WatchJobRequest(id=job_id, after_sequence=after_sequence), timeout=timeout):
+            yield reply.event
+
+    def wait(self, job_id: str, timeout: float = 3600) -> pb.Job:
+        for _ in self.watch(job_id, timeout=timeout):
+            pass
+        return self.get(job_id)
