@@ -1,0 +1,267 @@
+"""The trainer through real gRPC servers (trainer + registry on port 0) and real worker subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import grpc
+import pytest
+
+from services.adapter_registry.server import build_server as build_registry
+from services.adapter_registry.settings import RegistrySettings
+from services.trainer.server import build_server as build_trainer
+from services.trainer.settings import TrainerSettings
+from tests.servers import ServerThread
+from tests.trainer.conftest import memorization_jsonl
+from tunedock.client import RegistryClient, TrainerClient
+from tunedock.v1 import adapter_registry_pb2, common_pb2
+from tunedock.v1 import trainer_pb2 as pb
+
+
+class Stack:
+    def __init__(self, data_dir, max_concurrent=2):
+        self.data_dir = data_dir
+        self.max_concurrent = max_concurrent
+        self.registry = ServerThread(
+            lambda: build_registry(RegistrySettings(port=0, metrics_port=-1, data_dir=data_dir))
+        )
+        self.start_trainer()
+
+    def start_trainer(self):
+        settings = TrainerSettings(
+            port=0,
+            metrics_port=-1,
+            data_dir=self.data_dir,
+            max_attempts=3,
+            registry_address=self.registry.address,
+            max_concurrent_jobs=self.max_concurrent,
+        )
+        self.trainer = ServerThread(lambda: build_trainer(settings))
+        self.client = TrainerClient(self.trainer.address, timeout=30)
+
+    @property
+    def core(self):
+        return self.trainer.server.bindings[0].servicer.core
+
+    def stop(self):
+        self.client.close()
+        self.trainer.stop(grace=1)
+        self.registry.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = Stack(tmp_path_factory.mktemp("trainer"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def dataset(stack, tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "pirate.jsonl"
+    path.write_bytes(memorization_jsonl())
+    return stack.client.upload_dataset(path)
+
+
+def _spec(base, dataset_id, name, method: common_pb2.MethodConfig, **hyper) -> pb.JobSpec:
+    hyper = {"max_steps": 16, "learning_rate": 2e-3, "log_every_steps": 4, "batch_size": 4} | hyper
+    return pb.JobSpec(
+        base_model=str(base),
+        method=method,
+        train_dataset_ids=[dataset_id],
+        output_name=name,
+        validation_split=0.25,
+        hyperparameters=pb.Hyperparameters(**hyper),
+        labels=[common_pb2.Label(key="suite", value="trainer")],
+    )
+
+
+METHODS = {
+    "full": common_pb2.MethodConfig(full=common_pb2.FullConfig()),
+    "freeze": common_pb2.MethodConfig(freeze=common_pb2.FreezeConfig(trainable_layers=1)),
+    "lora": common_pb2.MethodConfig(lora=common_pb2.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])),
+    "qlora": common_pb2.MethodConfig(qlora=common_pb2.QLoraConfig(lora=common_pb2.LoraConfig(r=4))),
+}
+KINDS = {
+    "full": adapter_registry_pb2.ARTIFACT_KIND_MODEL,
+    "freeze": adapter_registry_pb2.ARTIFACT_KIND_DELTA,
+    "lora": adapter_registry_pb2.ARTIFACT_KIND_LORA_ADAPTER,
+    "qlora": adapter_registry_pb2.ARTIFACT_KIND_LORA_ADAPTER,
+}
+
+
+def test_upload_is_content_addressed_and_validated(stack, dataset, tmp_path):
+    assert dataset.id.startswith("ds-") and dataset.num_records == 8 and dataset.format == pb.DATASET_FORMAT_ALPACA
+    again = tmp_path / "same.jsonl"
+    again.write_bytes(memorization_jsonl())
+    assert stack.client.upload_dataset(again).id == dataset.id
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 3}\n')
+    with pytest.raises(grpc.RpcError) as info:
+        stack.client.upload_dataset(bad)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "line 2: field 'output' must be a non-empty string"
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_method_trains_and_publishes(stack, dataset, tiny_model_dir, method):
+    job = stack.client.submit(_spec(tiny_model_dir, dataset.id, f"svc-{method}", METHODS[method]))
+    assert job.state in (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING)
+    events = list(stack.client.watch(job.id, timeout=300))
+    kinds = [e.WhichOneof("event") for e in events]
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    done = stack.client.get(job.id)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+    losses = [e.progress.loss for e in events if e.HasField("progress")]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert "eval" in kinds and kinds[-1] == "state"
+    assert done.output_ref == f"svc-{method}:1"
+    metrics = {m.name: m.value for m in done.metrics}
+    assert {"train_loss", "eval_loss", "peak_memory_bytes", "wall_time_s", "trainable_params"} <= set(metrics)
+    with RegistryClient(stack.registry.address) as registry:
+        version = registry.get(done.output_ref)
+    assert version.kind == KINDS[method]
+    assert version.lineage.job_id == job.id and list(version.lineage.dataset_ids) == [dataset.id]
+    assert version.lineage.base_model == str(tiny_model_dir) and version.lineage.base_fingerprint
+    assert version.lineage.method_config == METHODS[method]
+    assert version.lineage.hyperparameters["max_steps"] == 16
+    # A late watcher gets the whole history replayed.
+    assert [e.sequence for e in stack.client.watch(job.id, timeout=30)] == [e.sequence for e in events]
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "message"),
+    [
+        (
+            lambda s: s.method.lora.target_modules.append("wq"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "unknown LoRA target module(s) ['wq']",
+        ),
+        (
+            lambda s: s.method.lora.__setattr__("r", 0),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "LoRA rank r must be > 0, got 0",
+        ),
+        (
+            lambda s: s.method.freeze.__setattr__("trainable_layers", 5),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "freeze: trainable_layers=5 but this model has 2 layers",
+        ),
+        (
+            lambda s: s.method.freeze.trainable_layer_indices.append(7),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "freeze: layer indices [7] are out of range",
+        ),
+        (
+            lambda s: s.__setattr__("base_model", "/no/such/model"),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "base model '/no/such/model' not found",
+        ),
+        (
+            lambda s: s.train_dataset_ids.__setitem__(0, "ds-missing"),
+            grpc.StatusCode.NOT_FOUND,
+            "dataset 'ds-missing' not found",
+        ),
+        (lambda s: s.ClearField("method"), grpc.StatusCode.INVALID_ARGUMENT, "method is required"),
+        (lambda s: s.__setattr__("output_name", "Bad Name"), grpc.StatusCode.INVALID_ARGUMENT, "invalid artifact name"),
+    ],
+)
+def test_bad_specs_are_refused_at_validation(stack, dataset, tiny_model_dir, change, code, message):
+    method = common_pb2.MethodConfig(lora=common_pb2.LoraConfig(r=4))
+    if "freeze" in message:
+        method = common_pb2.MethodConfig(freeze=common_pb2.FreezeConfig(trainable_layers=1))
+    spec = _spec(tiny_model_dir, dataset.id, "refused", method)
+    change(spec)
+    before = len(list(stack.client.list()))
+    with pytest.raises(grpc.RpcError) as info:
+        stack.client.submit(spec)
+    assert info.value.code() == code
+    assert message in info.value.details()
+    assert len(list(stack.client.list())) == before
+
+
+def _wait_for(events, predicate, timeout=120):
+    deadline = time.monotonic() + timeout
+    for event in events:
+        if predicate(event):
+            return event
+        assert time.monotonic() < deadline
+    raise AssertionError("stream ended before the event came")
+
+
+def test_cancel_mid_run(stack, dataset, tiny_model_dir):
+    spec = _spec(tiny_model_dir, dataset.id, "svc-cancel", METHODS["lora"], max_steps=5000, log_every_steps=1)
+    job = stack.client.submit(spec)
+    _wait_for(stack.client.watch(job.id, timeout=120), lambda e: e.HasField("progress"))
+    proc = stack.core.executor.processes[job.id]
+    started = time.monotonic()
+    cancelled = stack.client.cancel(job.id)
+    assert cancelled.state == pb.JOB_STATE_CANCELLED
+    deadline = time.monotonic() + 10
+    while proc.returncode is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.returncode is not None and time.monotonic() - started < 10
+    with pytest.raises(OSError):
+        os.killpg(proc.pid, 0)  # the whole process group is gone
+    time.sleep(1)
+    assert stack.client.get(job.id).state == pb.JOB_STATE_CANCELLED
+    with RegistryClient(stack.registry.address) as registry, pytest.raises(grpc.RpcError) as info:
+        registry.resolve("svc-cancel")
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as info:
+        stack.client.cancel(job.id)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_killed_worker_resumes_from_its_checkpoint(stack, dataset, tiny_model_dir):
+    spec = _spec(
+        tiny_model_dir,
+        dataset.id,
+        "svc-resume",
+        METHODS["lora"],
+        max_steps=40,
+        log_every_steps=1,
+        checkpoint_every_steps=10,
+    )
+    job = stack.client.submit(spec)
+    checkpoint = _wait_for(stack.client.watch(job.id, timeout=120), lambda e: e.HasField("checkpoint"))
+    os.kill(stack.core.executor.processes[job.id].pid, signal.SIGKILL)
+    events = list(stack.client.watch(job.id, timeout=300))
+    done = stack.client.get(job.id)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+    assert done.attempt == 2
+    messages = [e.state.message for e in events if e.HasField("state")] + [
+        e.log.message for e in events if e.HasField("log")
+    ]
+    assert any("killed by signal 9" in m for m in messages)
+    assert any(f"resumed from checkpoint at step {checkpoint.checkpoint.step}" in m for m in messages)
+    # After the resume, progress continues from the checkpoint rather than from step 1.
+    resumed_at = max(i for i, e in enumerate(events) if e.HasField("log") and "resumed" in e.log.message)
+    first_after = next(e.progress.step for e in events[resumed_at:] if e.HasField("progress"))
+    assert first_after == checkpoint.checkpoint.step + 1
+
+
+def test_trainer_restart_mid_queue_loses_nothing(tmp_path, dataset, tiny_model_dir):
+    local = Stack(tmp_path, max_concurrent=1)
+    try:
+        path = tmp_path / "d.jsonl"
+        path.write_bytes(memorization_jsonl())
+        ds = local.client.upload_dataset(path)
+        first = local.client.submit(
+            _spec(tiny_model_dir, ds.id, "restart-a", METHODS["lora"], max_steps=60, log_every_steps=1)
+        )
+        second = local.client.submit(_spec(tiny_model_dir, ds.id, "restart-b", METHODS["lora"]))
+        assert local.client.get(second.id).state == pb.JOB_STATE_QUEUED
+        _wait_for(local.client.watch(first.id, timeout=120), lambda e: e.HasField("progress"))
+        local.client.close()
+        local.trainer.stop(grace=1)
+        local.start_trainer()
+        for job in (first, second):
+            done = local.client.wait(job.id, timeout=300)
+            assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+        assert {j.id for j in local.client.list()} == {first.id, second.id}
+        assert local.client.get(first.id).attempt == 2
+    finally:
+        local.stop()
