@@ -62,7 +62,7 @@ def test_full_trains_every_weight(tiny_model_dir, memorization_examples, tmp_pat
 
 def test_freeze_changes_only_the_chosen_tensors(tiny_model_dir, memorization_examples, tmp_path):
     before = _base_state(tiny_model_dir)
-    cfg, result, losses, _ = _run(
+    _, result, losses, _ = _run(
         tiny_model_dir,
         memorization_examples,
         tmp_path,
@@ -99,7 +99,7 @@ def test_lora_and_qlora_leave_the_base_untouched_and_reload_with_peft(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    cfg, result, losses, _ = _run(
+    _, result, losses, _ = _run(
         tiny_model_dir,
         memorization_examples,
         tmp_path,
