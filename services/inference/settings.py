@@ -28,6 +28,15 @@ class InferenceSettings(ServerSettings):
     dtype: str = setting("auto", "engine dtype: auto, float32, bfloat16 or float16")
     kv_cache_gib: float = setting(1.0, "KV cache size on the CPU backend, GiB (VLLM_CPU_KVCACHE_SPACE)")
     adapter_cache_mb: int = setting(2048, "bound of the local adapter cache on disk, MiB")
+    isolate_base: bool = setting(
+        True,
+        "run base-model requests through a zero adapter so batches never mix base and "
+        "LoRA requests (guards against batch-dependent output)",
+    )
+    resolve_ttl_s: float = setting(
+        10.0, "seconds an adapter reference's resolution is cached (a registry Watch invalidates moved aliases sooner)"
+    )
+    max_tokens_limit: int = setting(4096, "largest max_tokens a request may ask for")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,0 +1,157 @@
+"""Inference core: validate a request, resolve its adapter, run it on the engine (no grpc)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from services.common.errors import InvalidArgument
+from services.inference.adapters import AdapterCache, AdapterResolver, CachedAdapter, lora_int_id
+
+
+@dataclass
+class GenerateInput:
+    prompt: str = ""
+    messages: list[dict] = field(default_factory=list)
+    adapter: str = ""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 64
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    n: int = 1
+
+
+@dataclass
+class Delta:
+    index: int
+    text: str
+    token_ids: list[int]
+    completion_tokens: int
+    prompt_tokens: int
+    finish_reason: str  # "" | stop | length | abort
+    adapter_version: str
+
+
+@dataclass
+class Limits:
+    max_tokens: int = 4096
+    max_prompt_chars: int = 200_000
+    max_n: int = 8
+
+
+class InferenceCore:
+    def __init__(self, engine, resolver: AdapterResolver, cache: AdapterCache, metrics, limits: Limits) -> None:
+        self.engine = engine
+        self.resolver = resolver
+        self.cache = cache
+        self.metrics = metrics
+        self.limits = limits
+
+    def _validate(self, req: GenerateInput) -> str:
+        if bool(req.prompt) == bool(req.messages):
+            raise InvalidArgument("give exactly one of prompt or messages")
+        if req.messages:
+            for i, m in enumerate(req.messages):
+                if m["role"] not in ("system", "user", "assistant"):
+                    raise InvalidArgument(f"message {i}: role must be system, user or assistant, got {m['role']!r}")
+        if not 1 <= req.max_tokens <= self.limits.max_tokens:
+            raise InvalidArgument(f"max_tokens must be in 1..{self.limits.max_tokens}, got {req.max_tokens}")
+        if not 1 <= req.n <= self.limits.max_n:
+            raise InvalidArgument(f"n must be in 1..{self.limits.max_n}, got {req.n}")
+        if req.temperature < 0 or not 0 < req.top_p <= 1 or req.top_k < 0:
+            raise InvalidArgument("temperature must be >= 0, top_p in (0, 1], top_k >= 0")
+        prompt = req.prompt or self.engine.prompt_from_messages(req.messages)
+        if len(prompt) > self.limits.max_prompt_chars:
+            raise InvalidArgument(f"prompt is {len(prompt)} characters; the limit is {self.limits.max_prompt_chars}")
+        return prompt
+
+    async def acquire_adapter(self, ref: str, pin: bool = False) -> CachedAdapter:
+        started = time.perf_counter()
+        resolved = await asyncio.to_thread(self.resolver.resolve, ref)
+        self.metrics.adapter_resolve.observe(time.perf_counter() - started)
+        return await asyncio.to_thread(self.cache.acquire, resolved, pin)
+
+    async def generate(self, req: GenerateInput) -> AsyncIterator[Delta]:
+        prompt = self._validate(req)
+        entry = await self.acquire_adapter(req.adapter) if req.adapter else None
+        lora = None
+        label = entry.resolved.ref if entry else ""
+        if entry:
+            lora = self.engine.lora_request(
+                entry.resolved.ref, lora_int_id(entry.resolved.content_sha256), str(entry.path)
+            )
+            self.metrics.adapter_requests.labels(entry.resolved.name).inc()
+        sampling = {
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "top_k": req.top_k or -1,
+            "max_tokens": req.max_tokens,
+            "stop": req.stop or None,
+            "seed": req.seed,
+            "n": req.n,
+        }
+        request_id = uuid.uuid4().hex
+        started = time.perf_counter()
+        first = True
+        counts = [0] * req.n
+        finished = False
+        self.metrics.in_flight.inc()
+        try:
+            async for output in self.engine.generate(prompt, sampling, request_id, lora):
+                if first:
+                    self.metrics.ttft.observe(time.perf_counter() - started)
+                    if entry and not entry.loaded:
+                        entry.loaded = True
+                        self.metrics.adapter_load.observe(time.perf_counter() - started)
+                    first = False
+                prompt_tokens = len(output.prompt_token_ids or [])
+                for completion in output.outputs:
+                    counts[completion.index] += len(completion.token_ids)
+                    self.metrics.tokens.inc(len(completion.token_ids))
+                    yield Delta(
+                        completion.index,
+                        completion.text,
+                        list(completion.token_ids),
+                        counts[completion.index],
+                        prompt_tokens,
+                        completion.finish_reason or "",
+                        label,
+                    )
+            finished = True
+        finally:
+            self.metrics.in_flight.dec()
+            if not finished:
+                await self.engine.abort(request_id)  # the client went away: free the engine's slot
+            if entry:
+                await asyncio.to_thread(self.cache.release, entry)
+
+    async def preload(self, refs: list[str], pin: bool) -> list[CachedAdapter]:
+        entries = []
+        for ref in refs:
+            entry = await self.acquire_adapter(ref, pin)
+            try:
+                # A one-token request makes the engine load the weights now, not on first use.
+                lora = self.engine.lora_request(
+                    entry.resolved.ref, lora_int_id(entry.resolved.content_sha256), str(entry.path)
+                )
+                async for _ in self.engine.generate(".", {"max_tokens": 1, "temperature": 0.0}, uuid.uuid4().hex, lora):
+                    pass
+                entry.loaded = True
+            finally:
+                await asyncio.to_thread(self.cache.release, entry)
+            entries.append(entry)
+        return entries
+
+    async def unload(self, ref: str) -> bool:
+        resolved = await asyncio.to_thread(self.resolver.resolve, ref)
+        entry = await asyncio.to_thread(self.cache.drop, resolved.content_sha256)
+        removed = await self.engine.remove_lora(lora_int_id(resolved.content_sha256))
+        return entry is not None or bool(removed)
+
+    def loaded(self) -> list[CachedAdapter]:
+        return list(self.cache.entries.values())
