@@ -22,20 +22,70 @@ def tiny_model_dir() -> Path:
     return build_tiny_model(cache_dir=MODEL_CACHE)
 
 
-@pytest.fixture(scope="session")
-def vllm_llm(tiny_model_dir):
-    """One offline vLLM engine (LoRA enabled) over the tiny model, shared by the session."""
-    from vllm import LLM
+class InferenceStack:
+    """A registry and an inference server (with THE session's one vLLM engine) on port 0."""
 
-    llm = LLM(
-        model=str(tiny_model_dir),
-        enable_lora=True,
-        max_lora_rank=16,
-        max_loras=2,
-        max_cpu_loras=4,
-        dtype="float32",
-        max_model_len=512,
-        seed=0,
-    )
-    yield llm
-    del llm
+    MAX_LORAS = 3
+
+    def __init__(self, data_dir: Path, base: Path) -> None:
+        from services.adapter_registry.server import build_server as build_registry
+        from services.adapter_registry.settings import RegistrySettings
+        from services.inference.server import build_server as build_inference
+        from services.inference.settings import InferenceSettings
+        from tests.servers import ServerThread
+
+        self.data_dir = data_dir
+        self.registry_settings = RegistrySettings(port=0, metrics_port=-1, data_dir=data_dir)
+        self.registry = ServerThread(lambda: build_registry(self.registry_settings))
+        settings = InferenceSettings(
+            port=0,
+            metrics_port=0,
+            data_dir=data_dir,
+            base_model=str(base),
+            registry_address=self.registry.address,
+            max_loras=self.MAX_LORAS,
+            max_cpu_loras=8,
+            max_lora_rank=16,
+            max_model_len=512,
+            dtype="float32",
+            resolve_ttl_s=30.0,
+        )
+        self.inference = ServerThread(lambda: build_inference(settings))
+
+    @property
+    def engine(self):
+        return self.inference.server.core.engine
+
+    def restart_registry(self) -> None:
+        """Start the registry again on the same port and data (after `registry.stop()`)."""
+        from services.adapter_registry.server import build_server as build_registry
+        from tests.servers import ServerThread
+
+        self.registry_settings.port = int(self.registry.address.rsplit(":", 1)[1])
+        self.registry = ServerThread(lambda: build_registry(self.registry_settings))
+
+    def engine_tokens(self, prompt: str, lora_request=None, max_tokens: int = 12) -> list[int]:
+        """Greedy tokens straight from the engine (no gRPC service in between)."""
+        import uuid
+
+        async def run():
+            tokens = []
+            sampling = {"temperature": 0.0, "max_tokens": max_tokens, "ignore_eos": True}
+            async for out in self.engine.generate(prompt, sampling, uuid.uuid4().hex, lora_request):
+                tokens.extend(out.outputs[0].token_ids)
+            return tokens
+
+        return self.inference.run(run())
+
+    def stop(self) -> None:
+        self.inference.stop()
+        self.registry.stop()
+        self.engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def inference_stack(tiny_model_dir, tmp_path_factory):
+    """The session's one vLLM engine (start-up ~20-40 s), behind a real inference gRPC server."""
+    stack = InferenceStack(tmp_path_factory.mktemp("inference"), tiny_model_dir)
+    yield stack
+    stack.stop()

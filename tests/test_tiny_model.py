@@ -82,14 +82,11 @@ def _peft_adapter(tiny_model_dir, out_dir):
     return base_out, lora_out
 
 
-def test_loads_in_peft_and_vllm_with_lora_request(tiny_model_dir, vllm_llm, tmp_path):
-    from vllm import SamplingParams
+def test_loads_in_peft_and_vllm_with_lora_request(tiny_model_dir, inference_stack, tmp_path):
     from vllm.lora.request import LoRARequest
 
     base_out, lora_out = _peft_adapter(tiny_model_dir, tmp_path / "adapter")
     assert base_out != lora_out
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    vllm_base = vllm_llm.generate([PROMPT], params)[0].outputs[0].token_ids
-    vllm_lora = vllm_llm.generate([PROMPT], params, lora_request=LoRARequest("t", 1, str(tmp_path / "adapter")))
-    assert list(vllm_base) == base_out
-    assert list(vllm_lora[0].outputs[0].token_ids) == lora_out
+    # The session's vLLM CPU engine, called directly: no adapter, then peft's adapter via a LoRARequest.
+    assert inference_stack.engine_tokens(PROMPT) == base_out
+    assert inference_stack.engine_tokens(PROMPT, LoRARequest("t", 1, str(tmp_path / "adapter"))) == lora_out

@@ -152,6 +152,7 @@ class AdapterCache:
         self.entries: OrderedDict[str, CachedAdapter] = OrderedDict()
         self._lock = threading.Lock()
         self._key_locks: dict[str, threading.Lock] = {}
+        self._verdicts: dict[str, str] = {}  # "name:version" -> "" (compatible) or why not; versions are immutable
 
     def _key_lock(self, key: str) -> threading.Lock:
         with self._lock:
@@ -160,9 +161,13 @@ class AdapterCache:
     def acquire(self, resolved: ResolvedAdapter, pin: bool = False) -> CachedAdapter:
         """The adapter on local disk, checked, marked in use (call `release` when done)."""
         key = resolved.content_sha256
+        if self._verdicts.get(resolved.ref):
+            raise FailedPrecondition(self._verdicts[resolved.ref])
         with self._key_lock(key):
             with self._lock:
                 entry = self.entries.get(key)
+                if entry is not None and resolved.ref not in self._verdicts:
+                    entry = None  # same bytes, but this version's metadata (its base) is not checked yet
                 if entry is not None:
                     self.entries.move_to_end(key)
                     entry.in_flight += 1
@@ -171,9 +176,12 @@ class AdapterCache:
                     self._count("hits")
                     return entry
             self._count("misses")
-            entry = self._fetch(resolved)
-            entry.in_flight, entry.pinned = 1, pin
             with self._lock:
+                existing = self.entries.get(key)
+            entry = self._fetch(resolved, existing)
+            with self._lock:
+                entry.in_flight += 1
+                entry.pinned = entry.pinned or pin
                 self.entries[key] = entry
             self._evict()
             return entry
@@ -183,10 +191,10 @@ class AdapterCache:
             entry.in_flight -= 1
         self._evict()
 
-    def _fetch(self, resolved: ResolvedAdapter) -> CachedAdapter:
+    def _fetch(self, resolved: ResolvedAdapter, existing: CachedAdapter | None) -> CachedAdapter:
         target = self.root / resolved.content_sha256
         try:
-            if not (target / "adapter_config.json").exists():
+            if existing is None and not (target / "adapter_config.json").exists():
                 started = time.perf_counter()
                 version = self.registry.download(resolved.ref, target)
                 if self.metrics:
@@ -201,9 +209,14 @@ class AdapterCache:
             raise _translate(exc, resolved.ref) from None
         try:
             rank = self._check_compatible(resolved, version, target)
-        except FailedPrecondition:
-            shutil.rmtree(target, ignore_errors=True)
+        except FailedPrecondition as exc:
+            self._verdicts[resolved.ref] = exc.message
+            if existing is None:
+                shutil.rmtree(target, ignore_errors=True)
             raise
+        self._verdicts[resolved.ref] = ""
+        if existing is not None:
+            return existing
         size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
         return CachedAdapter(resolved, target, size, rank)
 

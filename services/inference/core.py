@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from services.common.errors import InvalidArgument
-from services.inference.adapters import AdapterCache, AdapterResolver, CachedAdapter, lora_int_id
+from services.inference.adapters import AdapterCache, AdapterResolver, CachedAdapter, ResolvedAdapter, lora_int_id
 
 
 @dataclass
@@ -70,22 +70,23 @@ class InferenceCore:
             raise InvalidArgument(f"prompt is {len(prompt)} characters; the limit is {self.limits.max_prompt_chars}")
         return prompt
 
-    async def acquire_adapter(self, ref: str, pin: bool = False) -> CachedAdapter:
+    async def acquire_adapter(self, ref: str, pin: bool = False) -> tuple[ResolvedAdapter, CachedAdapter]:
+        """Resolve `ref` and hold its files; the entry is shared by every ref with the same content."""
         started = time.perf_counter()
         resolved = await asyncio.to_thread(self.resolver.resolve, ref)
         self.metrics.adapter_resolve.observe(time.perf_counter() - started)
-        return await asyncio.to_thread(self.cache.acquire, resolved, pin)
+        return resolved, await asyncio.to_thread(self.cache.acquire, resolved, pin)
 
     async def generate(self, req: GenerateInput) -> AsyncIterator[Delta]:
         prompt = self._validate(req)
-        entry = await self.acquire_adapter(req.adapter) if req.adapter else None
+        resolved, entry = (await self.acquire_adapter(req.adapter)) if req.adapter else (None, None)
         lora = None
-        label = entry.resolved.ref if entry else ""
+        label = resolved.ref if resolved else ""  # this request's ref; the entry is shared by identical content
         if entry:
             lora = self.engine.lora_request(
                 entry.resolved.ref, lora_int_id(entry.resolved.content_sha256), str(entry.path)
             )
-            self.metrics.adapter_requests.labels(entry.resolved.name).inc()
+            self.metrics.adapter_requests.labels(resolved.name).inc()
         sampling = {
             "temperature": req.temperature,
             "top_p": req.top_p,
@@ -133,7 +134,7 @@ class InferenceCore:
     async def preload(self, refs: list[str], pin: bool) -> list[CachedAdapter]:
         entries = []
         for ref in refs:
-            entry = await self.acquire_adapter(ref, pin)
+            _, entry = await self.acquire_adapter(ref, pin)
             try:
                 # A one-token request makes the engine load the weights now, not on first use.
                 lora = self.engine.lora_request(

@@ -1,0 +1,241 @@
+"""The inference service through a real gRPC server on the session's one vLLM CPU engine."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import torch
+
+from tunedock.client import RegistryClient
+from tunedock.v1 import inference_pb2 as pb
+from tunedock.v1 import inference_pb2_grpc
+
+PROMPTS = ["What does the pirate say about ship 3?", "Tell me about the moon.", "Two plus two is", "Once upon a time"]
+
+
+def _train_adapter(base, tmp_path, seed: int, rank: int = 8, targets=("q_proj", "v_proj", "down_proj")):
+    """A LoRA adapter for the tiny model with random, non-zero weights (different per seed)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False),
+    )
+    out = tmp_path / f"adapter-{seed}-{rank}"
+    model.save_pretrained(out)
+    return out
+
+
+def _peft_greedy(base, adapter_dir, prompt, max_tokens=12) -> list[int]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter_dir)
+    ids = tokenizer(prompt, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, ids.input_ids.shape[1] :].tolist()
+
+
+@pytest.fixture(scope="module")
+def adapters(inference_stack, tiny_model_dir, tmp_path_factory):
+    """Three adapters published to the registry: a, b, c."""
+    tmp = tmp_path_factory.mktemp("adapters")
+    dirs = {name: _train_adapter(tiny_model_dir, tmp, seed) for name, seed in (("a", 1), ("b", 2), ("c", 3))}
+    with RegistryClient(inference_stack.registry.address) as registry:
+        for name, d in dirs.items():
+            registry.publish_dir(d, f"inf-{name}")
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def stub(inference_stack):
+    channel = grpc.insecure_channel(inference_stack.inference.address)
+    yield inference_pb2_grpc.InferenceServiceStub(channel)
+    channel.close()
+
+
+def generate(stub, prompt, adapter="", max_tokens=12, **sampling) -> pb.GenerateUnaryResponse:
+    params = pb.GenerateParams(
+        prompt=prompt, adapter=adapter, sampling=pb.SamplingParams(max_tokens=max_tokens, **sampling)
+    )
+    return stub.GenerateUnary(pb.GenerateUnaryRequest(params=params), timeout=120)
+
+
+def tokens(stub, prompt, adapter="") -> list[int]:
+    return list(generate(stub, prompt, adapter).completions[0].token_ids)
+
+
+def test_adapters_change_output_and_match_engine_and_peft(stub, inference_stack, adapters, tiny_model_dir):
+    prompt = PROMPTS[0]
+    outputs = {name: tokens(stub, prompt, f"inf-{name}") for name in ("a", "b")}
+    base = tokens(stub, prompt)
+    assert len({tuple(base), tuple(outputs["a"]), tuple(outputs["b"])}) == 3
+    from services.inference.adapters import lora_int_id
+
+    for name in ("a", "b"):
+        reply = generate(stub, prompt, f"inf-{name}")
+        assert reply.adapter_version == f"inf-{name}:1"
+        with RegistryClient(inference_stack.registry.address) as registry:
+            sha = registry.resolve(f"inf-{name}").content_sha256
+        direct = inference_stack.engine_tokens(
+            prompt, inference_stack.engine.lora_request(f"inf-{name}:1", lora_int_id(sha), str(adapters[name]))
+        )
+        assert outputs[name] == direct
+        assert outputs[name] == _peft_greedy(tiny_model_dir, adapters[name], prompt)
+
+
+def test_streaming_deltas_add_up_to_the_unary_text(stub, adapters):
+    params = pb.GenerateParams(prompt=PROMPTS[1], adapter="inf-a", sampling=pb.SamplingParams(max_tokens=10))
+    messages = list(stub.Generate(pb.GenerateRequest(params=params), timeout=60))
+    assert [m.completion_tokens for m in messages] == list(range(1, len(messages) + 1))
+    assert messages[-1].finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_STOP)
+    assert "".join(m.text_delta for m in messages) == generate(stub, PROMPTS[1], "inf-a", 10).completions[0].text
+
+
+def test_chat_messages_use_the_chat_template(stub, inference_stack):
+    params = pb.GenerateParams(
+        messages=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi")]),
+        sampling=pb.SamplingParams(max_tokens=5),
+    )
+    reply = stub.GenerateUnary(pb.GenerateUnaryRequest(params=params), timeout=60)
+    rendered = inference_stack.engine.prompt_from_messages([{"role": "user", "content": "hi"}])
+    assert reply.prompt_tokens == inference_stack.engine.prompt_tokens(rendered)
+    assert rendered.endswith("<|im_start|>assistant\n")
+
+
+def _concurrent(stub, jobs):
+    with ThreadPoolExecutor(32) as pool:
+        return list(pool.map(lambda job: tokens(stub, *job), jobs))
+
+
+@pytest.mark.parametrize(
+    "names", [("", "inf-a"), ("", "inf-a", "inf-b", "inf-c")], ids=["max_loras-above-distinct", "swapping"]
+)
+def test_concurrent_mixed_batches_equal_solo_outputs(stub, adapters, inference_stack, names):
+    jobs = [(PROMPTS[i % len(PROMPTS)], names[i % len(names)]) for i in range(32)]
+    solo = {job: tokens(stub, *job) for job in set(jobs)}
+    together = _concurrent(stub, jobs)
+    assert [solo[job] for job in jobs] == together
+    distinct = len(names)  # the base runs on the null adapter, so it counts
+    assert (distinct > inference_stack.MAX_LORAS) == (len(names) == 4)
+
+
+def test_alias_move_switches_what_the_alias_serves(stub, inference_stack, adapters, tmp_path):
+    with RegistryClient(inference_stack.registry.address) as registry:
+        registry.publish_dir(adapters["a"], "inf-alias")
+        second = tmp_path / "second"
+        shutil.copytree(adapters["b"], second)
+        registry.publish_dir(second, "inf-alias")
+        registry.set_alias("inf-alias", "prod", 1)
+        first = tokens(stub, PROMPTS[2], "inf-alias@prod")
+        assert first == tokens(stub, PROMPTS[2], "inf-a")
+        registry.set_alias("inf-alias", "prod", 2)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        reply = generate(stub, PROMPTS[2], "inf-alias@prod")
+        if reply.adapter_version == "inf-alias:2":
+            break
+        time.sleep(0.2)
+    assert reply.adapter_version == "inf-alias:2"  # followed within seconds, well under the 30 s resolve TTL
+    assert list(reply.completions[0].token_ids) == tokens(stub, PROMPTS[2], "inf-b")
+
+
+def _corrupt_copy(src, dst):
+    shutil.copytree(src, dst)
+    weights = dst / "adapter_model.safetensors"
+    raw = weights.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    first = next(k for k in header if k != "__metadata__")
+    header[first]["data_offsets"][1] += 4  # tensor claims more bytes than exist
+    encoded = json.dumps(header).encode()
+    weights.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + n :])
+    return dst
+
+
+def test_incompatible_adapters_are_refused_and_the_engine_keeps_serving(
+    stub, inference_stack, adapters, tmp_path, tiny_model_dir
+):
+    from tunedock.v1 import adapter_registry_pb2 as rpb
+
+    big = _train_adapter(tiny_model_dir, tmp_path, 9, rank=32)
+    with RegistryClient(inference_stack.registry.address) as registry:
+        registry.publish_dir(big, "inf-rank32")
+        registry.publish_dir(
+            adapters["a"],
+            "inf-otherbase",
+            lineage=rpb.Lineage(base_model="meta-llama/Llama-3-8B", base_fingerprint="f" * 64),
+        )
+        corrupt = _corrupt_copy(adapters["a"], tmp_path / "corrupt")
+        with pytest.raises(grpc.RpcError) as info:
+            registry.publish_dir(corrupt, "inf-corrupt")  # the registry refuses it outright
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    cases = [
+        ("inf-rank32", "rank 32, above this replica's max_lora_rank 16"),
+        ("inf-otherbase", "was trained on base 'meta-llama/Llama-3-8B'"),
+    ]
+    for ref, fragment in cases:
+        with pytest.raises(grpc.RpcError) as info:
+            generate(stub, PROMPTS[0], ref)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert fragment in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        generate(stub, PROMPTS[0], "inf-nope")
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as info:
+        generate(stub, PROMPTS[0], "", max_tokens=100000)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_tokens" in info.value.details()
+    assert tokens(stub, PROMPTS[0], "inf-a") == tokens(stub, PROMPTS[0], "inf-a")  # still serving
+    loaded = {a.name for a in stub.ListLoadedAdapters(pb.ListLoadedAdaptersRequest()).adapters}
+    assert "inf-rank32" not in loaded and "inf-otherbase" not in loaded
+
+
+def test_client_cancellation_aborts_the_engine_request(stub, inference_stack, adapters):
+    params = pb.GenerateParams(
+        prompt=PROMPTS[3], adapter="inf-a", sampling=pb.SamplingParams(max_tokens=400, stop=["\x00never"])
+    )
+    stream = stub.Generate(pb.GenerateRequest(params=params), timeout=60)
+    next(stream)
+    stream.cancel()
+    core = inference_stack.inference.server.core
+    deadline = time.monotonic() + 10
+    while core.metrics.in_flight._value.get() > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert core.metrics.in_flight._value.get() == 0
+    entry = next(e for e in core.loaded() if e.resolved.name == "inf-a")
+    assert entry.in_flight == 0
+    assert len(tokens(stub, PROMPTS[3], "inf-a")) == 12  # the engine has room for the next request
+
+
+def test_preload_pin_list_unload(stub, adapters):
+    reply = stub.PreloadAdapter(pb.PreloadAdapterRequest(adapters=["inf-c"], pin=True), timeout=60)
+    assert reply.adapters[0].pinned and reply.adapters[0].state == pb.ADAPTER_CACHE_STATE_LOADED
+    listed = {a.name: a for a in stub.ListLoadedAdapters(pb.ListLoadedAdaptersRequest()).adapters}
+    assert listed["inf-c"].pinned and listed["inf-c"].lora_int_id > 0
+    assert stub.UnloadAdapter(pb.UnloadAdapterRequest(adapter="inf-c")).unloaded
+    assert "inf-c" not in {a.name for a in stub.ListLoadedAdapters(pb.ListLoadedAdaptersRequest()).adapters}
+
+
+def test_registry_down_serves_cached_adapters(stub, inference_stack, adapters, tmp_path):
+    cached = tokens(stub, PROMPTS[0], "inf-b")
+    with RegistryClient(inference_stack.registry.address) as registry:
+        registry.publish_dir(adapters["c"], "inf-never-used")
+    inference_stack.registry.stop()
+    try:
+        assert tokens(stub, PROMPTS[0], "inf-b") == cached
+        with pytest.raises(grpc.RpcError) as info:
+            generate(stub, PROMPTS[0], "inf-never-used")
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "registry unavailable" in info.value.details()
+    finally:
+        inference_stack.restart_registry()
+    assert tokens(stub, PROMPTS[0], "inf-never-used") == tokens(stub, PROMPTS[0], "inf-c")
