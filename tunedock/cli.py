@@ -95,11 +95,19 @@ def up(
 @app.command()
 def demo(
     data_dir: Path = typer.Option(None, help="state directory (default $TUNEDOCK_HOME or ~/.tunedock)"),
+    base_model: str = typer.Option("", help="base model (default: the tiny local model)"),
     port_offset: int = typer.Option(0, help="added to the default ports"),
 ) -> None:
-    """The end-to-end demo on the embedded defaults (for now: build the tiny model, start the
-    three services, check their health, stop them)."""
-    up(data_dir=data_dir, base_model="", host="127.0.0.1", port_offset=port_offset, check=True)
+    """The end-to-end demo: train LoRA, QLoRA and Freeze, publish, hot-swap adapters per request."""
+    from tunedock.demo import run_demo
+
+    home = _home(data_dir)
+    if not base_model:
+        from tunedock.tiny_model import build_tiny_model
+
+        with console.status("building the tiny model (cached after the first run)"):
+            base_model = str(build_tiny_model(cache_dir=home / "models"))
+    raise typer.Exit(run_demo(home, base_model, port_offset, console))
 
 
 def main() -> None:

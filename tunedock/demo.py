@@ -1,0 +1,150 @@
+"""The end-to-end demo (`make demo` / `tunedock demo`): train four ways, publish, hot-swap per request.
+
+Starts the three services on the embedded defaults, uploads two shipped datasets that teach
+visibly different behaviour (a pirate and a robot), trains a LoRA adapter, a QLoRA adapter
+and a Freeze run with live progress, moves a `prod` alias, then asks the same prompts with no
+adapter, with each adapter and through the alias, all concurrently, and prints the answers
+side by side. Exits non-zero if any step fails or the adapters do not change the output.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from tunedock.client import RegistryClient, TrainerClient
+from tunedock.local_stack import LocalStack
+from tunedock.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from tunedock.v1 import trainer_pb2 as tpb
+
+PROMPTS = ["Tell me about the moon.", "Tell me about gold.", "Tell me about cats."]
+HYPER = dict(
+    max_steps=60, learning_rate=3e-3, batch_size=4, log_every_steps=10, lr_schedule=common_pb2.LR_SCHEDULE_CONSTANT
+)
+
+
+class DemoFailed(Exception):
+    pass
+
+
+def _data(name: str) -> Path:
+    return Path(str(resources.files("tunedock.data").joinpath(name)))
+
+
+def _train(console: Console, trainer: TrainerClient, base: str, name: str, method, dataset_id: str) -> str:
+    spec = tpb.JobSpec(
+        base_model=base,
+        method=method,
+        train_dataset_ids=[dataset_id],
+        output_name=name,
+        hyperparameters=tpb.Hyperparameters(**HYPER),
+    )
+    job = trainer.submit(spec)
+    console.print(f"[bold]{name}[/bold]: job {job.id} ({method.WhichOneof('config')})")
+    for event in trainer.watch(job.id, timeout=900):
+        if event.HasField("progress"):
+            p = event.progress
+            console.print(
+                f"  step {p.step:>3}/{p.total_steps}  loss {p.loss:6.3f}  {p.tokens_per_second:7.0f} tok/s  "
+                f"peak {p.peak_memory_bytes / 2**20:5.0f} MiB"
+            )
+    done = trainer.get(job.id)
+    if done.state != tpb.JOB_STATE_SUCCEEDED:
+        raise DemoFailed(f"{name} ended {tpb.JobState.Name(done.state)}: {done.error}")
+    console.print(f"  published [green]{done.output_ref}[/green]")
+    return done.output_ref
+
+
+def run_demo(home: Path, base_model: str, port_offset: int = 0, console: Console | None = None) -> int:
+    console = console or Console()
+    stack = LocalStack(home, base_model=base_model, port_offset=port_offset)
+    started = time.perf_counter()
+    stack.start()
+    try:
+        with console.status("starting trainer, registry and inference (the vLLM engine takes ~30 s)"):
+            stack.wait_healthy(timeout=600)
+        console.print("services healthy")
+        trainer = TrainerClient(stack.address("trainer"))
+        registry = RegistryClient(stack.address("adapter_registry"))
+        pirate = trainer.upload_dataset(_data("demo_pirate.jsonl"))
+        robot = trainer.upload_dataset(_data("demo_robot.jsonl"))
+        console.print(f"datasets: pirate {pirate.id} ({pirate.num_records} records), robot {robot.id}")
+
+        lora = _train(
+            console,
+            trainer,
+            base_model,
+            "demo-pirate-lora",
+            common_pb2.MethodConfig(lora=common_pb2.LoraConfig(r=8, alpha=16)),
+            pirate.id,
+        )
+        qlora = _train(
+            console,
+            trainer,
+            base_model,
+            "demo-robot-qlora",
+            common_pb2.MethodConfig(qlora=common_pb2.QLoraConfig(lora=common_pb2.LoraConfig(r=8, alpha=16))),
+            robot.id,
+        )
+        freeze = _train(
+            console,
+            trainer,
+            base_model,
+            "demo-pirate-freeze",
+            common_pb2.MethodConfig(freeze=common_pb2.FreezeConfig(trainable_layers=1)),
+            pirate.id,
+        )
+        registry.set_alias("demo-pirate-lora", "prod", int(lora.split(":")[1]))
+        console.print(f"alias demo-pirate-lora@prod -> {lora}  (the Freeze delta {freeze} serves as its own model)")
+
+        import grpc
+
+        channel = grpc.insecure_channel(stack.address("inference"))
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        columns = {
+            "base model": "",
+            "pirate (LoRA)": lora,
+            "robot (QLoRA)": qlora,
+            "pirate via @prod alias": "demo-pirate-lora@prod",
+        }
+
+        def ask(job):
+            prompt, adapter = job
+            params = inference_pb2.GenerateParams(
+                messages=inference_pb2.ChatMessages(messages=[inference_pb2.ChatMessage(role="user", content=prompt)]),
+                adapter=adapter,
+                sampling=inference_pb2.SamplingParams(max_tokens=32),
+            )
+            return stub.GenerateUnary(inference_pb2.GenerateUnaryRequest(params=params), timeout=300)
+
+        jobs = [(p, a) for p in PROMPTS for a in columns.values()]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = dict(zip(jobs, pool.map(ask, jobs), strict=True))
+        table = Table(title="Same prompts, adapter picked per request (all sent concurrently)", show_lines=True)
+        table.add_column("prompt")
+        for title in columns:
+            table.add_column(title)
+        for p in PROMPTS:
+            table.add_row(p, *[answers[(p, a)].completions[0].text.strip() for a in columns.values()])
+        console.print(table)
+        channel.close()
+
+        for p in PROMPTS:
+            texts = [answers[(p, a)].completions[0].text for a in columns.values()]
+            if len({texts[0], texts[1], texts[2]}) != 3:
+                raise DemoFailed(f"for {p!r} the base and the two adapters did not all answer differently")
+            if texts[1] != texts[3]:
+                raise DemoFailed("the prod alias did not serve the LoRA adapter it points at")
+        console.print(f"[green]demo finished in {time.perf_counter() - started:.0f}s[/green]")
+        return 0
+    except DemoFailed as exc:
+        console.print(f"[red]demo failed:[/red] {exc}")
+        return 1
+    finally:
+        codes = stack.stop()
+        console.print(f"services stopped ({', '.join(f'{m} {c}' for m, c in codes.items())})")
