@@ -134,14 +134,17 @@ def _start(module: str, tmp_path: Path, *args: str) -> tuple[subprocess.Popen, i
         cwd=ROOT,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "VLLM_LOGGING_LEVEL": "WARNING", "VLLM_CPU_KVCACHE_SPACE": "1"},
     )
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300  # the inference service loads a vLLM engine first
     while time.monotonic() < deadline:
         line = proc.stderr.readline()
         if not line:
             break
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # vLLM's own log lines are not JSON
         if "grpc_port" in record:
             return proc, record["grpc_port"], record["metrics_port"]
     proc.kill()
