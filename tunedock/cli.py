@@ -18,6 +18,10 @@ console = Console()
 err = Console(stderr=True)
 
 
+def _stop_on_sigterm(*_args) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops the stack the same way Ctrl-C does
+
+
 def _home(data_dir: Path | None) -> Path:
     from tunedock.tiny_model import default_home
 
@@ -79,7 +83,7 @@ def up(
         console.print("all three services were healthy and stopped cleanly")
         return
     console.print("press Ctrl-C to stop")
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         while all(p.poll() is None for p in stack.processes.values()):
             time.sleep(0.5)

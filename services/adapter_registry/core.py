@@ -25,7 +25,7 @@ from pathlib import Path
 from services.adapter_registry.blobs import CHUNK, BlobStore
 from services.adapter_registry.domain import NewVersion, StoredFile, Version
 from services.adapter_registry.metadata import MetadataStore
-from services.adapter_registry.refs import Ref, check_name
+from services.adapter_registry.refs import Ref, check_alias, check_name
 from services.adapter_registry.validation import DeclaredFile, check_contents, check_manifest
 from services.common.errors import DataLoss, InvalidArgument
 
@@ -197,8 +197,6 @@ class Registry:
             offset = 0
 
     def set_alias(self, name: str, alias: str, version: int):
-        from services.adapter_registry.refs import check_alias
-
         check_name(name)
         check_alias(alias)
         if version < 1:
@@ -217,6 +215,14 @@ class Registry:
             for sha in unreferenced:
                 self.blobs.delete(sha)
         return removed
+
+    def watch_start(self, after_event_id: int, name: str) -> int:
+        """Validate a Watch request; returns the event id to stream after (0 means: only new events)."""
+        if after_event_id < 0:
+            raise InvalidArgument("after_event_id must be >= 0")
+        if name:
+            check_name(name)
+        return after_event_id or self.metadata.last_event_id()
 
     def collect_garbage(self) -> int:
         """Remove staging leftovers and blobs no version references (after a crash). Returns blobs removed."""

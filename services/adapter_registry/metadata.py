@@ -15,15 +15,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib import resources
-from pathlib import Path
 
-from sqlalchemy import create_engine, event, exists, func, select, text
+from sqlalchemy import exists, func, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.adapter_registry.domain import Artifact, Event, NewVersion, Page, StoredFile, Version
 from services.adapter_registry.models import AliasRow, ArtifactRow, EventRow, FileRow, LabelRow, VersionRow
 from services.adapter_registry.refs import LATEST, Ref
+from services.common.db import is_sqlite, open_engine
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 _WRITE_LOCK_KEY = 0x7D0C_4E61  # advisory lock id for registry writes (PostgreSQL)
@@ -54,18 +54,8 @@ class MetadataStore:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.is_sqlite = url.startswith("sqlite")
-        kwargs: dict = {"pool_pre_ping": True}
-        if self.is_sqlite:
-            path = url.split("///", 1)[-1]
-            if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
-        else:
-            kwargs.update(pool_size=8, max_overflow=8)
-        self.engine = create_engine(url, **kwargs)
-        if self.is_sqlite:
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.is_sqlite = is_sqlite(url)
+        self.engine = open_engine(url)
         try:
             migrate(url)
         except OperationalError as exc:
@@ -362,14 +352,6 @@ class MetadataStore:
             aliases=aliases,
             created_at=_aware(row.created_at),
         )
-
-
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
 
 
 def _page_size(size: int) -> int:

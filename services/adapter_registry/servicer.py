@@ -192,13 +192,7 @@ class AdapterRegistryServicer(adapter_registry_pb2_grpc.AdapterRegistryServiceSe
         return pb.DeleteVersionResponse(removed_aliases=removed)
 
     async def Watch(self, request, context):
-        if request.after_event_id < 0:
-            raise InvalidArgument("after_event_id must be >= 0")
-        if request.name:
-            from services.adapter_registry.refs import check_name
-
-            check_name(request.name)
-        after = request.after_event_id or await asyncio.to_thread(self.registry.metadata.last_event_id)
+        after = await asyncio.to_thread(self.registry.watch_start, request.after_event_id, request.name)
         while True:
             changed = self._changed
             events = await asyncio.to_thread(self.registry.metadata.events_after, after, request.name)

@@ -115,13 +115,19 @@ class AdapterResolver:
 
     def follow(self, stop: threading.Event) -> None:
         """Invalidate on registry events until `stop`; reconnects after registry outages, resuming by event id."""
+        current: list = [None]
+
+        def cancel_on_stop() -> None:
+            stop.wait()
+            if current[0] is not None:
+                current[0].cancel()
+
+        threading.Thread(target=cancel_on_stop, daemon=True, name="registry-watch-stop").start()
         last = 0
         while not stop.is_set():
             try:
-                stream = self.registry.watch(after_event_id=last)
-                stop_watch = threading.Thread(target=lambda s=stream: (stop.wait(), s.cancel()), daemon=True)
-                stop_watch.start()
-                for event in stream:
+                current[0] = self.registry.watch(after_event_id=last)
+                for event in current[0]:
                     last = event.event_id
                     self.invalidate(event.name)  # publish moves latest; other events move or remove refs
             except grpc.RpcError:

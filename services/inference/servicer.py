@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from services.inference.adapters import lora_int_id
 from services.inference.core import GenerateInput, InferenceCore
 from tunedock.v1 import inference_pb2 as pb
@@ -63,8 +65,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             )
 
     async def GenerateUnary(self, request, context):
-        import time
-
         started = time.perf_counter()
         texts: dict[int, list[str]] = {}
         tokens: dict[int, list[int]] = {}

@@ -10,11 +10,11 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
-from sqlalchemy import JSON, Boolean, DateTime, Integer, LargeBinary, String, Text, create_engine, event, func, select
+from sqlalchemy import JSON, Boolean, DateTime, Integer, LargeBinary, String, Text, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from services.common.db import open_engine
 from services.common.errors import NotFound
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -111,15 +111,7 @@ class JobStore:
     """Sync API; the service calls it from worker threads. Writes are serialized in-process."""
 
     def __init__(self, url: str) -> None:
-        kwargs: dict = {"pool_pre_ping": True}
-        if url.startswith("sqlite"):
-            path = url.split("///", 1)[-1]
-            if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
-        self.engine = create_engine(url, **kwargs)
-        if url.startswith("sqlite"):
-            event.listen(self.engine, "connect", lambda c, _r: c.execute("PRAGMA journal_mode=WAL"))
+        self.engine = open_engine(url)
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._lock = threading.Lock()

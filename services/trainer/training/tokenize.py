@@ -55,9 +55,8 @@ def tokenize_example(tokenizer, example: Example, max_len: int) -> Tokenized:
             end = len(_render(tokenizer, example.messages[: i + 1], add_generation_prompt=False))
             labels[start:end] = ids[start:end]
         # Templates often end an assistant turn with a newline after the end token: no loss on it.
-        while labels and labels[-1] != IGNORE and tokenizer.decode([labels[-1]]).strip() == "":
+        if labels and labels[-1] != IGNORE and tokenizer.decode([labels[-1]]).strip() == "":
             labels[-1] = IGNORE
-            break
     ids, labels = ids[:max_len], labels[:max_len]
     labels[0] = IGNORE  # nothing predicts the first token (and in a packed row it must not see the previous example)
     return Tokenized(ids, labels)
