@@ -16,11 +16,12 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import grpc
 from google.protobuf import timestamp_pb2
 
 from services.adapter_registry.blobs import CHUNK, BlobStore
-from services.adapter_registry.refs import check_name
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from services.adapter_registry.refs import Ref, check_name
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.trainer.config import TrainConfig, config_from_spec
 from services.trainer.data.records import parse_dataset
 from services.trainer.executor import Executor
@@ -108,7 +109,9 @@ class TrainerCore:
 
     # ---------------------------------------------------------------------------------- jobs
 
-    def validate(self, spec: pb.JobSpec) -> TrainConfig:
+    def validate(self, spec: pb.JobSpec) -> TrainConfig | None:
+        if spec.merge_adapter:
+            return self._validate_merge(spec)
         cfg = config_from_spec(spec)
         if not spec.output_name:
             raise InvalidArgument("output_name is required: the registry name the result is published under")
@@ -125,6 +128,30 @@ class TrainerCore:
             )
         check_against_base(cfg, inspect_base(base))
         return cfg
+
+    def _validate_merge(self, spec: pb.JobSpec) -> None:
+        from tunedock.client import RegistryClient
+        from tunedock.v1 import adapter_registry_pb2
+
+        if not spec.output_name:
+            raise InvalidArgument("output_name is required: the registry name the merged model is published under")
+        check_name(spec.output_name)
+        Ref.parse(spec.merge_adapter)
+        with RegistryClient(self.registry_address, timeout=30) as registry:
+            try:
+                version = registry.get(spec.merge_adapter)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    raise NotFound(f"merge_adapter {spec.merge_adapter!r}: {exc.details()}") from None
+                raise Unavailable(f"adapter registry unavailable: {exc.details()}") from None
+        if version.kind != adapter_registry_pb2.ARTIFACT_KIND_LORA_ADAPTER:
+            raise FailedPrecondition(f"merge_adapter {spec.merge_adapter!r} is not a LoRA adapter")
+        base = spec.base_model or version.lineage.base_model
+        if not base or resolve_local_base(base) is None:
+            raise FailedPrecondition(
+                f"the base of {spec.merge_adapter!r} ({base or 'not recorded'!r}) is not available here; "
+                "set base_model to a local directory with config.json"
+            )
 
     async def submit(self, spec: pb.JobSpec) -> JobRecord:
         await asyncio.to_thread(self.validate, spec)

@@ -165,6 +165,8 @@ def run(job_id: str, attempt: int, trainer: str) -> int:
     reporter = Reporter(stub, job_id, attempt)
     work = Path(tempfile.mkdtemp(prefix=f"{job_id}-"))
     try:
+        if job.spec.merge_adapter:
+            return run_merge(job, reporter, assignment.registry_address, work)
         cfg = config_from_spec(job.spec)
         cfg.base_model = resolve_base(
             cfg, assignment.registry_address, Path(assignment.checkpoint_dir).parent / "bases"
@@ -220,6 +222,40 @@ def run(job_id: str, attempt: int, trainer: str) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
         channel.close()
+
+
+def run_merge(job: trainer_pb2.Job, reporter: Reporter, registry_address: str, work: Path) -> int:
+    """A merge job: adapter + its full-precision base -> a `model` artifact."""
+    from services.trainer.training.merge import merge_adapter
+    from tunedock.client import RegistryClient
+    from tunedock.fingerprint import fingerprint_model_dir
+
+    spec = job.spec
+    with RegistryClient(registry_address, timeout=120) as registry:
+        adapter = registry.download(spec.merge_adapter, work / "adapter")
+        base = spec.base_model or adapter.lineage.base_model
+        reporter("log", {"message": f"merging {adapter.name}:{adapter.version} into {base}"})
+        started = time.time()
+        out = merge_adapter(base, work / "adapter", work / "merged")
+        lineage = adapter_registry_pb2.Lineage()
+        lineage.CopyFrom(adapter.lineage)
+        lineage.base_model = base
+        lineage.base_fingerprint = fingerprint_model_dir(Path(base))
+        lineage.job_id = job.id
+        del lineage.metrics[:]
+        lineage.metrics.add(name="merge_time_s", value=time.time() - started)
+        labels = {label.key: label.value for label in spec.labels} | {
+            "merged_from": f"{adapter.name}:{adapter.version}"
+        }
+        published = registry.publish_dir(out, spec.output_name, kind="model", lineage=lineage, labels=labels)
+    ref = f"{published.version.name}:{published.version.version}"
+    reporter.send(
+        published=trainer_pb2.PublishedEvent(
+            ref=ref, content_sha256=published.version.content_sha256, metrics=list(lineage.metrics)
+        )
+    )
+    reporter.send(state=trainer_pb2.StateEvent(state=trainer_pb2.JOB_STATE_SUCCEEDED, message=f"published {ref}"))
+    return 0
 
 
 def _report_failure(reporter: Reporter, message: str) -> None:

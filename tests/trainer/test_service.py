@@ -265,3 +265,47 @@ def test_trainer_restart_mid_queue_loses_nothing(tmp_path, dataset, tiny_model_d
         assert local.client.get(first.id).attempt == 2
     finally:
         local.stop()
+
+
+def test_merge_job_equals_base_plus_scaled_BA(stack, tiny_model_dir, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(4)
+    adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(
+        r=4, lora_alpha=12, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    adapter.save_pretrained(tmp_path / "adapter")
+    with RegistryClient(stack.registry.address) as registry:
+        registry.publish_dir(tmp_path / "adapter", "merge-src", lineage=adapter_registry_pb2.Lineage(
+            base_model=str(tiny_model_dir), method=common_pb2.METHOD_LORA))
+    job = stack.client.submit(pb.JobSpec(merge_adapter="merge-src@latest", output_name="merged-model"))
+    done = stack.client.wait(job.id, timeout=300)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+    with RegistryClient(stack.registry.address) as registry:
+        version = registry.download(done.output_ref, tmp_path / "merged")
+    assert version.kind == adapter_registry_pb2.ARTIFACT_KIND_MODEL
+    assert {label.key: label.value for label in version.labels}["merged_from"] == "merge-src:1"
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    lora = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    scale = 12 / 4
+    checked = 0
+    for name, w in base.items():
+        module = name.removesuffix(".weight")
+        a_key = f"base_model.model.{module}.lora_A.weight"
+        if a_key in lora:
+            expected = w + scale * lora[f"base_model.model.{module}.lora_B.weight"] @ lora[a_key]
+            torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
+            checked += 1
+        else:
+            assert torch.equal(merged[name], w), name
+    assert checked == 4  # q_proj and down_proj in both layers
+
+
+def test_merge_job_of_unknown_adapter_is_refused(stack):
+    with pytest.raises(grpc.RpcError) as info:
+        stack.client.submit(pb.JobSpec(merge_adapter="no-such-adapter", output_name="x"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "merge_adapter 'no-such-adapter'" in info.value.details()
