@@ -18,11 +18,9 @@ import pytest
 
 from services.adapter_registry.server import build_server
 from services.adapter_registry.settings import RegistrySettings
+from tests.postgres import postgres_database
 from tests.servers import ServerThread
 from tunedock.client import RegistryClient
-
-POSTGRES_URL = os.environ.get("TUNEDOCK_TEST_POSTGRES_URL", "")
-REQUIRE_POSTGRES = os.environ.get("TUNEDOCK_REQUIRE_POSTGRES") == "1"
 
 
 @pytest.fixture(scope="session")
@@ -40,29 +38,6 @@ def s3_endpoint():
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
-
-
-def _postgres_database():
-    """Create a throw-away database on the test server; returns (url, drop)."""
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    if not POSTGRES_URL:
-        message = "PostgreSQL cases need TUNEDOCK_TEST_POSTGRES_URL=postgresql+psycopg://user:pw@host/db (see .ci/run)"
-        if REQUIRE_POSTGRES:
-            pytest.fail(message)
-        pytest.skip(message)
-    base = make_url(POSTGRES_URL)
-    name = f"tunedock_test_{uuid.uuid4().hex[:10]}"
-    conninfo = base.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-
-    def drop():
-        with psycopg.connect(conninfo, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    return base.set(database=name).render_as_string(hide_password=False), drop
 
 
 @dataclass
@@ -104,7 +79,7 @@ def backend(request, tmp_path) -> RegistryBackend:
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
         yield RegistryBackend("sqlite+s3", tmp_path, blob_url=f"s3://{bucket}/blobs", s3_endpoint_url=endpoint)
     else:
-        url, drop = _postgres_database()
+        url, drop = postgres_database()
         yield RegistryBackend("postgres+dir", tmp_path, database_url=url)
         drop()
 

@@ -274,12 +274,17 @@ def test_merge_job_equals_base_plus_scaled_BA(stack, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(4)
-    adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(
-        r=4, lora_alpha=12, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    adapter = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "down_proj"], init_lora_weights=False),
+    )
     adapter.save_pretrained(tmp_path / "adapter")
     with RegistryClient(stack.registry.address) as registry:
-        registry.publish_dir(tmp_path / "adapter", "merge-src", lineage=adapter_registry_pb2.Lineage(
-            base_model=str(tiny_model_dir), method=common_pb2.METHOD_LORA))
+        registry.publish_dir(
+            tmp_path / "adapter",
+            "merge-src",
+            lineage=adapter_registry_pb2.Lineage(base_model=str(tiny_model_dir), method=common_pb2.METHOD_LORA),
+        )
     job = stack.client.submit(pb.JobSpec(merge_adapter="merge-src@latest", output_name="merged-model"))
     done = stack.client.wait(job.id, timeout=300)
     assert done.state == pb.JOB_STATE_SUCCEEDED, done.error

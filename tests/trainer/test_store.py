@@ -1,0 +1,39 @@
+"""The job store on SQLite and on a real PostgreSQL: jobs, ordered events and restarts survive."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.errors import NotFound
+from services.trainer.core import state_event
+from services.trainer.store import JobStore
+from tests.postgres import postgres_database
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'jobs.db'}"
+    else:
+        url, drop = postgres_database()
+        yield url
+        drop()
+
+
+def test_jobs_and_events_persist_across_reopen(url):
+    store = JobStore(url)
+    store.add_job("job-1", b"spec", state_event("queued"))
+    store.add_job("job-2", b"spec2", state_event("queued"))
+    job, seqs = store.update("job-1", [state_event("running"), b"progress"], state="running", attempt=1, step=3)
+    assert seqs == [2, 3] and job.state == "running"
+    store.close()
+    reopened = JobStore(url)
+    assert reopened.get_job("job-1").step == 3 and reopened.get_job("job-1").attempt == 1
+    assert [seq for seq, _ in reopened.events_after("job-1", 0)] == [1, 2, 3]
+    assert [data for _, data in reopened.events_after("job-1", 2)] == [b"progress"]
+    assert [j.id for j in reopened.jobs_in_state("queued")] == ["job-2"]
+    assert reopened.count_state("running") == 1
+    assert [j.id for j in reopened.list_jobs("", 0, 10)] == ["job-2", "job-1"]
+    with pytest.raises(NotFound):
+        reopened.get_job("job-3")
+    reopened.close()
