@@ -32,7 +32,7 @@ class InferenceStack:
         from services.adapter_registry.settings import RegistrySettings
         from services.inference.server import build_server as build_inference
         from services.inference.settings import InferenceSettings
-        from tests.servers import ServerThread
+        from services.common.server_thread import ServerThread
 
         self.data_dir = data_dir
         self.registry_settings = RegistrySettings(port=0, metrics_port=-1, data_dir=data_dir)
@@ -59,7 +59,7 @@ class InferenceStack:
     def restart_registry(self) -> None:
         """Start the registry again on the same port and data (after `registry.stop()`)."""
         from services.adapter_registry.server import build_server as build_registry
-        from tests.servers import ServerThread
+        from services.common.server_thread import ServerThread
 
         self.registry_settings.port = int(self.registry.address.rsplit(":", 1)[1])
         self.registry = ServerThread(lambda: build_registry(self.registry_settings))

@@ -19,7 +19,7 @@ import pytest
 from services.adapter_registry.server import build_server
 from services.adapter_registry.settings import RegistrySettings
 from tests.postgres import postgres_database
-from tests.servers import ServerThread
+from services.common.server_thread import ServerThread
 from tunedock.client import RegistryClient
 
 

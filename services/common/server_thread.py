@@ -1,4 +1,4 @@
-"""Run a real `GrpcServer` on port 0 in a background event-loop thread, for synchronous tests."""
+"""Run a real `GrpcServer` in a background event-loop thread, for synchronous callers (tests, benchmarks)."""
 
 from __future__ import annotations
 
