@@ -30,9 +30,9 @@ class InferenceStack:
     def __init__(self, data_dir: Path, base: Path) -> None:
         from services.adapter_registry.server import build_server as build_registry
         from services.adapter_registry.settings import RegistrySettings
+        from services.common.server_thread import ServerThread
         from services.inference.server import build_server as build_inference
         from services.inference.settings import InferenceSettings
-        from services.common.server_thread import ServerThread
 
         self.data_dir = data_dir
         self.registry_settings = RegistrySettings(port=0, metrics_port=-1, data_dir=data_dir)

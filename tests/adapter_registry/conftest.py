@@ -18,8 +18,8 @@ import pytest
 
 from services.adapter_registry.server import build_server
 from services.adapter_registry.settings import RegistrySettings
-from tests.postgres import postgres_database
 from services.common.server_thread import ServerThread
+from tests.postgres import postgres_database
 from tunedock.client import RegistryClient
 
 

@@ -18,8 +18,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.common import errors
 from services.common.server import GrpcServer, ServiceBinding
-from services.common.settings import ServerSettings
 from services.common.server_thread import ServerThread
+from services.common.settings import ServerSettings
 from tunedock.v1 import inference_pb2, inference_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,9 +11,9 @@ import pytest
 
 from services.adapter_registry.server import build_server as build_registry
 from services.adapter_registry.settings import RegistrySettings
+from services.common.server_thread import ServerThread
 from services.trainer.server import build_server as build_trainer
 from services.trainer.settings import TrainerSettings
-from services.common.server_thread import ServerThread
 from tests.trainer.conftest import memorization_jsonl
 from tunedock.client import RegistryClient, TrainerClient
 from tunedock.v1 import adapter_registry_pb2, common_pb2
