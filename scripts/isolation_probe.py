@@ -30,8 +30,10 @@ def make_adapters(base: Path, out: Path) -> list[Path]:
     dirs = []
     for seed in (1, 2, 3):
         torch.manual_seed(seed)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
-            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(base),
+            LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
+        )
         model.save_pretrained(out / f"a{seed}")
         dirs.append(out / f"a{seed}")
     return dirs
@@ -44,14 +46,24 @@ async def probe(isolate: bool, max_loras: int) -> dict[str, int]:
     base = build_tiny_model()
     work = Path(tempfile.mkdtemp(prefix="isolation-"))
     adapters = make_adapters(base, work)
-    engine = Engine(str(base), max_loras=max_loras, max_cpu_loras=8, max_lora_rank=16, max_model_len=512,
-                    dtype="float32", kv_cache_gib=1, work_dir=work, isolate_base=isolate)
+    engine = Engine(
+        str(base),
+        max_loras=max_loras,
+        max_cpu_loras=8,
+        max_lora_rank=16,
+        max_model_len=512,
+        dtype="float32",
+        kv_cache_gib=1,
+        work_dir=work,
+        isolate_base=isolate,
+    )
     requests = [None] + [engine.lora_request(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapters)]
 
     async def run(prompt, lora):
         tokens = []
-        async for out in engine.generate(prompt, {"temperature": 0.0, "max_tokens": 16, "ignore_eos": True},
-                                         uuid.uuid4().hex, lora):
+        async for out in engine.generate(
+            prompt, {"temperature": 0.0, "max_tokens": 16, "ignore_eos": True}, uuid.uuid4().hex, lora
+        ):
             tokens.extend(out.outputs[0].token_ids)
         return tokens
 
@@ -72,9 +84,11 @@ def main() -> None:
     parser.add_argument("--max-loras", type=int, default=4)
     args = parser.parse_args()
     differed = asyncio.run(probe(args.isolate_base, args.max_loras))
-    print(f"isolate_base={args.isolate_base} max_loras={args.max_loras}: of 32 concurrent requests "
-          f"(8 base, 24 adapter), {differed['base']} base and {differed['adapter']} adapter outputs differed "
-          "from their solo runs")
+    print(
+        f"isolate_base={args.isolate_base} max_loras={args.max_loras}: of 32 concurrent requests "
+        f"(8 base, 24 adapter), {differed['base']} base and {differed['adapter']} adapter outputs differed "
+        "from their solo runs"
+    )
 
 
 if __name__ == "__main__":
