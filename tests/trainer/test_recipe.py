@@ -70,6 +70,7 @@ def test_freeze_changes_only_the_chosen_tensors(tiny_model_dir, memorization_exa
         trainable_layers=1,
         trainable_modules=["mlp"],
         extra_modules=["lm_head"],
+        publish_expanded=True,
     )
     assert losses[-1] < losses[0]
     after = result.model.state_dict()
@@ -90,6 +91,9 @@ def test_freeze_changes_only_the_chosen_tensors(tiny_model_dir, memorization_exa
 
     rebuilt = AutoModelForCausalLM.from_pretrained(expanded).state_dict()
     assert all(torch.equal(rebuilt[n], after[n]) for n in after)
+    # publish_expanded: the trainer also wrote the full model, equal to the trained one.
+    published_full = AutoModelForCausalLM.from_pretrained(result.expanded_dir).state_dict()
+    assert all(torch.equal(published_full[n], after[n]) for n in after)
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
