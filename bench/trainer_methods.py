@@ -174,7 +174,7 @@ def raw_loop(cfg, examples, evals, device, work: Path, started: float) -> dict:
             model.enable_input_require_grads()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, fused=device == "cuda")
-    batches = make_batches(examples, tokenizer, cfg, torch.float32)
+    batches = make_batches(examples, tokenizer, cfg)
     model.train()
     tokens, timed_s, loss = 0, 0.0, None
     for step in range(cfg.max_steps):
@@ -193,7 +193,7 @@ def raw_loop(cfg, examples, evals, device, work: Path, started: float) -> dict:
             timed_s += time.perf_counter() - t
             tokens += batch.real_tokens
     model.eval()
-    eval_batches = make_batches(evals, tokenizer, cfg, torch.float32)
+    eval_batches = make_batches(evals, tokenizer, cfg)
     with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
         eval_loss = sum(float(model(**b.to(device).model_inputs()).loss) for b in eval_batches) / len(eval_batches)
     out = work / "raw-out"

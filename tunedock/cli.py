@@ -11,11 +11,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tunedock import commands
+
 app = typer.Typer(
     help="TuneDock: fine-tune, register and serve LLM adapters.", no_args_is_help=True, pretty_exceptions_enable=False
 )
 console = Console()
 err = Console(stderr=True)
+
+commands.register(app)
 
 
 def _stop_on_sigterm(*_args) -> None:

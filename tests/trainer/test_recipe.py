@@ -168,8 +168,8 @@ def test_packing_gives_the_same_loss_as_unpacked(tiny_model_dir, memorization_ex
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     base = dict(base_model=str(tiny_model_dir), method="full", dataset_ids=["x"], batch_size=64, max_seq_length=512)
-    unpacked = make_batches(memorization_examples, tokenizer, TrainConfig(**base), torch.float32)
-    packed = make_batches(memorization_examples, tokenizer, TrainConfig(**base, packing=True), torch.float32)
+    unpacked = make_batches(memorization_examples, tokenizer, TrainConfig(**base))
+    packed = make_batches(memorization_examples, tokenizer, TrainConfig(**base, packing=True))
     assert len(unpacked) == 1 and unpacked[0].input_ids.shape[0] == len(memorization_examples)
     assert len(packed) == 1 and packed[0].input_ids.shape[0] == 1  # all examples in one row
     assert packed[0].real_tokens == unpacked[0].real_tokens
@@ -189,3 +189,10 @@ def test_loss_only_on_assistant_tokens(tokenizer, memorization_examples):
     t = tokenize_example(tokenizer, memorization_examples[0], 512)
     learned = tokenizer.decode([tok for tok, lab in zip(t.input_ids, t.labels, strict=True) if lab != IGNORE])
     assert learned == "Arr, ship 0 be mine!<|im_end|>"
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora"])
+def test_packed_batches_train_with_every_compute_dtype(tiny_model_dir, memorization_examples, tmp_path, method):
+    """A packed (4-D mask) batch must work whatever dtype the attention runs in (QLoRA computes in bf16)."""
+    _, result, losses, _ = _run(tiny_model_dir, memorization_examples, tmp_path, method, packing=True)
+    assert result.kind == "lora_adapter" and losses[-1] < losses[0]

@@ -146,13 +146,13 @@ def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
 # ------------------------------------------------------------------------------------------ data
 
 
-def make_batches(examples: list[Example], tokenizer, cfg: TrainConfig, dtype: torch.dtype) -> list[Batch]:
+def make_batches(examples: list[Example], tokenizer, cfg: TrainConfig) -> list[Batch]:
     tokenized = [tokenize_example(tokenizer, e, cfg.max_seq_length) for e in examples]
     tokenized = [t for t in tokenized if t.loss_tokens > 0]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if cfg.packing:
         rows = pack_rows(tokenized, cfg.max_seq_length)
-        return [packed_batch(rows[i : i + cfg.batch_size], pad_id, dtype) for i in range(0, len(rows), cfg.batch_size)]
+        return [packed_batch(rows[i : i + cfg.batch_size], pad_id) for i in range(0, len(rows), cfg.batch_size)]
     return [pad_batch(tokenized[i : i + cfg.batch_size], pad_id) for i in range(0, len(tokenized), cfg.batch_size)]
 
 
@@ -184,10 +184,13 @@ def evaluate(model, batches: list[Batch], device: str, autocast) -> float:
 
 
 def train(cfg: TrainConfig, train_examples: list[Example], eval_examples: list[Example], ctx: RunContext) -> RunResult:
+    import peft  # noqa: F401 - imported up front so every method's runtime baseline is the same
     from transformers import AutoTokenizer
 
     started = time.perf_counter()
     device = ctx.device
+    # What the process holds before any model byte: the training memory is the peak above it.
+    runtime_baseline = 0 if device == "cuda" else peak_memory_bytes(device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     if device == "cuda":
@@ -200,11 +203,8 @@ def train(cfg: TrainConfig, train_examples: list[Example], eval_examples: list[E
     n_total = sum(p.numel() for p in model.parameters())
     ctx.report("log", {"message": f"{cfg.method}: {n_trainable:,} of {n_total:,} parameters train"})
 
-    mask_dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    if cfg.method == "qlora":
-        mask_dtype = getattr(torch, cfg.compute_dtype)
-    train_batches = make_batches(train_examples, tokenizer, cfg, mask_dtype)
-    eval_batches = make_batches(eval_examples, tokenizer, cfg, mask_dtype) if eval_examples else []
+    train_batches = make_batches(train_examples, tokenizer, cfg)
+    eval_batches = make_batches(eval_examples, tokenizer, cfg) if eval_examples else []
     if not train_batches:
         raise ValueError("no training example has a token to learn from after truncation; raise max_seq_length")
     per_epoch = max(1, len(train_batches) // cfg.gradient_accumulation_steps)
@@ -285,6 +285,7 @@ def train(cfg: TrainConfig, train_examples: list[Example], eval_examples: list[E
         "trainable_params": float(n_trainable),
         "total_params": float(n_total),
         "peak_memory_bytes": float(peak_memory_bytes(device)),
+        "training_memory_bytes": float(peak_memory_bytes(device) - runtime_baseline),
         "wall_time_s": time.perf_counter() - started,
         "steps": float(step),
     }

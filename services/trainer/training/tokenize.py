@@ -66,7 +66,7 @@ def tokenize_example(tokenizer, example: Example, max_len: int) -> Tokenized:
 class Batch:
     input_ids: torch.Tensor
     labels: torch.Tensor
-    attention_mask: torch.Tensor  # 2-D padding mask, or a 4-D block-diagonal mask when packed
+    attention_mask: torch.Tensor  # 2-D padding mask, or a 4-D boolean block-diagonal mask when packed
     position_ids: torch.Tensor
     real_tokens: int
 
@@ -119,7 +119,7 @@ def pack_rows(examples: list[Tokenized], max_len: int) -> list[list[Tokenized]]:
     return rows
 
 
-def packed_batch(rows: list[list[Tokenized]], pad_id: int, dtype: torch.dtype = torch.float32) -> Batch:
+def packed_batch(rows: list[list[Tokenized]], pad_id: int) -> Batch:
     width = max(sum(len(e.input_ids) for e in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -139,5 +139,5 @@ def packed_batch(rows: list[list[Tokenized]], pad_id: int, dtype: torch.dtype = 
         # Padding rows attend to themselves only, so softmax never sees an all-masked row.
         for p in range(offset, width):
             allowed[r, 0, p, p] = True
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-    return Batch(ids, labels, mask, positions, real)
+    # A boolean mask (True = may attend) suits SDPA whatever the query dtype (fp32, bf16 autocast, QLoRA).
+    return Batch(ids, labels, allowed, positions, real)

@@ -1,0 +1,178 @@
+"""The `tunedock` CLI driven as a user would: subprocesses against real services.
+
+The registry and inference service are the session's (one vLLM engine per session); a trainer
+runs beside them. Addresses reach the CLI through its environment variables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.common.server_thread import ServerThread
+from services.trainer.server import build_server as build_trainer
+from services.trainer.settings import TrainerSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tunedock" / "data"
+
+
+@pytest.fixture(scope="module")
+def env(inference_stack, tmp_path_factory):
+    settings = TrainerSettings(
+        port=0,
+        metrics_port=-1,
+        data_dir=tmp_path_factory.mktemp("cli-trainer"),
+        registry_address=inference_stack.registry.address,
+    )
+    trainer = ServerThread(lambda: build_trainer(settings))
+    yield {
+        **os.environ,
+        "TUNEDOCK_TRAINER_ADDRESS": trainer.address,
+        "TUNEDOCK_REGISTRY_ADDRESS": inference_stack.registry.address,
+        "TUNEDOCK_INFERENCE_ADDRESS": inference_stack.inference.address,
+        "COLUMNS": "200",
+    }
+    trainer.stop()
+
+
+def tunedock(env, *args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tunedock.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_upload_train_watch_list_generate(env, tiny_model_dir):
+    upload = tunedock(env, "data", "upload", str(DATA / "demo_robot.jsonl"), "--json")
+    assert upload.returncode == 0, upload.stderr
+    dataset = json.loads(upload.stdout)
+    assert dataset["numRecords"] == "12" and dataset["id"].startswith("ds-")
+
+    train = tunedock(
+        env,
+        "train",
+        "--method",
+        "lora",
+        "--base",
+        str(tiny_model_dir),
+        "--data",
+        dataset["id"],
+        "--name",
+        "cli-robot",
+        "--steps",
+        "40",
+        "--lr",
+        "3e-3",
+        "--r",
+        "8",
+        "--watch",
+    )
+    assert train.returncode == 0, train.stderr
+    assert "published cli-robot:1" in train.stdout
+    assert "40/40" in train.stderr and "loss" in train.stderr  # the live progress line
+
+    listed = tunedock(env, "adapters", "ls", "--json")
+    assert listed.returncode == 0
+    assert {"name": "cli-robot", "kind": "ARTIFACT_KIND_LORA_ADAPTER"}.items() <= next(
+        a for a in json.loads(listed.stdout) if a["name"] == "cli-robot"
+    ).items()
+
+    prompt = "<|begin_of_text|><|im_start|>user\nTell me about gold.<|im_end|>\n<|im_start|>assistant\n"
+    tuned = tunedock(env, "generate", "--adapter", "cli-robot", "--max-tokens", "12", prompt)
+    base = tunedock(env, "generate", "--max-tokens", "12", prompt)
+    assert tuned.returncode == base.returncode == 0, tuned.stderr + base.stderr
+    assert tuned.stdout.startswith("BEEP BOOP")
+    assert tuned.stdout != base.stdout
+
+    jobs = json.loads(tunedock(env, "jobs", "ls", "--json").stdout)
+    assert jobs[0]["state"] == "JOB_STATE_SUCCEEDED" and jobs[0]["outputRef"] == "cli-robot:1"
+
+
+def test_compare_and_plan_on_the_tiny_model(env, tiny_model_dir, tmp_path):
+    out = tmp_path / "cmp"
+    result = tunedock(
+        env,
+        "compare",
+        "--base",
+        str(tiny_model_dir),
+        "--data",
+        str(DATA / "demo_pirate.jsonl"),
+        "--steps",
+        "12",
+        "--batch-size",
+        "4",
+        "--max-seq-length",
+        "256",
+        "--memory-budget",
+        "4GiB",
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "within 4.0 GiB: full, freeze, lora, qlora" in result.stdout
+    report = json.loads((out / "compare.json").read_text())
+    png = (out / "compare.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    rows = {r["method"]: r for r in report["methods"]}
+    assert set(rows) == {"full", "freeze", "lora", "qlora"}
+    mem = {m: rows[m]["training_memory_bytes"] for m in rows}
+    assert mem["full"] >= mem["freeze"] >= mem["lora"], mem
+    assert rows["full"]["trainable_params"] > rows["freeze"]["trainable_params"] > rows["lora"]["trainable_params"]
+    assert rows["lora"]["artifact_bytes"] < rows["freeze"]["artifact_bytes"] < rows["full"]["artifact_bytes"]
+
+    plan = tunedock(
+        env,
+        "plan",
+        "--base",
+        str(tiny_model_dir),
+        "--batch-size",
+        "4",
+        "--max-seq-length",
+        "256",
+        "--r",
+        "16",
+        "--json",
+    )
+    assert plan.returncode == 0, plan.stderr
+    estimates = {m["method"]: m["peak_bytes"] for m in json.loads(plan.stdout)["methods"]}
+    for method, row in rows.items():
+        measured = row["peak_memory_bytes"]
+        assert abs(estimates[method] - measured) <= 0.25 * measured, (method, estimates[method], measured)
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "code"),
+    [
+        (["data", "upload", "/no/such/file.jsonl"], "/no/such/file.jsonl does not exist", 2),
+        (["train", "--method", "sgd", "--base", "x", "--data", "ds-1"], "unknown method 'sgd'", 2),
+        (["generate", "--adapter", "no-such-adapter", "hi"], "adapter 'no-such-adapter'", 4),
+        (["plan", "--base", "/nowhere"], "/nowhere is not a model directory", 2),
+    ],
+)
+def test_bad_input_gives_one_line_and_an_exit_code(env, args, message, code):
+    result = tunedock(env, *args)
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_services_not_running(env):
+    down = {**env, "TUNEDOCK_TRAINER_ADDRESS": "127.0.0.1:1", "TUNEDOCK_REGISTRY_ADDRESS": "127.0.0.1:1"}
+    for args in (["jobs", "ls"], ["adapters", "ls"]):
+        result = tunedock(down, *args)
+        assert result.returncode == 3
+        assert result.stderr.strip().splitlines() == [
+            "error: cannot reach the TuneDock service; is `tunedock up` running? (addresses: --trainer/--registry/"
+            "--inference or TUNEDOCK_TRAINER_ADDRESS etc.)"
+        ]

@@ -1,0 +1,165 @@
+"""Estimate peak training memory per method before training (`tunedock plan`). No torch.
+
+peak = runtime + weights + gradients + optimizer state + activations, where
+- runtime: what the Python process holds before any model byte (CPU: measured by importing
+  the training stack in a subprocess; CUDA: 0, the CUDA allocator's peak excludes it);
+- weights: fp32 for Full/Freeze, fp32 (CPU) or bf16 (CUDA) base for LoRA, NF4 (~0.53 bytes per
+  parameter with double quantization) for QLoRA's decoder linears with the rest upcast to fp32;
+- gradients fp32 and AdamW's two fp32 moments for the trainable parameters;
+- activations saved for backward in the layers gradients flow through, plus the logits.
+Parameter counts come from the checkpoint's safetensors headers, so any Llama-style model works.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METHODS = ("full", "freeze", "lora", "qlora")
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 2**10,
+    "kb": 2**10,
+    "kib": 2**10,
+    "m": 2**20,
+    "mb": 2**20,
+    "mib": 2**20,
+    "g": 2**30,
+    "gb": 2**30,
+    "gib": 2**30,
+    "t": 2**40,
+    "tb": 2**40,
+    "tib": 2**40,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """'24GiB', '512 MiB', '1.5g' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read {text!r} as a memory size; write e.g. 24GiB or 512MiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{n:,.0f} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@dataclass
+class ModelShape:
+    num_layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    heads: int
+    params: dict[str, list[int]]
+
+    def count(self, predicate) -> int:
+        total = 0
+        for name, shape in self.params.items():
+            if predicate(name, shape):
+                n = 1
+                for d in shape:
+                    n *= d
+                total += n
+        return total
+
+
+def read_shape(base: Path) -> ModelShape:
+    from services.trainer.validation import inspect_base
+
+    info = inspect_base(Path(base))
+    config = json.loads((Path(base) / "config.json").read_text())
+    config = config.get("text_config", config)
+    return ModelShape(
+        info.num_layers,
+        config["hidden_size"],
+        config.get("intermediate_size", 4 * config["hidden_size"]),
+        config["vocab_size"],
+        config.get("num_attention_heads", 1),
+        info.params,
+    )
+
+
+@dataclass
+class Estimate:
+    method: str
+    trainable: int
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+
+def runtime_overhead(device: str) -> int:
+    """Bytes the training process holds before loading a model (CPU); 0 on CUDA."""
+    if device == "cuda":
+        return 0
+    code = (
+        "import resource, torch, transformers, peft; from transformers import AutoModelForCausalLM; "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
+
+
+def estimate(
+    shape: ModelShape,
+    method: str,
+    batch: int,
+    seq: int,
+    device: str = "cpu",
+    lora_r: int = 16,
+    freeze_layers: int = 2,
+    grad_ckpt: bool = False,
+    overhead: int = 0,
+) -> Estimate:
+    total = shape.count(lambda n, s: True)
+    in_layers = lambda n, s: bool(_LAYER.search(n))  # noqa: E731
+    linear = lambda n, s: in_layers(n, s) and n.endswith(".weight") and len(s) == 2  # noqa: E731
+    linears = [s for n, s in shape.params.items() if linear(n, s)]
+    if method == "full":
+        trainable = total
+    elif method == "freeze":
+        keep = set(range(max(0, shape.num_layers - freeze_layers), shape.num_layers))
+        trainable = shape.count(lambda n, s: (m := _LAYER.search(n)) is not None and int(m.group(1)) in keep)
+    else:
+        trainable = sum(lora_r * (s[0] + s[1]) for s in linears)
+
+    lin_params = sum(s[0] * s[1] for s in linears)
+    if method in ("full", "freeze"):
+        weights = 4 * total
+    elif method == "lora":
+        weights = (2 if device == "cuda" else 4) * total + 4 * trainable
+    else:  # NF4 linears (+ absmax constants, double-quantized), everything else upcast to fp32
+        weights = int(0.53 * lin_params) + 4 * (total - lin_params) + 4 * trainable
+    grads = 4 * trainable
+    optimizer = 8 * trainable
+
+    tokens = batch * seq
+    act_bytes = 2 if device == "cuda" else 4
+    grad_layers = shape.num_layers if method != "freeze" else min(freeze_layers, shape.num_layers)
+    per_layer = tokens * (10 * shape.hidden + 4 * shape.intermediate) * act_bytes
+    per_layer += batch * shape.heads * seq * seq * act_bytes  # attention probabilities
+    # With checkpointing only each layer's input is kept, plus one layer recomputed at a time.
+    activations = grad_layers * tokens * shape.hidden * act_bytes + per_layer if grad_ckpt else grad_layers * per_layer
+    logits = 3 * tokens * shape.vocab * 4  # fp32 logits, their softmax and its gradient
+    parts = {
+        "runtime": overhead,
+        "weights": weights,
+        "gradients": grads,
+        "optimizer": optimizer,
+        "activations": activations + logits,
+    }
+    return Estimate(method, trainable, parts)
