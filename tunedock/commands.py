@@ -715,7 +715,7 @@ def _compare(
     table = Table(
         "method",
         "trainable params",
-        "training memory",
+        "tensor memory",
         "process peak",
         "tokens/s",
         "wall s",
@@ -757,7 +757,7 @@ def _chart(rows: list[dict], path: Path) -> None:
     names = [r["method"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     panels = [
-        ("training memory (MiB)", [r["training_memory_bytes"] / 2**20 for r in rows]),
+        ("tensor memory at peak (MiB)", [r["training_memory_bytes"] / 2**20 for r in rows]),
         ("tokens/s", [r["tokens_per_s"] for r in rows]),
         ("trainable params (M)", [r["trainable_params"] / 1e6 for r in rows]),
     ]

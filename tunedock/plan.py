@@ -6,7 +6,8 @@ peak = runtime + weights + gradients + optimizer state + activations, where
 - weights: fp32 for Full/Freeze, fp32 (CPU) or bf16 (CUDA) base for LoRA, NF4 (~0.53 bytes per
   parameter with double quantization) for QLoRA's decoder linears with the rest upcast to fp32;
 - gradients fp32 and AdamW's two fp32 moments for the trainable parameters;
-- activations saved for backward in the layers gradients flow through, plus the logits.
+- activations saved for backward in the layers gradients flow through, plus the logits (checked
+  against the tensors autograd actually saves, counted by the trainer, in tests/test_cli.py).
 Parameter counts come from the checkpoint's safetensors headers, so any Llama-style model works.
 """
 
@@ -61,6 +62,7 @@ class ModelShape:
     hidden: int
     intermediate: int
     vocab: int
+    kv_dim: int
     heads: int
     params: dict[str, list[int]]
 
@@ -81,12 +83,16 @@ def read_shape(base: Path) -> ModelShape:
     info = inspect_base(Path(base))
     config = json.loads((Path(base) / "config.json").read_text())
     config = config.get("text_config", config)
+    hidden = config["hidden_size"]
+    heads = config.get("num_attention_heads", 1)
+    head_dim = config.get("head_dim") or hidden // heads
     return ModelShape(
         info.num_layers,
-        config["hidden_size"],
-        config.get("intermediate_size", 4 * config["hidden_size"]),
+        hidden,
+        config.get("intermediate_size", 4 * hidden),
         config["vocab_size"],
-        config.get("num_attention_heads", 1),
+        config.get("num_key_value_heads", heads) * head_dim,
+        heads,
         info.params,
     )
 
@@ -150,11 +156,14 @@ def estimate(
     tokens = batch * seq
     act_bytes = 2 if device == "cuda" else 4
     grad_layers = shape.num_layers if method != "freeze" else min(freeze_layers, shape.num_layers)
-    per_layer = tokens * (10 * shape.hidden + 4 * shape.intermediate) * act_bytes
-    per_layer += batch * shape.heads * seq * seq * act_bytes  # attention probabilities
+    # Saved for backward per token and layer: norm inputs/outputs, q, attention output, o_proj input
+    # (~6 hidden), the rotated k and v (2 kv widths) and the MLP's gate/up products (~2 intermediate).
+    per_layer = tokens * (6 * shape.hidden + 2 * shape.kv_dim + 2 * shape.intermediate) * act_bytes
+    # SDPA's math path (taken with packed/padded masks) keeps one batch x heads x seq x seq matrix.
+    per_layer += batch * shape.heads * seq * seq * act_bytes
     # With checkpointing only each layer's input is kept, plus one layer recomputed at a time.
     activations = grad_layers * tokens * shape.hidden * act_bytes + per_layer if grad_ckpt else grad_layers * per_layer
-    logits = 3 * tokens * shape.vocab * 4  # fp32 logits, their softmax and its gradient
+    logits = 2 * tokens * shape.vocab * 4  # fp32 logits and their log-softmax
     parts = {
         "runtime": overhead,
         "weights": weights,

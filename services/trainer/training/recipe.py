@@ -23,6 +23,7 @@ import torch
 
 from services.trainer.config import TrainConfig
 from services.trainer.data.records import Example
+from services.trainer.training.memory import TensorMemory
 from services.trainer.training.tokenize import Batch, pack_rows, packed_batch, pad_batch, tokenize_example
 from services.trainer.validation import freeze_selection
 from tunedock.fingerprint import fingerprint_model_dir
@@ -184,13 +185,10 @@ def evaluate(model, batches: list[Batch], device: str, autocast) -> float:
 
 
 def train(cfg: TrainConfig, train_examples: list[Example], eval_examples: list[Example], ctx: RunContext) -> RunResult:
-    import peft  # noqa: F401 - imported up front so every method's runtime baseline is the same
     from transformers import AutoTokenizer
 
     started = time.perf_counter()
     device = ctx.device
-    # What the process holds before any model byte: the training memory is the peak above it.
-    runtime_baseline = 0 if device == "cuda" else peak_memory_bytes(device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     if device == "cuda":
@@ -219,6 +217,7 @@ def train(cfg: TrainConfig, train_examples: list[Example], eval_examples: list[E
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return torch.autocast("cpu", enabled=False)
 
+    tensor_memory = TensorMemory(model)
     model.train()
     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
     last_loss = float("nan")
@@ -233,8 +232,9 @@ def train(cfg: TrainConfig, train_examples: list[Example], eval_examples: list[E
             index = step * cfg.gradient_accumulation_steps + micro
             epoch, position = divmod(index, len(train_batches))
             batch = train_batches[epoch_order(len(train_batches), cfg.seed, epoch)[position]].to(device)
-            with autocast():
+            with autocast(), tensor_memory.saving():
                 loss = model(**batch.model_inputs()).loss / cfg.gradient_accumulation_steps
+            tensor_memory.end_forward()
             loss.backward()
             micro_losses.append(float(loss.detach()) * cfg.gradient_accumulation_steps)
             window_tokens += batch.real_tokens
@@ -285,7 +285,10 @@ def train(cfg: TrainConfig, train_examples: list[Example], eval_examples: list[E
         "trainable_params": float(n_trainable),
         "total_params": float(n_total),
         "peak_memory_bytes": float(peak_memory_bytes(device)),
-        "training_memory_bytes": float(peak_memory_bytes(device) - runtime_baseline),
+        # CUDA: the allocator's peak; CPU: tensors counted exactly (RSS is mostly the runtime there).
+        "training_memory_bytes": float(
+            peak_memory_bytes(device) if device == "cuda" else tensor_memory.peak_bytes(optimizer)
+        ),
         "wall_time_s": time.perf_counter() - started,
         "steps": float(step),
     }
