@@ -189,6 +189,8 @@ def train(cfg: TrainConfig, train_examples: list[Example], eval_examples: list[E
 
     started = time.perf_counter()
     device = ctx.device
+    # What the process holds before any model byte (the Python/torch runtime); 0 on CUDA.
+    runtime_bytes = 0 if device == "cuda" else peak_memory_bytes(device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     if device == "cuda":
@@ -289,6 +291,7 @@ def train(cfg: TrainConfig, train_examples: list[Example], eval_examples: list[E
         "training_memory_bytes": float(
             peak_memory_bytes(device) if device == "cuda" else tensor_memory.peak_bytes(optimizer)
         ),
+        "runtime_memory_bytes": float(runtime_bytes),
         "wall_time_s": time.perf_counter() - started,
         "steps": float(step),
     }
