@@ -688,7 +688,7 @@ def _compare(
                     "total_params": int(m["total_params"]),
                     "peak_memory_bytes": int(m["peak_memory_bytes"]),
                     "training_memory_bytes": int(m.get("training_memory_bytes", m["peak_memory_bytes"])),
-                "runtime_memory_bytes": int(m.get("runtime_memory_bytes", 0)),
+                    "runtime_memory_bytes": int(m.get("runtime_memory_bytes", 0)),
                     "tokens_per_s": sum(timed) / max(len(timed), 1),
                     "wall_time_s": m["wall_time_s"],
                     "train_loss": m["train_loss"],

@@ -84,6 +84,10 @@ class TrainConfig:
     log_every_steps: int = 1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    processes_per_node: int = 1
+    """Training processes per node (torchrun); batch_size is per process."""
+    nodes: int = 1
+    """Nodes (Kubernetes executor only)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -114,6 +118,8 @@ class TrainConfig:
                 "warmup_steps, eval_every_steps and checkpoint_every_steps must be >= 0",
             ),
             (self.log_every_steps > 0, "log_every_steps must be > 0"),
+            (1 <= self.processes_per_node <= 64, f"processes_per_node must be in [1, 64]: {self.processes_per_node}"),
+            (1 <= self.nodes <= 256, f"nodes must be in [1, 256], got {self.nodes}"),
             (bool(self.target_modules), "target_modules must name at least one module (or all-linear)"),
         ]
         for ok, message in checks:
@@ -121,6 +127,10 @@ class TrainConfig:
                 raise InvalidArgument(message)
         if "all-linear" in self.target_modules and len(self.target_modules) > 1:
             raise InvalidArgument("target_modules: 'all-linear' cannot be combined with module names")
+
+    @property
+    def world_size(self) -> int:
+        return self.processes_per_node * self.nodes
 
     @property
     def is_lora(self) -> bool:
@@ -159,6 +169,8 @@ def config_from_spec(spec: trainer_pb2.JobSpec) -> TrainConfig:
         log_every_steps=h.log_every_steps or 1,
         weight_decay=h.weight_decay,
         max_grad_norm=h.max_grad_norm or 1.0,
+        processes_per_node=h.processes_per_node or 1,
+        nodes=h.nodes or 1,
     )
     lora: common_pb2.LoraConfig | None = None
     if which == "full":

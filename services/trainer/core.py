@@ -24,7 +24,7 @@ from services.adapter_registry.refs import Ref, check_name
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.trainer.config import TrainConfig, config_from_spec
 from services.trainer.data.records import parse_dataset
-from services.trainer.executor import Executor
+from services.trainer.executor import Executor, Launch
 from services.trainer.store import TERMINAL, DatasetRow, JobRecord, JobStore, now
 from services.trainer.validation import check_against_base, inspect_base, resolve_local_base
 from tunedock.v1 import trainer_pb2 as pb
@@ -118,6 +118,11 @@ class TrainerCore:
         check_name(spec.output_name)
         for dataset_id in (*cfg.dataset_ids, *cfg.eval_dataset_ids):
             self.store.get_dataset(dataset_id)
+        if cfg.nodes > 1 and not getattr(self.executor, "multi_node", False):
+            raise FailedPrecondition(
+                f"nodes={cfg.nodes} needs the Kubernetes executor (--executor kubernetes); "
+                "this trainer runs workers locally: use processes_per_node for several processes on this node"
+            )
         if cfg.base_model.startswith("registry://"):
             return cfg  # resolved and downloaded by the worker
         base = resolve_local_base(cfg.base_model)
@@ -181,7 +186,7 @@ class TrainerCore:
                     started_at=job.started_at or now(),
                 )
                 self._notify(job.id)
-                await self.executor.start(job.id, attempt)
+                await self.executor.start(job.id, attempt, launch_for(pb.JobSpec.FromString(job.spec)))
 
     async def cancel(self, job_id: str) -> JobRecord:
         job = await asyncio.to_thread(self.store.get_job, job_id)
@@ -292,6 +297,15 @@ class TrainerCore:
                     return
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), 1.0)
+
+
+def launch_for(spec: pb.JobSpec) -> Launch:
+    if spec.merge_adapter:
+        return Launch(method="merge")
+    h = spec.hyperparameters
+    return Launch(
+        method=spec.method.WhichOneof("config") or "", processes_per_node=h.processes_per_node or 1, nodes=h.nodes or 1
+    )
 
 
 def staging_file(data_dir: Path) -> Path:

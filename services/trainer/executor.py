@@ -1,7 +1,9 @@
 """Executors run a job's worker. The local one: one subprocess per attempt, in its own process group.
 
-The interface is small so a Kubernetes executor (a batch/v1 Job per attempt) can stand
-beside it: start an attempt, cancel it, and report its exit through `on_exit`.
+The interface is small so the Kubernetes executor (`services.trainer.kube`, a batch/v1 Job
+per attempt) stands beside it: start an attempt, cancel it, and report its exit through
+`on_exit`. Both run the same command (`worker_command`): the worker module, under
+torchrun when the job asks for several processes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -21,8 +24,48 @@ log = logging.getLogger(__name__)
 OnExit = Callable[[str, int, int, str], Awaitable[None]]  # job_id, attempt, exit code, log tail
 
 
+@dataclass(frozen=True)
+class Launch:
+    """What an executor needs to know about a job to start its worker."""
+
+    method: str = "lora"
+    processes_per_node: int = 1
+    nodes: int = 1
+
+
+RENDEZVOUS_PORT = 29500
+
+
+def worker_command(
+    job_id: str, attempt: int, trainer: str, launch: Launch, python: str = sys.executable, rendezvous: str = ""
+) -> list[str]:
+    """The worker's command line; torchrun in front of it for several processes or nodes.
+
+    `rendezvous` (host:port of node 0) is needed with several nodes; torchrun's node rank
+    comes from the environment there (Kubernetes indexed Jobs set JOB_COMPLETION_INDEX).
+    """
+    worker = ["-m", "services.trainer.worker", "--job-id", job_id, "--attempt", str(attempt), "--trainer", trainer]
+    if launch.processes_per_node == 1 and launch.nodes == 1:
+        return [python, *worker]
+    torchrun = [python, "-m", "torch.distributed.run", f"--nproc-per-node={launch.processes_per_node}"]
+    if launch.nodes == 1:
+        torchrun.append("--standalone")
+    else:
+        torchrun += [
+            f"--nnodes={launch.nodes}",
+            "--node-rank=$(JOB_COMPLETION_INDEX)",
+            "--rdzv-backend=static",
+            f"--master-addr={rendezvous.rsplit(':', 1)[0]}",
+            f"--master-port={rendezvous.rsplit(':', 1)[1] if ':' in rendezvous else RENDEZVOUS_PORT}",
+        ]
+    return [*torchrun, "--max-restarts=0", *worker]
+
+
 class Executor(Protocol):
-    async def start(self, job_id: str, attempt: int) -> None: ...
+    multi_node: bool
+    """Whether the executor can spread one job over several nodes."""
+
+    async def start(self, job_id: str, attempt: int, launch: Launch) -> None: ...
 
     async def cancel(self, job_id: str) -> None: ...
 
@@ -30,7 +73,10 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """`python -m services.trainer.worker` per attempt; cancel kills the whole process group."""
+    """`python -m services.trainer.worker` per attempt (under torchrun for several processes);
+    cancel kills the whole process group."""
+
+    multi_node = False
 
     def __init__(
         self, trainer_address: Callable[[], str], log_dir: Path, on_exit: OnExit, kill_grace_s: float = 3.0
@@ -46,19 +92,14 @@ class LocalExecutor:
     def log_path(self, job_id: str) -> Path:
         return self.log_dir / f"{job_id}.log"
 
-    async def start(self, job_id: str, attempt: int) -> None:
+    async def start(self, job_id: str, attempt: int, launch: Launch = Launch()) -> None:
         log_file = self.log_path(job_id).open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        if launch.processes_per_node > 1:
+            # Each rank gets its share of the cores instead of all ranks fighting over all of them.
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // launch.processes_per_node))
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "services.trainer.worker",
-            "--job-id",
-            job_id,
-            "--attempt",
-            str(attempt),
-            "--trainer",
-            self.trainer_address(),
+            *worker_command(job_id, attempt, self.trainer_address(), launch),
             stdout=log_file,
             stderr=log_file,
             start_new_session=True,

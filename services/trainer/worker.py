@@ -4,6 +4,9 @@ Runs one attempt of one job, the same way under the local executor and in a Kube
 pod: fetch the assignment and datasets from the trainer, train, publish the output to
 the registry, and report every event over gRPC. Exit codes: 0 done (or cancelled),
 1 the job failed (reported), 2 the trainer refused this attempt.
+
+Under torchrun (several processes) every rank fetches the assignment and trains on its
+share of each global batch; rank 0 alone reports, checkpoints and publishes.
 """
 
 from __future__ import annotations
@@ -35,13 +38,18 @@ class AttemptSuperseded(Exception):
 
 
 class Reporter:
-    """Sends events to the trainer; remembers whether the job was cancelled."""
+    """Sends events to the trainer; remembers whether the job was cancelled.
 
-    def __init__(self, stub, job_id: str, attempt: int) -> None:
-        self.stub, self.job_id, self.attempt = stub, job_id, attempt
+    Ranks other than 0 of a multi-process run are silent (`enabled=False`).
+    """
+
+    def __init__(self, stub, job_id: str, attempt: int, enabled: bool = True) -> None:
+        self.stub, self.job_id, self.attempt, self.enabled = stub, job_id, attempt, enabled
         self.cancelled = False
 
     def send(self, **event) -> None:
+        if not self.enabled:
+            return
         request = trainer_pb2.ReportEventRequest(
             job_id=self.job_id, attempt=self.attempt, event=trainer_pb2.JobEvent(**event)
         )
@@ -152,8 +160,11 @@ def lineage_for(job: trainer_pb2.Job, cfg: TrainConfig, metrics: dict[str, float
 
 
 def run(job_id: str, attempt: int, trainer: str) -> int:
+    from services.trainer.training.distributed import Dist
     from services.trainer.training.recipe import RunContext, train
 
+    dist = Dist.from_env()
+    device = dist.device()
     channel = connect(trainer)
     stub = trainer_pb2_grpc.TrainerWorkerServiceStub(channel)
     try:
@@ -162,15 +173,22 @@ def run(job_id: str, attempt: int, trainer: str) -> int:
         print(f"trainer refused the assignment: {exc.details()}", file=sys.stderr)
         return 2
     job = assignment.job
-    reporter = Reporter(stub, job_id, attempt)
+    reporter = Reporter(stub, job_id, attempt, enabled=dist.is_primary)
     work = Path(tempfile.mkdtemp(prefix=f"{job_id}-"))
     try:
         if job.spec.merge_adapter:
-            return run_merge(job, reporter, assignment.registry_address, work)
+            return run_merge(job, reporter, assignment.registry_address, work) if dist.is_primary else 0
         cfg = config_from_spec(job.spec)
+        dist.init(device)
+        if dist.enabled:
+            log.info("rank %d of %d on %s", dist.rank, dist.world_size, device)
+        if not dist.is_primary:
+            dist.barrier()  # rank 0 downloads a registry base once; the others then find it in the cache
         cfg.base_model = resolve_base(
             cfg, assignment.registry_address, Path(assignment.checkpoint_dir).parent / "bases"
         )
+        if dist.is_primary:
+            dist.barrier()
         train_examples, eval_examples = split(
             cfg, load_examples(stub, job_id, cfg.dataset_ids), load_examples(stub, job_id, cfg.eval_dataset_ids)
         )
@@ -183,9 +201,11 @@ def run(job_id: str, attempt: int, trainer: str) -> int:
                 output_dir=work / "output",
                 report=reporter,
                 should_stop=lambda: reporter.cancelled,
+                device=device,
+                dist=dist,
             ),
         )
-        if result.stopped:
+        if result.stopped or not dist.is_primary:
             return 0
         from tunedock.client import RegistryClient
 
@@ -222,6 +242,7 @@ def run(job_id: str, attempt: int, trainer: str) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
         channel.close()
+        dist.close()
 
 
 def run_merge(job: trainer_pb2.Job, reporter: Reporter, registry_address: str, work: Path) -> int:

@@ -314,3 +314,61 @@ def test_merge_job_of_unknown_adapter_is_refused(stack):
         stack.client.submit(pb.JobSpec(merge_adapter="no-such-adapter", output_name="x"))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert "merge_adapter 'no-such-adapter'" in info.value.details()
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_two_processes_train_the_same_output_as_one(stack, dataset, tiny_model_dir, tmp_path, method, monkeypatch):
+    """torchrun with 2 gloo processes x batch 2 == 1 process x batch 4 (same global batches, same loss).
+
+    LoRA runs under DDP; Full under FSDP (parameters sharded), as it would on GPUs.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("TUNEDOCK_FSDP_ON_CPU", "1")
+    common = dict(max_steps=6, log_every_steps=2, gradient_accumulation_steps=2)
+    config = {
+        "lora": common_pb2.MethodConfig(
+            lora=common_pb2.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"])
+        ),
+        "full": METHODS["full"],
+    }[method]
+    specs = {
+        1: _spec(tiny_model_dir, dataset.id, f"dist-{method}-1", config, batch_size=4, **common),
+        2: _spec(tiny_model_dir, dataset.id, f"dist-{method}-2", config, batch_size=2, processes_per_node=2, **common),
+    }
+    adapters = {}
+    for n, spec in specs.items():
+        spec.validation_split = 0.0
+        job = stack.client.submit(spec)
+        done = stack.client.wait(job.id, timeout=600)
+        assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+        metrics = {m.name: m.value for m in done.metrics}
+        assert metrics.get("processes", 1.0) == n
+        with RegistryClient(stack.registry.address) as registry:
+            registry.download(done.output_ref, tmp_path / str(n))
+        weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+        adapters[n] = load_file(str(tmp_path / str(n) / weights))
+    log = (stack.data_dir / "trainer" / "logs" / f"{job.id}.log").read_text()
+    assert "rank 1 of 2" in log  # the second job really ran two processes
+    assert adapters[1].keys() == adapters[2].keys()
+    if method == "lora":
+        assert len(adapters[1]) == 12
+        for name, tensor in adapters[1].items():
+            if "lora_B" in name:
+                assert tensor.abs().max() > 0, name  # trained: B starts at zero
+    else:
+        base = load_file(str(tiny_model_dir / "model.safetensors"))
+        name = "model.layers.0.mlp.up_proj.weight"
+        assert not torch.equal(adapters[1][name], base[name])
+    for name, tensor in adapters[1].items():
+        # Adam divides by sqrt(v): float noise in a near-zero gradient moves an update by ~1e-6.
+        torch.testing.assert_close(adapters[2][name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_several_nodes_need_the_kubernetes_executor(stack, dataset, tiny_model_dir):
+    spec = _spec(tiny_model_dir, dataset.id, "nodes", METHODS["lora"], nodes=2)
+    with pytest.raises(grpc.RpcError) as info:
+        stack.client.submit(spec)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "nodes=2 needs the Kubernetes executor" in info.value.details()

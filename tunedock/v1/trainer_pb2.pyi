@@ -109,7 +109,7 @@ class ListDatasetsResponse(_message.Message):
     def __init__(self, datasets: _Optional[_Iterable[_Union[Dataset, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class Hyperparameters(_message.Message):
-    __slots__ = ("epochs", "max_steps", "learning_rate", "lr_schedule", "warmup_steps", "batch_size", "gradient_accumulation_steps", "max_seq_length", "seed", "gradient_checkpointing", "packing", "eval_every_steps", "checkpoint_every_steps", "log_every_steps", "weight_decay", "max_grad_norm", "processes_per_node")
+    __slots__ = ("epochs", "max_steps", "learning_rate", "lr_schedule", "warmup_steps", "batch_size", "gradient_accumulation_steps", "max_seq_length", "seed", "gradient_checkpointing", "packing", "eval_every_steps", "checkpoint_every_steps", "log_every_steps", "weight_decay", "max_grad_norm", "processes_per_node", "nodes")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,7 @@ class Hyperparameters(_message.Message):
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     PROCESSES_PER_NODE_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
     epochs: float
     max_steps: int
     learning_rate: float
@@ -144,7 +145,8 @@ class Hyperparameters(_message.Message):
     weight_decay: float
     max_grad_norm: float
     processes_per_node: int
-    def __init__(self, epochs: _Optional[float] = ..., max_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_schedule: _Optional[_Union[_common_pb2.LrSchedule, str]] = ..., warmup_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_seq_length: _Optional[int] = ..., seed: _Optional[int] = ..., gradient_checkpointing: _Optional[bool] = ..., packing: _Optional[bool] = ..., eval_every_steps: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ..., log_every_steps: _Optional[int] = ..., weight_decay: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., processes_per_node: _Optional[int] = ...) -> None: ...
+    nodes: int
+    def __init__(self, epochs: _Optional[float] = ..., max_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_schedule: _Optional[_Union[_common_pb2.LrSchedule, str]] = ..., warmup_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_seq_length: _Optional[int] = ..., seed: _Optional[int] = ..., gradient_checkpointing: _Optional[bool] = ..., packing: _Optional[bool] = ..., eval_every_steps: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ..., log_every_steps: _Optional[int] = ..., weight_decay: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., processes_per_node: _Optional[int] = ..., nodes: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
     __slots__ = ("base_model", "method", "hyperparameters", "train_dataset_ids", "eval_dataset_ids", "validation_split", "output_name", "labels", "merge_adapter")

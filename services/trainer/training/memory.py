@@ -37,10 +37,13 @@ class TensorMemory:
         self._seen = set()
 
     def static_bytes(self, optimizer) -> int:
-        """Parameters, their gradients (as fp32 trainable copies) and the optimizer state."""
+        """Parameters, their gradients (as fp32 trainable copies) and the optimizer state.
+
+        Under FSDP these are DTensors: this process holds (and counts) only its shard.
+        """
         seen: set[int] = set()
         total = 0
-        for p in self.model.parameters():
+        for p in map(_local, self.model.parameters()):
             ptr = p.untyped_storage().data_ptr()
             if ptr not in seen:
                 seen.add(ptr)
@@ -48,8 +51,13 @@ class TensorMemory:
             if p.requires_grad:
                 total += p.numel() * p.element_size()  # its gradient
         for state in optimizer.state.values():
-            total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+            tensors = [_local(v) for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
+            total += sum(t.numel() * t.element_size() for t in tensors)
         return total
 
     def peak_bytes(self, optimizer) -> int:
         return self.static_bytes(optimizer) + self.max_saved
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t

@@ -7,6 +7,7 @@ output artifact. QLoRA is LoRA on a 4-bit base; Freeze is Full with most paramet
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ import torch
 
 from services.trainer.config import TrainConfig
 from services.trainer.data.records import Example
+from services.trainer.training.distributed import Dist, unwrap, wrap
 from services.trainer.training.memory import TensorMemory
 from services.trainer.training.tokenize import Batch, pack_rows, packed_batch, pad_batch, tokenize_example
 from services.trainer.validation import freeze_selection
@@ -40,6 +42,8 @@ class RunContext:
     report: Callable[[str, dict], None] = lambda kind, fields: None
     should_stop: Callable[[], bool] = lambda: False
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dist: Dist = field(default_factory=Dist)
+    """This process's rank among torchrun's processes; only rank 0 reports, checkpoints and saves."""
 
 
 @dataclass
@@ -59,7 +63,7 @@ def load_model(cfg: TrainConfig, device: str):
     """The base model prepared for the method; returns (model, trainable parameter names)."""
     from transformers import AutoModelForCausalLM
 
-    on_cuda = device == "cuda"
+    on_cuda = device.startswith("cuda")
     if cfg.method == "qlora":
         from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig
@@ -74,7 +78,7 @@ def load_model(cfg: TrainConfig, device: str):
             cfg.base_model,
             quantization_config=quant,
             dtype=getattr(torch, cfg.compute_dtype),
-            device_map={"": 0} if on_cuda else "cpu",
+            device_map={"": torch.device(device)} if on_cuda else "cpu",
         )
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     else:
@@ -112,14 +116,14 @@ def load_model(cfg: TrainConfig, device: str):
 
 def build_optimizer(cfg: TrainConfig, params, device: str, report) -> torch.optim.Optimizer:
     name = cfg.optimizer or ("paged_adamw_8bit" if cfg.method == "qlora" and cfg.paged_optimizer else "adamw")
-    if name.startswith("paged") and device != "cuda":
+    if name.startswith("paged") and not device.startswith("cuda"):
         report("log", {"message": f"{name} needs CUDA; using torch AdamW on {device}"})
         name = "adamw"
     kwargs = {"lr": cfg.learning_rate, "weight_decay": cfg.weight_decay}
     if name == "sgd":
         return torch.optim.SGD(params, momentum=0.9, **kwargs)
     if name == "adamw":
-        return torch.optim.AdamW(params, fused=device == "cuda", **kwargs)
+        return torch.optim.AdamW(params, fused=device.startswith("cuda"), **kwargs)
     import bitsandbytes as bnb
 
     return {
@@ -147,14 +151,26 @@ def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
 # ------------------------------------------------------------------------------------------ data
 
 
-def make_batches(examples: list[Example], tokenizer, cfg: TrainConfig) -> list[Batch]:
+def make_batches(examples: list[Example], tokenizer, cfg: TrainConfig, dist: Dist | None = None) -> list[Batch]:
+    """Global batches of `batch_size x world size` rows, each cut to this process's share of rows.
+
+    Every rank builds the same global batches, so the split is the same whatever the
+    number of processes; a final global batch with fewer rows than processes is dropped
+    (every process must take part in every step).
+    """
+    dist = dist or Dist()
+    size = cfg.batch_size * dist.world_size
     tokenized = [tokenize_example(tokenizer, e, cfg.max_seq_length) for e in examples]
     tokenized = [t for t in tokenized if t.loss_tokens > 0]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if cfg.packing:
         rows = pack_rows(tokenized, cfg.max_seq_length)
-        return [packed_batch(rows[i : i + cfg.batch_size], pad_id) for i in range(0, len(rows), cfg.batch_size)]
-    return [pad_batch(tokenized[i : i + cfg.batch_size], pad_id) for i in range(0, len(tokenized), cfg.batch_size)]
+        batches = [packed_batch(rows[i : i + size], pad_id) for i in range(0, len(rows), size)]
+    else:
+        batches = [pad_batch(tokenized[i : i + size], pad_id) for i in range(0, len(tokenized), size)]
+    if not dist.enabled:
+        return batches
+    return [b.select(dist.rows(b.rows)) for b in batches if b.rows >= dist.world_size]
 
 
 def epoch_order(n_batches: int, seed: int, epoch: int) -> list[int]:
@@ -167,78 +183,103 @@ def epoch_order(n_batches: int, seed: int, epoch: int) -> list[int]:
 
 
 def peak_memory_bytes(device: str) -> int:
-    if device == "cuda":
+    if device.startswith("cuda"):
         return int(torch.cuda.max_memory_allocated())
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def evaluate(model, batches: list[Batch], device: str, autocast) -> float:
+def evaluate(model, batches: list[Batch], device: str, autocast, dist: Dist) -> float:
+    """Mean loss per token over all processes' eval rows."""
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad(), autocast():
         for batch in batches:
-            n = int((batch.labels[:, 1:] != -100).sum())
+            n = batch.loss_tokens
             total += float(model(**batch.to(device).model_inputs()).loss) * n
             count += n
     model.train()
-    return total / max(count, 1)
+    return dist.sum(total) / max(dist.sum(count), 1)
 
 
 def train(cfg: TrainConfig, train_examples: list[Example], eval_examples: list[Example], ctx: RunContext) -> RunResult:
     from transformers import AutoTokenizer
 
     started = time.perf_counter()
-    device = ctx.device
+    device, dist = ctx.device, ctx.dist
+    on_cuda = device.startswith("cuda")
+    report = ctx.report if dist.is_primary else (lambda kind, fields: None)
     # What the process holds before any model byte (the Python/torch runtime); 0 on CUDA.
-    runtime_bytes = 0 if device == "cuda" else peak_memory_bytes(device)
+    runtime_bytes = 0 if on_cuda else peak_memory_bytes(device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    if device == "cuda":
+    if on_cuda:
         torch.cuda.reset_peak_memory_stats()
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
     model, trainable_names = load_model(cfg, device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
-    ctx.report("log", {"message": f"{cfg.method}: {n_trainable:,} of {n_total:,} parameters train"})
+    report("log", {"message": f"{cfg.method}: {n_trainable:,} of {n_total:,} parameters train"})
+    if dist.enabled:
+        report("log", {"message": f"{dist.world_size} processes; global batch {cfg.batch_size * dist.world_size}"})
 
-    train_batches = make_batches(train_examples, tokenizer, cfg)
-    eval_batches = make_batches(eval_examples, tokenizer, cfg) if eval_examples else []
+    train_batches = make_batches(train_examples, tokenizer, cfg, dist)
+    eval_batches = make_batches(eval_examples, tokenizer, cfg, dist) if eval_examples else []
     if not train_batches:
-        raise ValueError("no training example has a token to learn from after truncation; raise max_seq_length")
+        raise ValueError(
+            "no training example has a token to learn from after truncation (raise max_seq_length), "
+            "or fewer examples than processes"
+        )
     per_epoch = max(1, len(train_batches) // cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
 
-    optimizer = build_optimizer(cfg, trainable, device, ctx.report)
+    tensor_memory = TensorMemory(model)
+    # FSDP shards a Full fine-tune's parameters, gradients and optimizer state over GPUs; else DDP.
+    # (TUNEDOCK_FSDP_ON_CPU=1 takes the FSDP path on CPUs too, which is how tests cover it.)
+    sharded = dist.enabled and cfg.method == "full" and (on_cuda or os.environ.get("TUNEDOCK_FSDP_ON_CPU") == "1")
+    model = wrap(model, dist, device, full_sharded=sharded)
+    if sharded and cfg.checkpoint_every_steps:
+        report("log", {"message": "FSDP: intermediate checkpoints are not written; a new attempt starts over"})
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(cfg, trainable, device, report)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    step = _resume(ctx.checkpoint_dir, model, optimizer, scheduler, ctx.report)
+    step = _resume(ctx.checkpoint_dir, unwrap(model), optimizer, scheduler, report)
 
     def autocast():
-        if device == "cuda":
+        if on_cuda:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return torch.autocast("cpu", enabled=False)
 
-    tensor_memory = TensorMemory(model)
+    def no_sync(last: bool):
+        # DDP all-reduces gradients in backward; only the last micro-batch of a step needs to.
+        return contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+
     model.train()
     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
     last_loss = float("nan")
     eval_loss = None
     stopped = False
     while step < total_steps:
-        if ctx.should_stop():
+        if dist.any(ctx.should_stop()):
             stopped = True
             break
-        micro_losses, grad_norm = [], 0.0
+        grad_norm = 0.0
+        step_batches = []
         for micro in range(cfg.gradient_accumulation_steps):
-            index = step * cfg.gradient_accumulation_steps + micro
-            epoch, position = divmod(index, len(train_batches))
-            batch = train_batches[epoch_order(len(train_batches), cfg.seed, epoch)[position]].to(device)
-            with autocast(), tensor_memory.saving():
-                loss = model(**batch.model_inputs()).loss / cfg.gradient_accumulation_steps
-            tensor_memory.end_forward()
-            loss.backward()
-            micro_losses.append(float(loss.detach()) * cfg.gradient_accumulation_steps)
+            epoch, position = divmod(step * cfg.gradient_accumulation_steps + micro, len(train_batches))
+            step_batches.append(train_batches[epoch_order(len(train_batches), cfg.seed, epoch)[position]])
+        # The loss is a sum over the step's tokens divided by their count over all micro-batches
+        # and processes: the same objective whatever the accumulation and number of processes.
+        step_tokens = torch.tensor(dist.sum(sum(b.loss_tokens for b in step_batches)), device=device)
+        step_loss = 0.0
+        for i, batch in enumerate(step_batches):
+            batch = batch.to(device)
+            with no_sync(i == len(step_batches) - 1):
+                with autocast(), tensor_memory.saving():
+                    loss = model(**batch.model_inputs(), num_items_in_batch=step_tokens).loss
+                tensor_memory.end_forward()
+                (loss * dist.loss_scale).backward()
+            step_loss += float(loss.detach())
             window_tokens += batch.real_tokens
         if cfg.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
@@ -246,15 +287,15 @@ def train(cfg: TrainConfig, train_examples: list[Example], eval_examples: list[E
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        last_loss = sum(micro_losses) / len(micro_losses)
+        last_loss = dist.sum(step_loss)
         window_loss += last_loss
         window_steps += 1
 
         if step % cfg.log_every_steps == 0 or step == total_steps:
             elapsed = time.perf_counter() - window_start
-            rate = window_tokens / elapsed if elapsed > 0 else 0.0
+            rate = dist.sum(window_tokens) / elapsed if elapsed > 0 else 0.0
             steps_per_s = window_steps / elapsed if elapsed > 0 else 0.0
-            ctx.report(
+            report(
                 "progress",
                 {
                     "step": step,
@@ -270,17 +311,19 @@ def train(cfg: TrainConfig, train_examples: list[Example], eval_examples: list[E
             )
             window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
         if eval_batches and cfg.eval_every_steps and step % cfg.eval_every_steps == 0 and step < total_steps:
-            eval_loss = evaluate(model, eval_batches, device, autocast)
-            ctx.report("eval", {"step": step, "eval_loss": eval_loss})
-        if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step < total_steps:
-            path = _save_checkpoint(ctx.checkpoint_dir, step, model, optimizer, scheduler)
-            ctx.report("checkpoint", {"step": step, "path": str(path)})
+            eval_loss = evaluate(eval_model(model), eval_batches, device, autocast, dist)
+            report("eval", {"step": step, "eval_loss": eval_loss})
+        if not sharded and cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step < total_steps:
+            if dist.is_primary:
+                path = _save_checkpoint(ctx.checkpoint_dir, step, unwrap(model), optimizer, scheduler)
+                report("checkpoint", {"step": step, "path": str(path)})
+            dist.barrier()
 
     if stopped:
-        return RunResult(ctx.output_dir, "", stopped=True, model=model)
+        return RunResult(ctx.output_dir, "", stopped=True, model=unwrap(model))
     if eval_batches:
-        eval_loss = evaluate(model, eval_batches, device, autocast)
-        ctx.report("eval", {"step": step, "eval_loss": eval_loss})
+        eval_loss = evaluate(eval_model(model), eval_batches, device, autocast, dist)
+        report("eval", {"step": step, "eval_loss": eval_loss})
 
     metrics = {
         "train_loss": last_loss,
@@ -288,17 +331,32 @@ def train(cfg: TrainConfig, train_examples: list[Example], eval_examples: list[E
         "total_params": float(n_total),
         "peak_memory_bytes": float(peak_memory_bytes(device)),
         # CUDA: the allocator's peak; CPU: tensors counted exactly (RSS is mostly the runtime there).
-        "training_memory_bytes": float(
-            peak_memory_bytes(device) if device == "cuda" else tensor_memory.peak_bytes(optimizer)
-        ),
+        "training_memory_bytes": float(peak_memory_bytes(device) if on_cuda else tensor_memory.peak_bytes(optimizer)),
         "runtime_memory_bytes": float(runtime_bytes),
         "wall_time_s": time.perf_counter() - started,
         "steps": float(step),
     }
     if eval_loss is not None:
         metrics["eval_loss"] = eval_loss
-    kind, expanded = save_output(cfg, model, tokenizer, trainable_names, ctx.output_dir)
-    return RunResult(ctx.output_dir, kind, metrics, expanded, model=model)
+    if dist.enabled:
+        metrics["processes"] = float(dist.world_size)
+    state = full_state_dict(model) if sharded else None
+    if not dist.is_primary:
+        return RunResult(ctx.output_dir, "", metrics, model=unwrap(model))
+    kind, expanded = save_output(cfg, unwrap(model), tokenizer, trainable_names, ctx.output_dir, state)
+    return RunResult(ctx.output_dir, kind, metrics, expanded, model=unwrap(model))
+
+
+def eval_model(model):
+    """DDP's forward syncs buffers (every rank must call it equally often); eval needs none of that."""
+    return unwrap(model) if hasattr(model, "module") else model
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """FSDP: gather the sharded parameters into full tensors on the CPU (a collective: all ranks call it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 # ------------------------------------------------------------------------------- checkpoints
@@ -341,8 +399,13 @@ def _resume(directory: Path, model, optimizer, scheduler, report) -> int:
 # ------------------------------------------------------------------------------------ output
 
 
-def save_output(cfg: TrainConfig, model, tokenizer, trainable_names: list[str], out: Path) -> tuple[str, Path | None]:
-    """Write the method's artifact into `out`; returns (registry kind, expanded model dir or None)."""
+def save_output(
+    cfg: TrainConfig, model, tokenizer, trainable_names: list[str], out: Path, state: dict | None = None
+) -> tuple[str, Path | None]:
+    """Write the method's artifact into `out`; returns (registry kind, expanded model dir or None).
+
+    `state` is a gathered full state dict when the model's parameters are sharded (FSDP).
+    """
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -355,7 +418,7 @@ def save_output(cfg: TrainConfig, model, tokenizer, trainable_names: list[str], 
         config_path.write_text(json.dumps(config, indent=2))
         return "lora_adapter", None
     if cfg.method == "full":
-        model.save_pretrained(out)
+        model.save_pretrained(out, state_dict=state)
         tokenizer.save_pretrained(out)
         return "model", None
     from safetensors.torch import save_file

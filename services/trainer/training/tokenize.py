@@ -68,7 +68,20 @@ class Batch:
     labels: torch.Tensor
     attention_mask: torch.Tensor  # 2-D padding mask, or a 4-D boolean block-diagonal mask when packed
     position_ids: torch.Tensor
-    real_tokens: int
+    row_tokens: tuple[int, ...]  # real (non-padding) tokens per row
+
+    @property
+    def real_tokens(self) -> int:
+        return sum(self.row_tokens)
+
+    @property
+    def rows(self) -> int:
+        return len(self.row_tokens)
+
+    @property
+    def loss_tokens(self) -> int:
+        """Tokens the loss covers (labels are shifted by one inside the model)."""
+        return int((self.labels[:, 1:] != IGNORE).sum())
 
     def to(self, device) -> Batch:
         return Batch(
@@ -76,7 +89,17 @@ class Batch:
             self.labels.to(device),
             self.attention_mask.to(device),
             self.position_ids.to(device),
-            self.real_tokens,
+            self.row_tokens,
+        )
+
+    def select(self, rows: slice) -> Batch:
+        """Some rows of the batch (one process's share of a global batch)."""
+        return Batch(
+            self.input_ids[rows],
+            self.labels[rows],
+            self.attention_mask[rows],
+            self.position_ids[rows],
+            self.row_tokens[rows],
         )
 
     def model_inputs(self) -> dict:
@@ -100,7 +123,7 @@ def pad_batch(examples: list[Tokenized], pad_id: int) -> Batch:
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
         positions[row, :n] = torch.arange(n)
-    return Batch(ids, labels, mask, positions, int(mask.sum()))
+    return Batch(ids, labels, mask, positions, tuple(int(n) for n in mask.sum(dim=1)))
 
 
 def pack_rows(examples: list[Tokenized], max_len: int) -> list[list[Tokenized]]:
@@ -125,7 +148,6 @@ def packed_batch(rows: list[list[Tokenized]], pad_id: int) -> Batch:
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
     allowed = torch.zeros((len(rows), 1, width, width), dtype=torch.bool)
-    real = 0
     for r, row in enumerate(rows):
         offset = 0
         for e in row:
@@ -135,9 +157,8 @@ def packed_batch(rows: list[list[Tokenized]], pad_id: int) -> Batch:
             positions[r, offset : offset + n] = torch.arange(n)
             allowed[r, 0, offset : offset + n, offset : offset + n] = torch.tril(torch.ones(n, n, dtype=torch.bool))
             offset += n
-            real += n
         # Padding rows attend to themselves only, so softmax never sees an all-masked row.
         for p in range(offset, width):
             allowed[r, 0, p, p] = True
     # A boolean mask (True = may attend) suits SDPA whatever the query dtype (fp32, bf16 autocast, QLoRA).
-    return Batch(ids, labels, allowed, positions, real)
+    return Batch(ids, labels, allowed, positions, tuple(sum(len(e.input_ids) for e in row) for row in rows))
