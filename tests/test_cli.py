@@ -33,6 +33,8 @@ def env(inference_stack, tmp_path_factory):
                 "services.trainer",
                 "--port",
                 "0",
+                "--worker-port",
+                "0",
                 "--metrics-port",
                 "-1",
                 "--data-dir",

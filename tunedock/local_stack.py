@@ -74,6 +74,8 @@ class LocalStack:
             ]
             if module != "adapter_registry":
                 args += ["--registry-address", self.address("adapter_registry")]
+            if module == "trainer":
+                args += ["--worker-port", str(50054 + self.port_offset)]
             if module == "inference" and self.base_model:
                 args += ["--base-model", self.base_model]
             log_file = open(log_dir / f"{module}.log", "ab")  # noqa: SIM115 - owned by the child

@@ -39,6 +39,8 @@ class ServiceBinding:
     full_name: str
     servicer: Any
     add: Callable[[Any, aio.Server], None]
+    listener: str = "main"
+    """Which port serves it: "main" (settings.port) or a name in `GrpcServer.listener_ports`."""
 
 
 @dataclass
@@ -51,20 +53,28 @@ class GrpcServer:
     after_start: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
 
+    listener_ports: dict[str, int] = field(default_factory=dict)
+    """Extra ports for bindings that must be reachable apart (e.g. the trainer's worker API)."""
+
     port: int = 0
     metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         self.health = HealthServicer()
         self._server: aio.Server | None = None
+        self._extra: dict[str, aio.Server] = {}
+        self.bound: dict[str, int] = {}
         self._metrics_http = None
 
     @property
     def address(self) -> str:
-        host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "::", "") else self.settings.host
-        return f"{host}:{self.port}"
+        return self.address_of("main")
 
-    async def start(self) -> GrpcServer:
+    def address_of(self, listener: str) -> str:
+        host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "::", "") else self.settings.host
+        return f"{host}:{self.port if listener == 'main' else self.bound[listener]}"
+
+    def _new_server(self, bindings: list[ServiceBinding], port: int) -> tuple[aio.Server, int]:
         max_bytes = self.settings.max_message_mb * 1024 * 1024
         server = aio.server(
             interceptors=[ObservabilityInterceptor(self.metrics), ErrorMappingInterceptor()],
@@ -74,16 +84,26 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        for binding in self.bindings:
+        for binding in bindings:
             binding.add(binding.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        names = [b.full_name for b in self.bindings]
+        names = [b.full_name for b in bindings]
         reflection.enable_server_reflection(
             [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
         )
-        self.port = server.add_insecure_port(self.settings.address)
-        if self.port == 0:
-            raise TuneDockError(f"could not bind {self.settings.address}: is the port in use?")
+        host = f"[{self.settings.host}]" if ":" in self.settings.host else self.settings.host
+        bound = server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise TuneDockError(f"could not bind {host}:{port}: is the port in use?")
+        return server, bound
+
+    async def start(self) -> GrpcServer:
+        names = [b.full_name for b in self.bindings]
+        server, self.port = self._new_server([b for b in self.bindings if b.listener == "main"], self.settings.port)
+        for listener, port in self.listener_ports.items():
+            extra, self.bound[listener] = self._new_server([b for b in self.bindings if b.listener == listener], port)
+            await extra.start()
+            self._extra[listener] = extra
         await server.start()
         self._server = server
         if self.settings.metrics_port >= 0:
@@ -100,7 +120,7 @@ class GrpcServer:
             "serving %s on %s",
             ", ".join(names),
             self.address,
-            extra={"grpc_port": self.port, "metrics_port": self.metrics_port},
+            extra={"grpc_port": self.port, "metrics_port": self.metrics_port, "listener_ports": self.bound},
         )
         return self
 
@@ -109,8 +129,9 @@ class GrpcServer:
             return
         grace = self.settings.shutdown_grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        await self._server.stop(grace)
+        await asyncio.gather(self._server.stop(grace), *(s.stop(grace) for s in self._extra.values()))
         self._server = None
+        self._extra.clear()
         for callback in self.on_stop:
             result = callback()
             if asyncio.iscoroutine(result):

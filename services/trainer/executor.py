@@ -33,6 +33,7 @@ class Launch:
     nodes: int = 1
 
 
+ONE_PROCESS = Launch()
 RENDEZVOUS_PORT = 29500
 
 
@@ -92,7 +93,7 @@ class LocalExecutor:
     def log_path(self, job_id: str) -> Path:
         return self.log_dir / f"{job_id}.log"
 
-    async def start(self, job_id: str, attempt: int, launch: Launch = Launch()) -> None:
+    async def start(self, job_id: str, attempt: int, launch: Launch = ONE_PROCESS) -> None:
         log_file = self.log_path(job_id).open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         if launch.processes_per_node > 1:

@@ -14,6 +14,14 @@ from services.trainer.store import JobStore
 from tunedock.v1 import trainer_pb2, trainer_pb2_grpc
 
 
+def build_executor(settings: TrainerSettings, worker_address, core: TrainerCore):
+    if settings.executor == "kubernetes":
+        from services.trainer.kube import KubernetesExecutor, settings_from
+
+        return KubernetesExecutor(settings_from(settings), core.worker_exited, poll_s=settings.k8s_poll_s)
+    return LocalExecutor(worker_address, settings.data_dir / "trainer" / "logs", core.worker_exited)
+
+
 async def build_server(settings: TrainerSettings) -> GrpcServer:
     store = await asyncio.to_thread(JobStore, settings.database_url)
     core = TrainerCore(
@@ -39,12 +47,14 @@ async def build_server(settings: TrainerSettings) -> GrpcServer:
                 services["TrainerWorkerService"].full_name,
                 TrainerWorkerServicer(core),
                 trainer_pb2_grpc.add_TrainerWorkerServiceServicer_to_server,
+                listener="worker",
             ),
         ],
+        listener_ports={"worker": settings.worker_port},
     )
-    # Workers report back to this server, so the executor needs its bound port: it is wired
-    # in once the server has started (`after_start`).
-    core.executor = LocalExecutor(lambda: server.address, settings.data_dir / "trainer" / "logs", core.worker_exited)
+    # Workers report back to the worker port, whose number is known once the server has
+    # started: the executors read it lazily.
+    core.executor = build_executor(settings, lambda: server.address_of("worker"), core)
     server.after_start.append(core.recover)
     server.on_stop.insert(0, core.executor.close)
     server.on_stop.append(store.close)

@@ -22,11 +22,47 @@ class TrainerSettings(ServerSettings):
     max_concurrent_jobs: int = setting(1, "jobs that train at the same time; the rest queue")
     max_attempts: int = setting(3, "worker starts per job (resumes from the last checkpoint after a crash)")
     max_dataset_mb: int = setting(1024, "largest dataset upload accepted, in MiB")
+    worker_port: int = setting(
+        50054, "port of the worker API (TrainerWorkerService), apart so a NetworkPolicy can admit workers only"
+    )
+    executor: str = setting("local", "where workers run: local (subprocesses) or kubernetes (a batch/v1 Job each)")
+    k8s_namespace: str = setting("", "namespace of worker Jobs; empty: the trainer pod's own namespace")
+    k8s_image: str = setting("tunedock/tunedock:0.1.0-cuda", "container image of worker Jobs")
+    k8s_worker_trainer_address: str = setting(
+        "", "address worker pods dial for the trainer's worker API, e.g. tunedock-trainer-worker:50054"
+    )
+    k8s_service_account: str = setting("tunedock-worker", "service account of worker pods")
+    k8s_gpu_resource: str = setting("nvidia.com/gpu", "extended resource name of a GPU")
+    k8s_gpus_per_process: int = setting(1, "GPUs per training process (0: workers run on CPU nodes)")
+    k8s_cpu: str = setting("4", "CPU request of a worker pod")
+    k8s_memory: str = setting("32Gi", "memory request and limit of a worker pod")
+    k8s_node_selector: list[str] = setting(lambda: [], "node selector of worker pods, key=value[,key=value]")
+    k8s_tolerations: list[str] = setting(
+        list, "tolerations of worker pods: key=value:Effect or key:Effect, comma-separated"
+    )
+    k8s_backoff_limit: int = setting(0, "pod retries inside one Job (the trainer retries attempts from checkpoints)")
+    k8s_active_deadline_s: int = setting(86400, "a worker Job is stopped after this many seconds")
+    k8s_ttl_after_finished_s: int = setting(3600, "finished worker Jobs are garbage-collected after this many seconds")
+    k8s_data_pvc: str = setting("", "PVC with the trainer's data dir, mounted in worker pods for shared checkpoints")
+    k8s_worker_subdomain: str = setting("tunedock-workers", "headless Service of worker pods (multi-node rendezvous)")
+    k8s_poll_s: float = setting(5.0, "seconds between looks at the worker Jobs")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.max_concurrent_jobs < 1:
             raise InvalidArgument(f"max_concurrent_jobs must be >= 1, got {self.max_concurrent_jobs}")
+        if self.executor not in ("local", "kubernetes"):
+            raise InvalidArgument(f"executor must be local or kubernetes, got {self.executor!r}")
+        if not 0 <= self.worker_port <= 65535:
+            raise InvalidArgument(f"worker_port must be 0..65535, got {self.worker_port}")
+        if self.executor == "kubernetes" and not self.k8s_worker_trainer_address:
+            raise InvalidArgument(
+                "executor kubernetes needs k8s_worker_trainer_address: the trainer's worker API as pods reach it "
+                "(e.g. tunedock-trainer-worker:50054)"
+            )
+        bad = [item for item in self.k8s_node_selector if "=" not in item]
+        if bad:
+            raise InvalidArgument(f"k8s_node_selector entries must be key=value, got {bad}")
         if self.max_attempts < 1:
             raise InvalidArgument(f"max_attempts must be >= 1, got {self.max_attempts}")
         if not self.database_url:

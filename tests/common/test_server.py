@@ -153,7 +153,9 @@ def _start(module: str, tmp_path: Path, *args: str) -> tuple[subprocess.Popen, i
 
 @pytest.mark.parametrize(("module", "service"), SERVICES)
 def test_service_entrypoint_health_reflection_metrics(module, service, tmp_path):
-    proc, port, metrics_port = _start(module, tmp_path)
+    proc, port, metrics_port = _start(
+        module, tmp_path, *(["--worker-port", "0"] if module == "services.trainer" else [])
+    )
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
@@ -181,7 +183,7 @@ def test_service_entrypoint_health_reflection_metrics(module, service, tmp_path)
 
 def test_sigterm_during_a_stream_ends_cleanly(tmp_path):
     """A watcher sees NOT_SERVING, its stream ends, and the process exits 0 within the grace period."""
-    proc, port, _ = _start("services.trainer", tmp_path, "--shutdown-grace-s", "1")
+    proc, port, _ = _start("services.trainer", tmp_path, "--shutdown-grace-s", "1", "--worker-port", "0")
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
         assert next(stream).status == health_pb2.HealthCheckResponse.SERVING

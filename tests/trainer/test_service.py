@@ -32,6 +32,7 @@ class Stack:
     def start_trainer(self):
         settings = TrainerSettings(
             port=0,
+            worker_port=0,
             metrics_port=-1,
             data_dir=self.data_dir,
             max_attempts=3,
