@@ -38,7 +38,7 @@ class TrainerSettings(ServerSettings):
     k8s_memory: str = setting("32Gi", "memory request and limit of a worker pod")
     k8s_node_selector: list[str] = setting(lambda: [], "node selector of worker pods, key=value[,key=value]")
     k8s_tolerations: list[str] = setting(
-        list, "tolerations of worker pods: key=value:Effect or key:Effect, comma-separated"
+        lambda: [], "tolerations of worker pods: key=value:Effect or key:Effect, comma-separated"
     )
     k8s_backoff_limit: int = setting(0, "pod retries inside one Job (the trainer retries attempts from checkpoints)")
     k8s_active_deadline_s: int = setting(86400, "a worker Job is stopped after this many seconds")

@@ -1,0 +1,194 @@
+"""deploy/k8s renders (kubectl's kustomize), validates against the Kubernetes schema, and keeps its promises."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes import client as k8s
+
+from services.trainer.executor import Launch
+from services.trainer.kube import MANAGED_LABELS, build_job, settings_from
+from services.trainer.settings import TrainerSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+TARGETS = {"base": K8S / "base", "dev": K8S / "overlays" / "dev", "gpu": K8S / "overlays" / "gpu"}
+K8S_VERSION = kubernetes_validate.latest_version()
+
+
+def render(path: Path) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl (with its built-in kustomize) is needed to render deploy/k8s"
+    out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, check=True).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+@pytest.fixture(scope="module", params=list(TARGETS))
+def rendered(request) -> tuple[str, list[dict]]:
+    return request.param, render(TARGETS[request.param])
+
+
+def by_kind(objects: list[dict], kind: str) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
+
+
+def test_every_object_validates_against_the_kubernetes_schema(rendered):
+    _, objects = rendered
+    assert len(objects) >= 25
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_every_container_has_probes_limits_and_runs_as_non_root(rendered):
+    _, objects = rendered
+    deployments = by_kind(objects, "Deployment")
+    assert set(deployments) == {"tunedock-registry", "tunedock-trainer", "tunedock-inference"}
+    for name, deployment in deployments.items():
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0, name
+        for container in pod["containers"]:
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                assert "grpc" in container[probe], (name, probe)  # native gRPC health probes
+            port = container["livenessProbe"]["grpc"]["port"]
+            assert port in [p["containerPort"] for p in container["ports"]]
+            resources = container["resources"]
+            assert {"cpu", "memory"} <= set(resources["requests"]) and {"cpu", "memory"} <= set(resources["limits"])
+            security = container["securityContext"]
+            assert security["allowPrivilegeEscalation"] is False and security["capabilities"]["drop"] == ["ALL"]
+            assert security["readOnlyRootFilesystem"] is True
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert int(annotations["prometheus.io/port"]) in [p["containerPort"] for p in pod["containers"][0]["ports"]]
+        # Each service has its own identity, config, disruption budget and policy.
+        assert pod["serviceAccountName"] in by_kind(objects, "ServiceAccount")
+        assert name in by_kind(objects, "ConfigMap") or any(
+            n.startswith(name + "-") for n in by_kind(objects, "ConfigMap")
+        )
+        assert name in by_kind(objects, "PodDisruptionBudget") and name in by_kind(objects, "NetworkPolicy")
+
+
+def test_rbac_grants_jobs_and_pod_reads_in_the_namespace_only(rendered):
+    _, objects = rendered
+    assert not by_kind(objects, "ClusterRole") and not by_kind(objects, "ClusterRoleBinding")
+    (role,) = by_kind(objects, "Role").values()
+    allowed = {("batch", "jobs"): {"create", "get", "list", "watch", "delete"}, ("", "pods"): {"get", "list", "watch"}}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                assert set(rule["verbs"]) <= allowed[(group, resource)], rule
+    (binding,) = by_kind(objects, "RoleBinding").values()
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "tunedock-trainer", **_ns(binding)}]
+    # Only the trainer mounts an API token.
+    for name, deployment in by_kind(objects, "Deployment").items():
+        mounts_token = deployment["spec"]["template"]["spec"]["automountServiceAccountToken"]
+        assert mounts_token is (name == "tunedock-trainer"), name
+
+
+def _ns(obj: dict) -> dict:
+    return {"namespace": obj["metadata"]["namespace"]} if "namespace" in obj["metadata"] else {}
+
+
+def test_network_policies_admit_only_workers_to_the_worker_api(rendered):
+    _, objects = rendered
+    policies = by_kind(objects, "NetworkPolicy")
+    trainer_rules = policies["tunedock-trainer"]["spec"]["ingress"]
+    worker_api = [r for r in trainer_rules if any(p["port"] == 50054 for p in r["ports"])]
+    assert worker_api == [
+        {
+            "from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "worker"}}}],
+            "ports": [{"port": 50054, "protocol": "TCP"}],
+        }
+    ]
+    registry_from = [
+        peer["podSelector"]["matchLabels"]
+        for rule in policies["tunedock-registry"]["spec"]["ingress"]
+        for peer in rule["from"]
+        if "podSelector" in peer
+    ]
+    assert {"app.kubernetes.io/name": "tunedock-inference"} in registry_from
+    assert {"app.kubernetes.io/name": "tunedock-trainer"} in registry_from
+    # The trainer's worker API is a Service of its own, on the port the policy guards.
+    worker_service = by_kind(objects, "Service")["tunedock-trainer-worker"]
+    assert [p["port"] for p in worker_service["spec"]["ports"]] == [50054]
+
+
+def test_inference_is_behind_a_headless_service(rendered):
+    _, objects = rendered
+    services = by_kind(objects, "Service")
+    assert services["tunedock-inference"]["spec"]["clusterIP"] == "None"
+    assert services["tunedock-registry"]["spec"]["clusterIP"] == "None"
+    configs = {n.rsplit("-", 1)[0] if n.count("-") > 1 else n: c for n, c in by_kind(objects, "ConfigMap").items()}
+    registry_targets = [c["data"][k] for c in configs.values() for k in c["data"] if k.endswith("REGISTRY_ADDRESS")]
+    assert registry_targets and all(t == "dns:///tunedock-registry:50052" for t in registry_targets)
+
+
+def config(objects: list[dict], prefix: str) -> dict[str, str]:
+    (cm,) = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith(prefix)]
+    return cm["data"]
+
+
+def test_dev_overlay_is_cpu_sqlite_single_replicas():
+    objects = render(TARGETS["dev"])
+    deployments = by_kind(objects, "Deployment")
+    assert all(d["spec"]["replicas"] == 1 for d in deployments.values())
+    assert {"tunedock-registry-data", "tunedock-trainer-data"} <= set(by_kind(objects, "PersistentVolumeClaim"))
+    for d in deployments.values():
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            assert c["image"].endswith("-cpu") and "nvidia.com/gpu" not in c["resources"]["limits"]
+            assert not any(e["name"].endswith("DATABASE_URL") for e in c.get("env", []))  # SQLite on the PVC
+    assert config(objects, "tunedock-trainer")["TUNEDOCK_TRAINER_EXECUTOR"] == "local"
+    assert {o["metadata"].get("namespace") for o in objects if o["kind"] != "Namespace"} == {"tunedock-dev"}
+
+
+def test_gpu_overlay_puts_inference_on_gpus_and_state_in_postgres_and_s3():
+    objects = render(TARGETS["gpu"])
+    deployments = by_kind(objects, "Deployment")
+    inference = deployments["tunedock-inference"]
+    assert inference["spec"]["replicas"] >= 2
+    (container,) = inference["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1" and container["image"].endswith("-cuda")
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in inference["spec"]["template"][
+        "spec"
+    ]["tolerations"]
+    (hpa,) = by_kind(objects, "HorizontalPodAutoscaler").values()
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "tunedock-inference" and hpa["spec"]["minReplicas"] >= 2
+    registry_env = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]["name"]
+        for e in deployments["tunedock-registry"]["spec"]["template"]["spec"]["containers"][0]["env"]
+        if "valueFrom" in e
+    }
+    assert registry_env["TUNEDOCK_REGISTRY_DATABASE_URL"] == "tunedock-postgres"
+    assert registry_env["TUNEDOCK_REGISTRY_BLOB_URL"] == "tunedock-s3"
+    assert "tunedock-registry-data" not in by_kind(objects, "PersistentVolumeClaim")
+    trainer_data = by_kind(objects, "PersistentVolumeClaim")["tunedock-trainer-data"]
+    assert trainer_data["spec"]["accessModes"] == ["ReadWriteMany"]  # shared with worker pods on other nodes
+
+
+@pytest.mark.parametrize("overlay", ["dev", "gpu"])
+def test_worker_jobs_from_the_overlays_trainer_settings_fit_the_manifests(overlay, monkeypatch):
+    """The Job the trainer would create with the overlay's settings: valid, same image, wired to the manifests."""
+    objects = render(TARGETS[overlay])
+    for key, value in config(objects, "tunedock-trainer").items():  # what envFrom gives the trainer pod
+        monkeypatch.setenv(key, value)
+    settings = TrainerSettings.load([], executor="kubernetes")
+    job = build_job("job-0123456789ab", 1, Launch(method="qlora", processes_per_node=2), settings_from(settings))
+    body = k8s.ApiClient().sanitize_for_serialization(job)
+    kubernetes_validate.validate(body, K8S_VERSION, strict=True)
+    trainer = by_kind(objects, "Deployment")["tunedock-trainer"]["spec"]["template"]["spec"]["containers"][0]
+    pod = body["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"] == trainer["image"]
+    assert pod["serviceAccountName"] in by_kind(objects, "ServiceAccount")
+    assert {"name": "data", "persistentVolumeClaim": {"claimName": "tunedock-trainer-data"}} in pod["volumes"]
+    host, port = settings.k8s_worker_trainer_address.split(":")
+    service = by_kind(objects, "Service")[host]
+    assert int(port) in [p["port"] for p in service["spec"]["ports"]]
+    labels = body["spec"]["template"]["metadata"]["labels"]
+    assert MANAGED_LABELS.items() <= labels.items()
+    workers = by_kind(objects, "Service")["tunedock-workers"]["spec"]["selector"]
+    assert workers.items() <= labels.items()
