@@ -120,6 +120,8 @@ def build_spec(
     validation_split: float,
     grad_ckpt: bool,
     checkpoint_every: int,
+    processes: int = 1,
+    nodes: int = 1,
 ):
     from tunedock.v1 import common_pb2
     from tunedock.v1 import trainer_pb2 as pb
@@ -160,6 +162,8 @@ def build_spec(
             packing=packing,
             gradient_checkpointing=grad_ckpt,
             checkpoint_every_steps=checkpoint_every,
+            processes_per_node=processes,
+            nodes=nodes,
         ),
     )
 
@@ -237,6 +241,8 @@ def train(
     quant: str = typer.Option("nf4", help="QLoRA: nf4 or fp4"),
     grad_ckpt: bool = typer.Option(False, help="gradient checkpointing"),
     checkpoint_every: int = typer.Option(0, help="checkpoint every N steps"),
+    processes: int = typer.Option(1, help="training processes per node (torchrun; one per GPU); batch is per process"),
+    nodes: int = typer.Option(1, help="nodes (needs the trainer's Kubernetes executor)"),
     watch: bool = typer.Option(False, "--watch", help="follow progress until the job ends"),
     trainer: str = typer.Option(TRAINER, help="trainer address"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
@@ -270,6 +276,8 @@ def _train(
     quant,
     grad_ckpt,
     checkpoint_every,
+    processes,
+    nodes,
     watch,
     trainer,
     as_json,
@@ -305,6 +313,8 @@ def _train(
             validation_split,
             grad_ckpt,
             checkpoint_every,
+            processes=processes,
+            nodes=nodes,
         )
         job = client.submit(spec)
         if not watch:
