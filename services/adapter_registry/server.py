@@ -9,8 +9,22 @@ from services.adapter_registry.core import Registry
 from services.adapter_registry.metadata import MetadataStore
 from services.adapter_registry.servicer import AdapterRegistryServicer
 from services.adapter_registry.settings import RegistrySettings
+from services.common.auth import method_roles
 from services.common.server import GrpcServer, ServiceBinding
 from tunedock.v1 import adapter_registry_pb2, adapter_registry_pb2_grpc
+
+ROLES = {
+    "Publish": "registry.publish",
+    "GetVersion": "registry.read",
+    "Resolve": "registry.read",
+    "ListArtifacts": "registry.read",
+    "ListVersions": "registry.read",
+    "Download": "registry.read",
+    "Watch": "registry.read",
+    "SetAlias": "registry.admin",
+    "DeleteAlias": "registry.admin",
+    "DeleteVersion": "registry.admin",
+}
 
 
 def build_registry(settings: RegistrySettings) -> Registry:
@@ -38,6 +52,7 @@ async def build_server(settings: RegistrySettings) -> GrpcServer:
                 adapter_registry_pb2_grpc.add_AdapterRegistryServiceServicer_to_server,
             )
         ],
+        roles=method_roles(service, ROLES),
     )
     server.on_stop.append(registry.metadata.close)
     return server

@@ -26,6 +26,7 @@ class RegistrySettings(ServerSettings):
     s3_endpoint_url: str = setting("", "S3 endpoint URL (MinIO, Ceph, moto ...); empty means AWS")
     max_artifact_mb: int = setting(20480, "largest artifact accepted, in MiB")
     max_files: int = setting(10000, "most files in one artifact")
+    worker_key_file: str = setting("", "the trainer's worker-token key, so training workers can publish their output")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -77,3 +77,9 @@ class DataLoss(TuneDockError):
     """Stored bytes do not match their checksum."""
 
     status = "DATA_LOSS"
+
+
+class DeadlineExceeded(TuneDockError):
+    """The server stopped working on a call that ran past its server-side deadline."""
+
+    status = "DEADLINE_EXCEEDED"

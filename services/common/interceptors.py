@@ -7,6 +7,7 @@ servicers stay thin: they convert protos, call a core, and let exceptions fly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import logging
@@ -19,6 +20,7 @@ import grpc
 from grpc import aio
 
 from services.common import errors
+from services.common.auth import ANONYMOUS, Principal, current_principal
 from services.common.logging import request_id
 from services.common.metrics import ServerMetrics
 
@@ -192,3 +194,101 @@ def _final_code(context: aio.ServicerContext, exc: BaseException | None) -> str:
     if isinstance(exc, (GeneratorExit, asyncio.CancelledError)):
         return "CANCELLED"
     return "UNKNOWN"
+
+
+OPEN_METHODS = ("/grpc.health.v1.Health/",)  # probes carry no token
+
+
+class AuthInterceptor(aio.ServerInterceptor):
+    """Authenticates each call, checks the role its method needs, and applies per-caller limits.
+
+    - `authorization: Bearer <token>` metadata -> a principal (UNAUTHENTICATED when missing
+      or unknown); the method's role from `roles` (PERMISSION_DENIED naming the role when
+      the principal lacks it; methods missing from `roles` are denied). With no
+      authenticator (authentication off) every call is `ANONYMOUS`.
+    - The principal is set in `current_principal` for the servicer and core.
+    - At most `max_streams` streaming calls per principal at once (RESOURCE_EXHAUSTED);
+      unary-response calls are cut off after `rpc_timeout_s` (DEADLINE_EXCEEDED).
+
+    Sits inside `ErrorMappingInterceptor`, which turns its domain errors into statuses.
+    """
+
+    def __init__(
+        self,
+        authenticator,
+        roles: dict[str, str | None],
+        max_streams: int = 128,
+        rpc_timeout_s: float = 600.0,
+    ) -> None:
+        self.authenticator = authenticator
+        self.roles = roles
+        self.max_streams = max_streams
+        self.rpc_timeout_s = rpc_timeout_s
+        self.streams: dict[str, int] = {}
+
+    def _principal(self, method: str, metadata) -> Principal:
+        if self.authenticator is None:
+            return ANONYMOUS
+        header = dict(metadata or ()).get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise errors.Unauthenticated(
+                "missing credentials: send the metadata 'authorization: Bearer <token>' "
+                "(the CLI and SDK read TUNEDOCK_TOKEN or TUNEDOCK_TOKEN_FILE)"
+            )
+        found = self.authenticator.authenticate(token.strip())
+        if found is None:
+            raise errors.Unauthenticated("unknown, revoked or expired token")
+        if method in self.roles:
+            role = self.roles[method]
+        elif method.startswith("/grpc.reflection."):
+            role = None  # any authenticated caller may list the API
+        else:
+            raise errors.PermissionDenied(f"no role grants {method}")
+        if role is not None and not found.has_role(role):
+            raise errors.PermissionDenied(f"{found.name} lacks the role {role} needed for {method.rpartition('/')[2]}")
+        return found
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if method.startswith(OPEN_METHODS):
+            return handler
+        metadata = handler_call_details.invocation_metadata
+
+        def wrap_unary(behavior):
+            async def wrapped(request, context):
+                token = current_principal.set(self._principal(method, metadata))
+                try:
+                    return await asyncio.wait_for(_call(behavior, request, context), self.rpc_timeout_s)
+                except TimeoutError:
+                    raise errors.DeadlineExceeded(
+                        f"the server stopped this call after its {self.rpc_timeout_s:g}s deadline"
+                    ) from None
+                finally:
+                    current_principal.reset(token)
+
+            return wrapped
+
+        def wrap_stream(behavior):
+            async def wrapped(request, context):
+                caller = self._principal(method, metadata)
+                if self.streams.get(caller.name, 0) >= self.max_streams:
+                    raise errors.ResourceExhausted(
+                        f"{caller.name} already has {self.max_streams} open streams; close some and retry"
+                    )
+                self.streams[caller.name] = self.streams.get(caller.name, 0) + 1
+                token = current_principal.set(caller)
+                try:
+                    async for item in _iterate(behavior, request, context):
+                        yield item
+                finally:
+                    self.streams[caller.name] -= 1
+                    with contextlib.suppress(ValueError):  # closed from another context
+                        current_principal.reset(token)
+
+            return wrapped
+
+        return wrap_handler(handler, wrap_unary, wrap_stream)

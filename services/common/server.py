@@ -16,15 +16,18 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from services.common.auth import Authenticator, TokenFile, WorkerTokens, load_key
 from services.common.errors import TuneDockError
-from services.common.interceptors import ErrorMappingInterceptor, ObservabilityInterceptor
+from services.common.interceptors import AuthInterceptor, ErrorMappingInterceptor, ObservabilityInterceptor
 from services.common.logging import configure_logging
 from services.common.metrics import ServerMetrics
 from services.common.settings import ServerSettings
@@ -55,6 +58,8 @@ class GrpcServer:
 
     listener_ports: dict[str, int] = field(default_factory=dict)
     """Extra ports for bindings that must be reachable apart (e.g. the trainer's worker API)."""
+    roles: dict[str, str | None] = field(default_factory=dict)
+    """Full method name -> the role a caller needs (None: any authenticated caller)."""
 
     port: int = 0
     metrics_port: int | None = None
@@ -65,6 +70,13 @@ class GrpcServer:
         self._extra: dict[str, aio.Server] = {}
         self.bound: dict[str, int] = {}
         self._metrics_http = None
+        self.authenticator = build_authenticator(self.settings)
+        self.auth = AuthInterceptor(
+            self.authenticator,
+            self.roles,
+            max_streams=self.settings.max_streams_per_principal,
+            rpc_timeout_s=self.settings.rpc_timeout_s,
+        )
 
     @property
     def address(self) -> str:
@@ -77,7 +89,7 @@ class GrpcServer:
     def _new_server(self, bindings: list[ServiceBinding], port: int) -> tuple[aio.Server, int]:
         max_bytes = self.settings.max_message_mb * 1024 * 1024
         server = aio.server(
-            interceptors=[ObservabilityInterceptor(self.metrics), ErrorMappingInterceptor()],
+            interceptors=[ObservabilityInterceptor(self.metrics), ErrorMappingInterceptor(), self.auth],
             options=[
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", max_bytes),
@@ -92,7 +104,11 @@ class GrpcServer:
             [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
         )
         host = f"[{self.settings.host}]" if ":" in self.settings.host else self.settings.host
-        bound = server.add_insecure_port(f"{host}:{port}")
+        credentials = server_credentials(self.settings)
+        if credentials is None:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        else:
+            bound = server.add_secure_port(f"{host}:{port}", credentials)
         if bound == 0:
             raise TuneDockError(f"could not bind {host}:{port}: is the port in use?")
         return server, bound
@@ -116,6 +132,13 @@ class GrpcServer:
                 await result
         for name in ["", *names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.authenticator is None:
+            if self.settings.insecure:
+                log.warning(
+                    "authentication is OFF on %s (--insecure): anyone who can reach it can do anything", self.address
+                )
+            else:
+                log.info("authentication is off (no --token-file): serving loopback only")
         log.info(
             "serving %s on %s",
             ", ".join(names),
@@ -144,6 +167,26 @@ class GrpcServer:
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def build_authenticator(settings: ServerSettings) -> Authenticator | None:
+    """Token file (+ worker tokens where the service has a worker key); None when authentication is off."""
+    if not settings.token_file:
+        return None
+    key_file = getattr(settings, "worker_key_file", "")
+    workers = WorkerTokens(load_key(Path(key_file))) if key_file else None
+    return Authenticator(TokenFile(Path(settings.token_file)), workers)
+
+
+def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    if not settings.tls_cert_file:
+        return None
+    client_ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(Path(settings.tls_key_file).read_bytes(), Path(settings.tls_cert_file).read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 BuildServer = Callable[[Any], Awaitable[GrpcServer]]

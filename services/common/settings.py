@@ -50,6 +50,17 @@ class ServerSettings:
     log_level: str = setting("INFO", "log level: DEBUG, INFO, WARNING or ERROR")
     shutdown_grace_s: float = setting(5.0, "seconds in-flight RPCs get to finish on SIGTERM before they are cancelled")
     max_message_mb: int = setting(64, "largest gRPC message accepted or sent, in MiB")
+    token_file: str = setting(
+        "", "JSON file of hashed bearer tokens (tunedock tokens create); empty: authentication off, loopback only"
+    )
+    insecure: bool = setting(False, "allow binding a non-loopback address with authentication off (not for production)")
+    tls_cert_file: str = setting("", "PEM server certificate (chain); with tls_key_file turns on TLS")
+    tls_key_file: str = setting("", "PEM private key of tls_cert_file")
+    tls_client_ca_file: str = setting(
+        "", "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)"
+    )
+    max_streams_per_principal: int = setting(128, "streaming calls one caller may have open at once")
+    rpc_timeout_s: float = setting(600.0, "server-side deadline of unary-response calls, seconds")
 
     def __post_init__(self) -> None:
         if self.port == -1:
@@ -69,6 +80,21 @@ class ServerSettings:
             problems.append(f"max_message_mb must be > 0, got {self.max_message_mb}")
         if self.host not in ("localhost", "") and not _is_hostname(self.host):
             problems.append(f"host {self.host!r} is not an IP address or host name")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            problems.append("tls_cert_file and tls_key_file go together: give both or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            problems.append("tls_client_ca_file (mTLS) needs TLS: give tls_cert_file and tls_key_file too")
+        for name in ("token_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                problems.append(f"{name} {path!r} does not exist")
+        if self.max_streams_per_principal < 1 or self.rpc_timeout_s <= 0:
+            problems.append("max_streams_per_principal must be >= 1 and rpc_timeout_s > 0")
+        if not self.token_file and not self.insecure and not is_loopback(self.host):
+            problems.append(
+                f"refusing to serve {self.host} without authentication: give --token-file "
+                "(see `tunedock tokens create`), bind 127.0.0.1, or pass --insecure to accept the risk"
+            )
         if problems:
             raise InvalidArgument("invalid settings: " + "; ".join(problems))
 
@@ -112,6 +138,15 @@ class ServerSettings:
                     flag, dest=f.name, default=None, help=help_text, type=lambda s, t=typ, n=f.name: _convert(t, s, n)
                 )
         return parser
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _is_hostname(host: str) -> bool:

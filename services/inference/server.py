@@ -9,12 +9,14 @@ from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.common.auth import method_roles
 from services.common.server import GrpcServer, ServiceBinding
 from services.inference.adapters import AdapterCache, AdapterResolver
 from services.inference.core import InferenceCore, Limits
 from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
 from tunedock.client import RegistryClient
+from tunedock.client.channel import read_token
 from tunedock.fingerprint import fingerprint_model_dir
 from tunedock.v1 import inference_pb2, inference_pb2_grpc
 
@@ -63,6 +65,15 @@ class InferenceMetrics:
         )
 
 
+ROLES = {
+    "Generate": "inference.generate",
+    "GenerateUnary": "inference.generate",
+    "PreloadAdapter": "inference.admin",
+    "UnloadAdapter": "inference.admin",
+    "ListLoadedAdapters": "inference.admin",
+}
+
+
 def default_base_model(settings: InferenceSettings) -> str:
     if settings.base_model:
         return settings.base_model
@@ -92,9 +103,9 @@ async def build_server(settings: InferenceSettings, engine=None) -> GrpcServer:
             settings.isolate_base,
         )
     service = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
-    server = GrpcServer(settings, [])
+    server = GrpcServer(settings, [], roles=method_roles(service, ROLES))
     metrics = InferenceMetrics.create(server.metrics.registry)
-    registry = RegistryClient(settings.registry_address, timeout=30)
+    registry = RegistryClient(settings.registry_address, timeout=30, token=read_token(settings.registry_token_file))
     resolver = AdapterResolver(registry, ttl_s=settings.resolve_ttl_s)
     base_path = Path(base_model)
     cache = AdapterCache(

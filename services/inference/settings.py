@@ -21,6 +21,9 @@ class InferenceSettings(ServerSettings):
 
     base_model: str = setting("", "base model (hub id or local path); empty means the embedded tiny model")
     registry_address: str = setting("127.0.0.1:50052", "address of the adapter registry adapters resolve through")
+    registry_token_file: str = setting(
+        "", "file with this service's token for the registry (needs registry.read on all projects)"
+    )
     max_loras: int = setting(4, "adapters active in one engine batch (vLLM max_loras)")
     max_cpu_loras: int = setting(16, "adapters kept in the engine's host-memory LRU (vLLM max_cpu_loras)")
     max_lora_rank: int = setting(64, "largest adapter rank served")

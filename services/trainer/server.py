@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from services.adapter_registry.blobs import LocalBlobStore
+from services.common.auth import method_roles
 from services.common.server import GrpcServer, ServiceBinding
 from services.trainer.core import TrainerCore
 from services.trainer.executor import LocalExecutor
@@ -12,6 +13,20 @@ from services.trainer.servicer import TrainerServicer, TrainerWorkerServicer
 from services.trainer.settings import TrainerSettings
 from services.trainer.store import JobStore
 from tunedock.v1 import trainer_pb2, trainer_pb2_grpc
+
+ROLES = {
+    "UploadDataset": "trainer.submit",
+    "SubmitJob": "trainer.submit",
+    "CancelJob": "trainer.submit",
+    "GetDataset": "trainer.read",
+    "ListDatasets": "trainer.read",
+    "GetJob": "trainer.read",
+    "ListJobs": "trainer.read",
+    "WatchJob": "trainer.read",
+    "GetAssignment": "trainer.worker",
+    "ReportEvent": "trainer.worker",
+    "DownloadDataset": "trainer.worker",
+}
 
 
 def build_executor(settings: TrainerSettings, worker_address, core: TrainerCore):
@@ -51,6 +66,7 @@ async def build_server(settings: TrainerSettings) -> GrpcServer:
             ),
         ],
         listener_ports={"worker": settings.worker_port},
+        roles=method_roles(services["TrainerService"], ROLES) | method_roles(services["TrainerWorkerService"], ROLES),
     )
     # Workers report back to the worker port, whose number is known once the server has
     # started: the executors read it lazily.

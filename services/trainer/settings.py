@@ -22,6 +22,11 @@ class TrainerSettings(ServerSettings):
     max_concurrent_jobs: int = setting(1, "jobs that train at the same time; the rest queue")
     max_attempts: int = setting(3, "worker starts per job (resumes from the last checkpoint after a crash)")
     max_dataset_mb: int = setting(1024, "largest dataset upload accepted, in MiB")
+    registry_token_file: str = setting("", "file with this service's token for the registry (registry.read)")
+    worker_key_file: str = setting(
+        "", "key that signs workers' job-scoped tokens (shared with the registry); needed with --token-file"
+    )
+    worker_token_ttl_s: float = setting(86400.0, "lifetime of a worker token (one attempt of one job)")
     worker_port: int = setting(
         50054, "port of the worker API (TrainerWorkerService), apart so a NetworkPolicy can admit workers only"
     )

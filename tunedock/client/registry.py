@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from tunedock.client.channel import connect
+from tunedock.client.channel import FROM_ENV, TlsFiles, connect
 from tunedock.v1 import adapter_registry_pb2 as pb
 from tunedock.v1 import adapter_registry_pb2_grpc, common_pb2
 
@@ -60,8 +60,15 @@ def scan_directory(root: Path) -> list[LocalFile]:
 class RegistryClient:
     """Typed wrapper over `AdapterRegistryService`."""
 
-    def __init__(self, address: str | grpc.Channel, timeout: float = 60.0) -> None:
-        self.channel = connect(address) if isinstance(address, str) else address
+    def __init__(
+        self,
+        address: str | grpc.Channel,
+        timeout: float = 60.0,
+        token: str | object | None = FROM_ENV,
+        tls: TlsFiles | object | None = FROM_ENV,
+    ) -> None:
+        """`token`/`tls` default to the environment (TUNEDOCK_TOKEN, TUNEDOCK_TLS_CA_FILE, ...)."""
+        self.channel = connect(address, token, tls) if isinstance(address, str) else address
         self.stub = adapter_registry_pb2_grpc.AdapterRegistryServiceStub(self.channel)
         self.timeout = timeout
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import grpc
 
-from tunedock.client.channel import connect
+from tunedock.client.channel import FROM_ENV, TlsFiles, connect
 from tunedock.v1 import trainer_pb2 as pb
 from tunedock.v1 import trainer_pb2_grpc
 
@@ -16,8 +16,15 @@ TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
 
 
 class TrainerClient:
-    def __init__(self, address: str | grpc.Channel, timeout: float = 60.0) -> None:
-        self.channel = connect(address) if isinstance(address, str) else address
+    def __init__(
+        self,
+        address: str | grpc.Channel,
+        timeout: float = 60.0,
+        token: str | object | None = FROM_ENV,
+        tls: TlsFiles | object | None = FROM_ENV,
+    ) -> None:
+        """`token`/`tls` default to the environment (TUNEDOCK_TOKEN, TUNEDOCK_TLS_CA_FILE, ...)."""
+        self.channel = connect(address, token, tls) if isinstance(address, str) else address
         self.stub = trainer_pb2_grpc.TrainerServiceStub(self.channel)
         self.timeout = timeout
 

@@ -1,0 +1,300 @@
+"""Who is calling: bearer tokens, principals with roles and projects, job-scoped worker tokens.
+
+No grpc here (the interceptor in `services.common.interceptors` reads the metadata and
+sets `current_principal`); cores ask the principal what the caller may see and do.
+
+- User and service tokens live in a JSON file (or a Kubernetes Secret mounted as one),
+  stored as SHA-256 hashes: tokens are 256-bit random strings, so a fast hash loses
+  nothing and a leaked file grants nothing. The file is re-read when it changes.
+- Worker tokens are minted by the trainer per attempt: HMAC-signed, expiring, naming
+  one job, its project and the registry names its output may be published under. The
+  trainer and the registry share the key; nothing is stored.
+- With no token file at all, authentication is off: every call is the `ANONYMOUS`
+  principal (all roles, all projects), and servers only bind loopback (settings).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextvars
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.common.errors import InvalidArgument, NotFound, PermissionDenied
+
+ROLES = frozenset(
+    {
+        "trainer.submit",  # upload datasets, submit and cancel jobs
+        "trainer.read",  # list, get and watch jobs and datasets
+        "trainer.worker",  # the worker API (worker tokens only, in practice)
+        "registry.publish",  # publish versions
+        "registry.read",  # list, get, resolve, download, watch
+        "registry.admin",  # aliases and deletes
+        "inference.generate",  # generate with the base model and readable adapters
+        "inference.admin",  # load/unload/pin adapters, engine status
+    }
+)
+ALL_PROJECTS = "*"
+DEFAULT_PROJECT = "default"
+WORKER_TOKEN_PREFIX = "tdw."
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller."""
+
+    name: str
+    roles: frozenset[str]
+    projects: frozenset[str]
+    """Projects whose items it may see and use; "*" means all."""
+    kind: str = "user"
+    """user | service | worker | anonymous."""
+    job_id: str = ""
+    """Worker tokens: the one job they act for."""
+    publish_names: tuple[str, ...] = ()
+    """Worker tokens: the registry names the job's outputs may be published under."""
+
+    def has_role(self, role: str) -> bool:
+        return role in self.roles
+
+    def may_access(self, project: str) -> bool:
+        return ALL_PROJECTS in self.projects or project in self.projects
+
+    @property
+    def default_project(self) -> str:
+        named = sorted(p for p in self.projects if p != ALL_PROJECTS)
+        return named[0] if named else DEFAULT_PROJECT
+
+    def project_for_write(self, requested: str) -> str:
+        """The project a new item goes into: the one asked for, else the caller's default."""
+        project = requested or self.default_project
+        if not self.may_access(project):
+            raise PermissionDenied(f"{self.name} may not use project {project!r}")
+        return project
+
+    def check_readable(self, project: str, what: str) -> None:
+        """An item in a project the caller may not see does not exist, as far as the caller can tell."""
+        if not self.may_access(project):
+            raise NotFound(f"{what} not found")
+
+    def check_job(self, job_id: str) -> None:
+        if self.job_id and self.job_id != job_id:
+            raise PermissionDenied(f"this worker token is for job {self.job_id}, not {job_id}")
+
+    def check_publish_name(self, name: str) -> None:
+        if self.kind == "worker" and name not in self.publish_names:
+            raise PermissionDenied(
+                f"this worker token may publish only {', '.join(self.publish_names) or 'nothing'}, not {name!r}"
+            )
+
+
+ANONYMOUS = Principal("anonymous", ROLES, frozenset({ALL_PROJECTS}), kind="anonymous")
+current_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal", default=ANONYMOUS)
+
+
+def principal() -> Principal:
+    """The caller of the RPC being served (ANONYMOUS where authentication is off)."""
+    return current_principal.get()
+
+
+# ------------------------------------------------------------------------------ token file
+
+
+def new_token(prefix: str = "td") -> str:
+    return f"{prefix}_{secrets.token_urlsafe(32)}"
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def check_roles(roles: list[str]) -> frozenset[str]:
+    expanded = set(ROLES) if "all" in roles else set(roles)
+    unknown = sorted(expanded - ROLES)
+    if unknown:
+        raise InvalidArgument(f"unknown role(s) {unknown}; roles are {', '.join(sorted(ROLES))} (or all)")
+    return frozenset(expanded)
+
+
+def add_token(path: Path, name: str, roles: list[str], projects: list[str], kind: str = "user") -> str:
+    """Create a token for `name` in the token file (created if missing); returns the token, shown once."""
+    path = Path(path)
+    data = json.loads(path.read_text()) if path.exists() else {"version": 1, "tokens": []}
+    if any(entry["name"] == name for entry in data["tokens"]):
+        raise InvalidArgument(f"{path} already has a token named {name!r}; revoke it first")
+    token = new_token()
+    data["tokens"].append(
+        {
+            "name": name,
+            "sha256": hash_token(token),
+            "roles": sorted(check_roles(roles)),
+            "projects": sorted(projects) or [DEFAULT_PROJECT],
+            "kind": kind,
+            "created_at": int(time.time()),
+        }
+    )
+    _write_private(path, json.dumps(data, indent=2) + "\n")
+    return token
+
+
+def revoke_token(path: Path, name: str) -> bool:
+    data = json.loads(Path(path).read_text())
+    kept = [entry for entry in data["tokens"] if entry["name"] != name]
+    if len(kept) == len(data["tokens"]):
+        return False
+    data["tokens"] = kept
+    _write_private(Path(path), json.dumps(data, indent=2) + "\n")
+    return True
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class TokenFile:
+    """Hashed tokens from a JSON file, re-read when its modification time changes."""
+
+    path: Path
+    recheck_s: float = 2.0
+    _by_hash: dict[str, Principal] = field(default_factory=dict)
+    _mtime: float = -1.0
+    _checked: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        self._reload()  # a broken file fails at start-up, not on the first call
+
+    def _reload(self) -> None:
+        try:
+            mtime = self.path.stat().st_mtime
+            data = json.loads(self.path.read_text())
+            entries = data["tokens"]
+            by_hash = {
+                entry["sha256"]: Principal(
+                    name=entry["name"],
+                    roles=check_roles(entry.get("roles", [])),
+                    projects=frozenset(entry.get("projects") or [DEFAULT_PROJECT]),
+                    kind=entry.get("kind", "user"),
+                )
+                for entry in entries
+            }
+        except (OSError, ValueError, KeyError, TypeError, InvalidArgument) as exc:
+            if self._mtime < 0:
+                raise InvalidArgument(f"token file {self.path}: {exc}") from None
+            return  # keep the last good set while the file is being rewritten
+        self._by_hash, self._mtime = by_hash, mtime
+
+    def lookup(self, token: str) -> Principal | None:
+        now = time.monotonic()
+        if now - self._checked > self.recheck_s:
+            with self._lock:
+                self._checked = now
+                try:
+                    changed = self.path.stat().st_mtime != self._mtime
+                except OSError:
+                    changed = False
+                if changed:
+                    self._reload()
+        return self._by_hash.get(hash_token(token))
+
+
+# ---------------------------------------------------------------------------- worker tokens
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def load_key(path: Path) -> bytes:
+    """The worker-token signing key shared by the trainer and the registry (created if missing)."""
+    path = Path(path)
+    if not path.exists():
+        _write_private(path, secrets.token_hex(32) + "\n")
+    key = path.read_text().strip()
+    if len(key) < 32:
+        raise InvalidArgument(f"worker key file {path} holds fewer than 32 characters")
+    return key.encode()
+
+
+@dataclass(frozen=True)
+class WorkerTokens:
+    """Mint and verify job-scoped worker tokens (HMAC-SHA256 over a small JSON payload)."""
+
+    key: bytes
+
+    def issue(self, job_id: str, attempt: int, project: str, publish_names: tuple[str, ...], ttl_s: float) -> str:
+        payload = {
+            "job": job_id,
+            "attempt": attempt,
+            "project": project,
+            "publish": list(publish_names),
+            "exp": int(time.time() + ttl_s),
+        }
+        body = _b64(json.dumps(payload, separators=(",", ":")).encode())
+        return f"{WORKER_TOKEN_PREFIX}{body}.{self._sign(body)}"
+
+    def verify(self, token: str) -> Principal | None:
+        if not token.startswith(WORKER_TOKEN_PREFIX):
+            return None
+        body, _, signature = token.removeprefix(WORKER_TOKEN_PREFIX).partition(".")
+        if not hmac.compare_digest(signature, self._sign(body)):
+            return None
+        try:
+            payload = json.loads(_unb64(body))
+        except ValueError:
+            return None
+        if payload["exp"] < time.time():
+            return None
+        return Principal(
+            name=f"worker:{payload['job']}",
+            roles=frozenset({"trainer.worker", "registry.read", "registry.publish"}),
+            projects=frozenset({payload["project"]}),
+            kind="worker",
+            job_id=payload["job"],
+            publish_names=tuple(payload["publish"]),
+        )
+
+    def _sign(self, body: str) -> str:
+        return _b64(hmac.new(self.key, body.encode(), hashlib.sha256).digest())
+
+
+@dataclass
+class Authenticator:
+    """Token -> principal, from the token file and (where configured) worker tokens."""
+
+    tokens: TokenFile
+    workers: WorkerTokens | None = None
+
+    def authenticate(self, token: str) -> Principal | None:
+        if self.workers is not None and token.startswith(WORKER_TOKEN_PREFIX):
+            return self.workers.verify(token)
+        return self.tokens.lookup(token)
+
+
+def method_roles(service, roles: dict[str, str]) -> dict[str, str | None]:
+    """Full method names of a proto service -> roles; every RPC must be named (a new RPC is never left open)."""
+    missing = sorted(set(service.methods_by_name) - set(roles))
+    if missing:
+        raise ValueError(f"no role given for {service.full_name} RPCs {missing}")
+    unknown = sorted(set(roles.values()) - ROLES)
+    if unknown:
+        raise ValueError(f"unknown roles {unknown}")
+    return {f"/{service.full_name}/{rpc}": roles[rpc] for rpc in service.methods_by_name}
