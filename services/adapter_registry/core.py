@@ -8,6 +8,9 @@ Publish is atomic by construction:
    version visible. A failure anywhere before step 4's commit removes the staging
    directory and any blob this publish added that nothing references; `collect_garbage`
    at start-up sweeps what a crash left behind.
+Every artifact belongs to a project. The caller (`services.common.auth.principal()`, set
+per RPC) sees and uses only its projects' artifacts: one in another project answers
+exactly as a missing one does.
 No grpc here: the servicer converts protos to these calls.
 """
 
@@ -23,11 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.adapter_registry.blobs import CHUNK, BlobStore
-from services.adapter_registry.domain import NewVersion, StoredFile, Version
+from services.adapter_registry.domain import NewVersion, Page, StoredFile, Version
 from services.adapter_registry.metadata import MetadataStore
 from services.adapter_registry.refs import Ref, check_alias, check_name
 from services.adapter_registry.validation import DeclaredFile, check_contents, check_manifest
-from services.common.errors import DataLoss, InvalidArgument
+from services.common.audit import audit
+from services.common.auth import ALL_PROJECTS, principal
+from services.common.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,8 @@ class ManifestIn:
     lineage: dict
     labels: dict[str, str]
     description: str = ""
+    project: str = ""
+    """Empty: the artifact's project if it exists, else the caller's default project."""
 
 
 class PublishSession:
@@ -108,6 +115,7 @@ class PublishSession:
             lora_rank=facts.rank if facts else 0,
             lora_alpha=facts.alpha if facts else 0.0,
             target_modules=facts.target_modules if facts else (),
+            project=m.project,
         )
         existing = self.registry.metadata.find_by_content(m.name, new.content_sha256)
         if existing is not None:
@@ -120,6 +128,8 @@ class PublishSession:
                     self._added_blobs.append(f.sha256)
             version, created = self.registry.metadata.add_version(new)
             self._added_blobs.clear()  # committed: they are referenced now
+        if created:
+            audit("registry.publish", version.ref, version.project, content_sha256=version.content_sha256)
         return version, created
 
     def abort(self) -> None:
@@ -152,6 +162,21 @@ class Registry:
 
     def begin_publish(self, manifest: ManifestIn) -> PublishSession:
         check_name(manifest.name)
+        caller = principal()
+        caller.check_publish_name(manifest.name)
+        existing = self.metadata.artifact_project(manifest.name)
+        if existing is None:
+            project = caller.project_for_write(manifest.project)
+        elif not caller.may_access(existing):
+            # The name exists in a project the caller cannot see: it is taken, nothing more is said.
+            raise AlreadyExists(f"the artifact name {manifest.name!r} is taken; publish under another name")
+        elif manifest.project and manifest.project != existing:
+            raise FailedPrecondition(
+                f"artifact {manifest.name!r} belongs to project {existing!r}; its versions stay there"
+            )
+        else:
+            project = existing
+        manifest = ManifestIn(**{**manifest.__dict__, "project": project})
         check_manifest(manifest.kind, manifest.files, self.max_artifact_bytes, self.max_files)
         for key in manifest.labels:
             if not key or len(key) > 128 or len(manifest.labels[key]) > 512:
@@ -159,7 +184,36 @@ class Registry:
         return PublishSession(self, manifest)
 
     def resolve(self, ref: str) -> Version:
-        return self.metadata.resolve(Ref.parse(ref))
+        parsed = Ref.parse(ref)
+        self.check_visible(parsed.name)
+        return self.metadata.resolve(parsed)
+
+    def check_visible(self, name: str) -> str:
+        """The artifact's project; NotFound (the same answer as for a missing one) if the caller may not see it."""
+        project = self.metadata.artifact_project(name)
+        if project is None or not principal().may_access(project):
+            raise NotFound(f"artifact {name!r} not found")
+        return project
+
+    def visible_projects(self) -> set[str] | None:
+        projects = principal().projects
+        return None if ALL_PROJECTS in projects else set(projects)
+
+    def list_artifacts(self, kind: str, base_model: str, labels: dict, page_size: int, page_token: str, project: str):
+        projects = self.visible_projects()
+        if project:
+            if projects is not None and project not in projects:
+                return Page()  # a project the caller may not see lists as empty, like one without artifacts
+            projects = {project}
+        return self.metadata.list_artifacts(kind, base_model, labels, page_size, page_token, projects)
+
+    def list_versions(self, name: str, page_size: int, page_token: str) -> Page:
+        check_name(name)
+        self.check_visible(name)
+        return self.metadata.list_versions(name, page_size, page_token)
+
+    def events_after(self, after: int, name: str):
+        return self.metadata.events_after(after, name, projects=self.visible_projects())
 
     def download(
         self, ref: str, path: str = "", offset: int = 0
@@ -201,19 +255,27 @@ class Registry:
         check_alias(alias)
         if version < 1:
             raise InvalidArgument(f"version must be >= 1, got {version}")
-        return self.metadata.set_alias(name, alias, version)
+        project = self.check_visible(name)
+        result = self.metadata.set_alias(name, alias, version)
+        audit("registry.alias", f"{name}@{alias}", project, version=version, previous_version=result[1])
+        return result
 
     def delete_alias(self, name: str, alias: str) -> int:
-        return self.metadata.delete_alias(check_name(name), alias)
+        project = self.check_visible(check_name(name))
+        previous = self.metadata.delete_alias(name, alias)
+        audit("registry.delete_alias", f"{name}@{alias}", project, previous_version=previous)
+        return previous
 
     def delete_version(self, name: str, version: int, force: bool) -> list[str]:
         check_name(name)
         if version < 1:
             raise InvalidArgument(f"version must be >= 1, got {version}")
+        project = self.check_visible(name)
         with self.blob_lock:
             removed, unreferenced = self.metadata.delete_version(name, version, force)
             for sha in unreferenced:
                 self.blobs.delete(sha)
+        audit("registry.delete_version", f"{name}:{version}", project, force=force, removed_aliases=removed)
         return removed
 
     def watch_start(self, after_event_id: int, name: str) -> int:

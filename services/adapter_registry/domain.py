@@ -27,6 +27,7 @@ class NewVersion:
     lora_rank: int = 0
     lora_alpha: float = 0.0
     target_modules: tuple[str, ...] = ()
+    project: str = "default"
 
     @property
     def content_sha256(self) -> str:
@@ -57,6 +58,7 @@ class Version:
     target_modules: tuple[str, ...]
     aliases: tuple[str, ...]
     created_at: datetime
+    project: str = "default"
 
     @property
     def ref(self) -> str:
@@ -72,6 +74,7 @@ class Artifact:
     base_model: str
     labels: dict[str, str]
     updated_at: datetime
+    project: str = "default"
 
 
 @dataclass(frozen=True)

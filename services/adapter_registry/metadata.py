@@ -107,8 +107,12 @@ class MetadataStore:
                 return self._version(s, existing), False
             artifact = s.get(ArtifactRow, new.name)
             if artifact is None:
-                artifact = ArtifactRow(name=new.name, kind=new.kind, last_version=0, created_at=now, updated_at=now)
+                artifact = ArtifactRow(
+                    name=new.name, kind=new.kind, project=new.project, last_version=0, created_at=now, updated_at=now
+                )
                 s.add(artifact)
+            elif artifact.project != new.project:
+                raise FailedPrecondition(f"artifact {new.name!r} belongs to another project")
             elif artifact.kind != new.kind:
                 raise FailedPrecondition(
                     f"artifact {new.name!r} holds {artifact.kind} versions; publish a {new.kind} under another name"
@@ -170,6 +174,11 @@ class MetadataStore:
             raise NotFound(f"artifact {ref.name!r} has no version {number}")
         return row
 
+    def artifact_project(self, name: str) -> str | None:
+        """The project an artifact belongs to, or None when no such artifact exists."""
+        with self._read() as s:
+            return s.scalar(select(ArtifactRow.project).where(ArtifactRow.name == name))
+
     def referenced_blobs(self) -> set[str]:
         with self._read() as s:
             return set(s.scalars(select(FileRow.sha256).distinct()))
@@ -181,7 +190,9 @@ class MetadataStore:
         labels: dict[str, str] | None = None,
         page_size: int = 50,
         page_token: str = "",
+        projects: set[str] | None = None,
     ) -> Page:
+        """`projects`: only artifacts in these projects (None: all)."""
         page_size = _page_size(page_size)
         after = _decode_token(page_token)
         with self._read() as s:
@@ -197,6 +208,8 @@ class MetadataStore:
             )
             if after:
                 query = query.where(ArtifactRow.name > after)
+            if projects is not None:
+                query = query.where(ArtifactRow.project.in_(sorted(projects)))
             if kind:
                 query = query.where(ArtifactRow.kind == kind)
             if base_model:
@@ -213,7 +226,16 @@ class MetadataStore:
             for alias in s.scalars(select(AliasRow).where(AliasRow.name.in_(names))):
                 aliases[alias.name][alias.alias] = alias.version
             items = [
-                Artifact(a.name, a.kind, v.version, aliases[a.name], v.base_model, dict(v.labels), _aware(a.updated_at))
+                Artifact(
+                    a.name,
+                    a.kind,
+                    v.version,
+                    aliases[a.name],
+                    v.base_model,
+                    dict(v.labels),
+                    _aware(a.updated_at),
+                    a.project,
+                )
                 for a, v in rows[:page_size]
             ]
             return Page(items, _encode_token(names[-1]) if len(rows) > page_size else "")
@@ -306,11 +328,16 @@ class MetadataStore:
 
     # ---- events --------------------------------------------------------------------------
 
-    def events_after(self, after_id: int, name: str = "", limit: int = 500) -> list[Event]:
+    def events_after(
+        self, after_id: int, name: str = "", limit: int = 500, projects: set[str] | None = None
+    ) -> list[Event]:
         with self._read() as s:
             query = select(EventRow).where(EventRow.id > after_id).order_by(EventRow.id).limit(limit)
             if name:
                 query = query.where(EventRow.name == name)
+            if projects is not None:
+                visible = select(ArtifactRow.name).where(ArtifactRow.project.in_(sorted(projects)))
+                query = query.where(EventRow.name.in_(visible))
             return [
                 Event(e.id, e.type, e.name, e.version, e.alias, e.content_sha256, _aware(e.created_at))
                 for e in s.scalars(query)
@@ -351,6 +378,7 @@ class MetadataStore:
             target_modules=tuple(row.target_modules or ()),
             aliases=aliases,
             created_at=_aware(row.created_at),
+            project=s.scalar(select(ArtifactRow.project).where(ArtifactRow.name == row.name)) or "default",
         )
 
 

@@ -17,6 +17,8 @@ class ArtifactRow(Base):
 
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
     kind: Mapped[str] = mapped_column(String(32))
+    # Tenant: callers see and use only their projects' artifacts.
+    project: Mapped[str] = mapped_column(String(64), default="default", server_default="default", index=True)
     # Highest version number ever given out; never decreases, so numbers are never reused.
     last_version: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

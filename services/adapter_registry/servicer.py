@@ -58,6 +58,7 @@ def version_to_proto(v: Version) -> pb.ArtifactVersion:
     )
     json_format.ParseDict(v.lineage, msg.lineage, ignore_unknown_fields=True)
     msg.create_time.FromDatetime(v.created_at)
+    msg.project = v.project
     return msg
 
 
@@ -69,6 +70,7 @@ def artifact_to_proto(a: Artifact) -> pb.Artifact:
         aliases=a.aliases,
         base_model=a.base_model,
         labels=[common_pb2.Label(key=k, value=v) for k, v in sorted(a.labels.items())],
+        project=a.project,
     )
     msg.update_time.FromDatetime(a.updated_at)
     return msg
@@ -110,6 +112,7 @@ class AdapterRegistryServicer(adapter_registry_pb2_grpc.AdapterRegistryServiceSe
             lineage=json_format.MessageToDict(m.lineage),
             labels=labels_to_dict(m.labels),
             description=m.description,
+            project=m.project,
         )
         session = await asyncio.to_thread(self.registry.begin_publish, manifest)
         try:
@@ -140,7 +143,7 @@ class AdapterRegistryServicer(adapter_registry_pb2_grpc.AdapterRegistryServiceSe
     async def Resolve(self, request, context):
         v = await asyncio.to_thread(self.registry.resolve, request.ref)
         return pb.ResolveResponse(
-            name=v.name, version=v.version, content_sha256=v.content_sha256, kind=KIND_ENUMS[v.kind]
+            name=v.name, version=v.version, content_sha256=v.content_sha256, kind=KIND_ENUMS[v.kind], project=v.project
         )
 
     async def ListArtifacts(self, request, context):
@@ -148,21 +151,20 @@ class AdapterRegistryServicer(adapter_registry_pb2_grpc.AdapterRegistryServiceSe
         if request.kind and not kind:
             raise InvalidArgument(f"unknown artifact kind {request.kind}")
         page = await asyncio.to_thread(
-            self.registry.metadata.list_artifacts,
+            self.registry.list_artifacts,
             kind,
             request.base_model,
             labels_to_dict(request.labels),
             request.page_size,
             request.page_token,
+            request.project,
         )
         return pb.ListArtifactsResponse(
             artifacts=[artifact_to_proto(a) for a in page.items], next_page_token=page.next_token
         )
 
     async def ListVersions(self, request, context):
-        page = await asyncio.to_thread(
-            self.registry.metadata.list_versions, request.name, request.page_size, request.page_token
-        )
+        page = await asyncio.to_thread(self.registry.list_versions, request.name, request.page_size, request.page_token)
         return pb.ListVersionsResponse(
             versions=[version_to_proto(v) for v in page.items], next_page_token=page.next_token
         )
@@ -195,7 +197,7 @@ class AdapterRegistryServicer(adapter_registry_pb2_grpc.AdapterRegistryServiceSe
         after = await asyncio.to_thread(self.registry.watch_start, request.after_event_id, request.name)
         while True:
             changed = self._changed
-            events = await asyncio.to_thread(self.registry.metadata.events_after, after, request.name)
+            events = await asyncio.to_thread(self.registry.events_after, after, request.name)
             for event in events:
                 yield event_to_proto(event)
                 after = event.id

@@ -67,20 +67,22 @@ class Lineage(_message.Message):
     def __init__(self, base_model: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., method: _Optional[_Union[_common_pb2.Method, str]] = ..., method_config: _Optional[_Union[_common_pb2.MethodConfig, _Mapping]] = ..., job_id: _Optional[str] = ..., dataset_ids: _Optional[_Iterable[str]] = ..., hyperparameters: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., metrics: _Optional[_Iterable[_Union[_common_pb2.Metric, _Mapping]]] = ...) -> None: ...
 
 class Manifest(_message.Message):
-    __slots__ = ("name", "kind", "files", "lineage", "labels", "description")
+    __slots__ = ("name", "kind", "files", "lineage", "labels", "description", "project")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
     LINEAGE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: ArtifactKind
     files: _containers.RepeatedCompositeFieldContainer[FileEntry]
     lineage: Lineage
     labels: _containers.RepeatedCompositeFieldContainer[_common_pb2.Label]
     description: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ArtifactKind, str]] = ..., files: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ..., labels: _Optional[_Iterable[_Union[_common_pb2.Label, _Mapping]]] = ..., description: _Optional[str] = ...) -> None: ...
+    project: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ArtifactKind, str]] = ..., files: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ..., labels: _Optional[_Iterable[_Union[_common_pb2.Label, _Mapping]]] = ..., description: _Optional[str] = ..., project: _Optional[str] = ...) -> None: ...
 
 class FileChunk(_message.Message):
     __slots__ = ("path", "offset", "data")
@@ -101,7 +103,7 @@ class PublishRequest(_message.Message):
     def __init__(self, manifest: _Optional[_Union[Manifest, _Mapping]] = ..., chunk: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
 
 class ArtifactVersion(_message.Message):
-    __slots__ = ("name", "version", "kind", "files", "content_sha256", "size", "lineage", "labels", "description", "lora_rank", "lora_alpha", "target_modules", "aliases", "create_time")
+    __slots__ = ("name", "version", "kind", "files", "content_sha256", "size", "lineage", "labels", "description", "lora_rank", "lora_alpha", "target_modules", "aliases", "create_time", "project")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +118,7 @@ class ArtifactVersion(_message.Message):
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     kind: ArtifactKind
@@ -130,7 +133,8 @@ class ArtifactVersion(_message.Message):
     target_modules: _containers.RepeatedScalarFieldContainer[str]
     aliases: _containers.RepeatedScalarFieldContainer[str]
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[_Union[ArtifactKind, str]] = ..., files: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., content_sha256: _Optional[str] = ..., size: _Optional[int] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ..., labels: _Optional[_Iterable[_Union[_common_pb2.Label, _Mapping]]] = ..., description: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., aliases: _Optional[_Iterable[str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    project: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[_Union[ArtifactKind, str]] = ..., files: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., content_sha256: _Optional[str] = ..., size: _Optional[int] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ..., labels: _Optional[_Iterable[_Union[_common_pb2.Label, _Mapping]]] = ..., description: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., aliases: _Optional[_Iterable[str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., project: _Optional[str] = ...) -> None: ...
 
 class PublishResponse(_message.Message):
     __slots__ = ("version", "deduplicated")
@@ -159,19 +163,21 @@ class ResolveRequest(_message.Message):
     def __init__(self, ref: _Optional[str] = ...) -> None: ...
 
 class ResolveResponse(_message.Message):
-    __slots__ = ("name", "version", "content_sha256", "kind")
+    __slots__ = ("name", "version", "content_sha256", "kind", "project")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CONTENT_SHA256_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     content_sha256: str
     kind: ArtifactKind
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., content_sha256: _Optional[str] = ..., kind: _Optional[_Union[ArtifactKind, str]] = ...) -> None: ...
+    project: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., content_sha256: _Optional[str] = ..., kind: _Optional[_Union[ArtifactKind, str]] = ..., project: _Optional[str] = ...) -> None: ...
 
 class Artifact(_message.Message):
-    __slots__ = ("name", "kind", "latest_version", "aliases", "base_model", "labels", "update_time")
+    __slots__ = ("name", "kind", "latest_version", "aliases", "base_model", "labels", "update_time", "project")
     class AliasesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +192,7 @@ class Artifact(_message.Message):
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: ArtifactKind
     latest_version: int
@@ -193,21 +200,24 @@ class Artifact(_message.Message):
     base_model: str
     labels: _containers.RepeatedCompositeFieldContainer[_common_pb2.Label]
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ArtifactKind, str]] = ..., latest_version: _Optional[int] = ..., aliases: _Optional[_Mapping[str, int]] = ..., base_model: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[_common_pb2.Label, _Mapping]]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    project: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ArtifactKind, str]] = ..., latest_version: _Optional[int] = ..., aliases: _Optional[_Mapping[str, int]] = ..., base_model: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[_common_pb2.Label, _Mapping]]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., project: _Optional[str] = ...) -> None: ...
 
 class ListArtifactsRequest(_message.Message):
-    __slots__ = ("kind", "base_model", "labels", "page_size", "page_token")
+    __slots__ = ("kind", "base_model", "labels", "page_size", "page_token", "project")
     KIND_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
     kind: ArtifactKind
     base_model: str
     labels: _containers.RepeatedCompositeFieldContainer[_common_pb2.Label]
     page_size: int
     page_token: str
-    def __init__(self, kind: _Optional[_Union[ArtifactKind, str]] = ..., base_model: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[_common_pb2.Label, _Mapping]]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    project: str
+    def __init__(self, kind: _Optional[_Union[ArtifactKind, str]] = ..., base_model: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[_common_pb2.Label, _Mapping]]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., project: _Optional[str] = ...) -> None: ...
 
 class ListArtifactsResponse(_message.Message):
     __slots__ = ("artifacts", "next_page_token")
