@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tunedock.client import RegistryClient, TrainerClient
+from tunedock.client.channel import connect
 from tunedock.local_stack import LocalStack
 from tunedock.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from tunedock.v1 import trainer_pb2 as tpb
@@ -69,8 +70,9 @@ def run_demo(home: Path, base_model: str, port_offset: int = 0, console: Console
         with console.status("starting trainer, registry and inference (the vLLM engine takes ~30 s)"):
             stack.wait_healthy(timeout=600)
         console.print("services healthy")
-        trainer = TrainerClient(stack.address("trainer"))
-        registry = RegistryClient(stack.address("adapter_registry"))
+        token = stack.credentials.admin_token
+        trainer = TrainerClient(stack.address("trainer"), token=token)
+        registry = RegistryClient(stack.address("adapter_registry"), token=token)
         pirate = trainer.upload_dataset(_data("demo_pirate.jsonl"))
         robot = trainer.upload_dataset(_data("demo_robot.jsonl"))
         console.print(f"datasets: pirate {pirate.id} ({pirate.num_records} records), robot {robot.id}")
@@ -102,9 +104,7 @@ def run_demo(home: Path, base_model: str, port_offset: int = 0, console: Console
         registry.set_alias("demo-pirate-lora", "prod", int(lora.split(":")[1]))
         console.print(f"alias demo-pirate-lora@prod -> {lora}  (the Freeze delta {freeze} serves as its own model)")
 
-        import grpc
-
-        channel = grpc.insecure_channel(stack.address("inference"))
+        channel = connect(stack.address("inference"), token=token)
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         columns = {
             "base model": "",

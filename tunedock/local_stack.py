@@ -38,9 +38,53 @@ def check_health(address: str, service: str = "", timeout: float = 2.0) -> str:
         return "UNREACHABLE"
 
 
+@dataclass(frozen=True)
+class LocalCredentials:
+    """Authentication of a local stack: one admin token for the user, service tokens, the worker key."""
+
+    token_file: Path
+    admin_token_file: Path
+    worker_key_file: Path
+    trainer_token_file: Path
+    inference_token_file: Path
+
+    @property
+    def admin_token(self) -> str:
+        return self.admin_token_file.read_text().strip()
+
+
+def local_credentials(data_dir: Path) -> LocalCredentials:
+    """Create (once) the token file of a local stack; the CLI finds the admin token in `<data_dir>/token`."""
+    from services.common.auth import add_token, load_key
+
+    auth = data_dir / "auth"
+    creds = LocalCredentials(
+        token_file=auth / "tokens.json",
+        admin_token_file=data_dir / "token",
+        worker_key_file=auth / "worker.key",
+        trainer_token_file=auth / "trainer.token",
+        inference_token_file=auth / "inference.token",
+    )
+    needed = (creds.token_file, creds.admin_token_file, creds.trainer_token_file, creds.inference_token_file)
+    if all(p.exists() for p in needed):
+        return creds
+    auth.mkdir(parents=True, exist_ok=True)
+    creds.token_file.unlink(missing_ok=True)
+    for path, name, roles, kind in (
+        (creds.admin_token_file, "local-admin", ["all"], "user"),
+        (creds.trainer_token_file, "trainer-service", ["registry.read"], "service"),
+        (creds.inference_token_file, "inference-service", ["registry.read"], "service"),
+    ):
+        token = add_token(creds.token_file, name, roles, ["*"], kind)
+        path.write_text(token + "\n")
+        path.chmod(0o600)
+    load_key(creds.worker_key_file)
+    return creds
+
+
 @dataclass
 class LocalStack:
-    """The three services as child processes."""
+    """The three services as child processes, with authentication on (one generated admin token)."""
 
     data_dir: Path
     host: str = "127.0.0.1"
@@ -54,6 +98,8 @@ class LocalStack:
         return f"{self.host}:{port}"
 
     def start(self) -> None:
+        self.credentials = local_credentials(self.data_dir)
+        creds = self.credentials
         env = {**os.environ, "TUNEDOCK_HOME": str(self.data_dir), **self.extra_env}
         env.setdefault("PYTHONUNBUFFERED", "1")
         log_dir = self.data_dir / "logs"
@@ -71,11 +117,18 @@ class LocalStack:
                 str(metrics_port + self.port_offset),
                 "--data-dir",
                 str(self.data_dir),
+                "--token-file",
+                str(creds.token_file),
             ]
             if module != "adapter_registry":
                 args += ["--registry-address", self.address("adapter_registry")]
+            if module != "inference":
+                args += ["--worker-key-file", str(creds.worker_key_file)]
             if module == "trainer":
                 args += ["--worker-port", str(50054 + self.port_offset)]
+                args += ["--registry-token-file", str(creds.trainer_token_file)]
+            if module == "inference":
+                args += ["--registry-token-file", str(creds.inference_token_file)]
             if module == "inference" and self.base_model:
                 args += ["--base-model", self.base_model]
             log_file = open(log_dir / f"{module}.log", "ab")  # noqa: SIM115 - owned by the child

@@ -53,6 +53,7 @@ class ResolvedAdapter:
     name: str
     version: int
     content_sha256: str
+    project: str = "default"
 
     @property
     def ref(self) -> str:
@@ -102,7 +103,7 @@ class AdapterResolver:
             raise _translate(exc, ref) from None
         if reply.kind != rpb.ARTIFACT_KIND_LORA_ADAPTER:
             raise FailedPrecondition(f"{ref!r} is not a LoRA adapter; only lora_adapter artifacts can be hot-swapped")
-        resolved = ResolvedAdapter(reply.name, reply.version, reply.content_sha256)
+        resolved = ResolvedAdapter(reply.name, reply.version, reply.content_sha256, reply.project or "default")
         with self._lock:
             self._cache[ref] = (time.monotonic(), resolved)
         return resolved

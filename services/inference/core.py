@@ -8,7 +8,9 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from services.common.errors import InvalidArgument
+from services.adapter_registry.refs import Ref
+from services.common.auth import principal
+from services.common.errors import InvalidArgument, NotFound
 from services.inference.adapters import AdapterCache, AdapterResolver, CachedAdapter, ResolvedAdapter, lora_int_id
 
 
@@ -73,9 +75,17 @@ class InferenceCore:
     async def acquire_adapter(self, ref: str, pin: bool = False) -> tuple[ResolvedAdapter, CachedAdapter]:
         """Resolve `ref` and hold its files; the entry is shared by every ref with the same content."""
         started = time.perf_counter()
-        resolved = await asyncio.to_thread(self.resolver.resolve, ref)
+        resolved = await self.resolve_for_caller(ref)
         self.metrics.adapter_resolve.observe(time.perf_counter() - started)
         return resolved, await asyncio.to_thread(self.cache.acquire, resolved, pin)
+
+    async def resolve_for_caller(self, ref: str) -> ResolvedAdapter:
+        """Resolve with the service's own registry token, then apply the caller's projects: an adapter
+        the caller may not read gets exactly the answer a missing one gets (no existence leak)."""
+        resolved = await asyncio.to_thread(self.resolver.resolve, ref)
+        if not principal().may_access(resolved.project):
+            raise NotFound(f"adapter {ref!r}: artifact {Ref.parse(ref).name!r} not found")
+        return resolved
 
     async def generate(self, req: GenerateInput) -> AsyncIterator[Delta]:
         prompt = self._validate(req)
@@ -149,7 +159,7 @@ class InferenceCore:
         return entries
 
     async def unload(self, ref: str) -> bool:
-        resolved = await asyncio.to_thread(self.resolver.resolve, ref)
+        resolved = await self.resolve_for_caller(ref)
         entry = await asyncio.to_thread(self.cache.drop, resolved.content_sha256)
         removed = await self.engine.remove_lora(lora_int_id(resolved.content_sha256))
         return entry is not None or bool(removed)

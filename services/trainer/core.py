@@ -4,6 +4,10 @@ States: validating -> queued -> running -> succeeded | failed | cancelled. Valid
 happens inside SubmitJob (a bad spec is refused and never stored). A worker that dies
 is retried from its last checkpoint up to `max_attempts`; reports from a superseded
 attempt are refused, so a stale worker cannot write over a newer one.
+
+Datasets and jobs belong to a project; the caller (`principal()`, set per RPC) sees and
+uses only its projects' items, and anything else answers as missing. With authentication
+on, each attempt gets a worker token scoped to its job (`WorkerTokens`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from google.protobuf import timestamp_pb2
 
 from services.adapter_registry.blobs import CHUNK, BlobStore
 from services.adapter_registry.refs import Ref, check_name
+from services.common.audit import audit
+from services.common.auth import ALL_PROJECTS, WorkerTokens, principal
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.trainer.config import TrainConfig, config_from_spec
 from services.trainer.data.records import parse_dataset
@@ -64,6 +70,9 @@ class TrainerCore:
         max_dataset_bytes: int,
         data_dir: Path,
         registry_address: str,
+        registry_token: str | None = None,
+        worker_tokens: WorkerTokens | None = None,
+        worker_token_ttl_s: float = 86400.0,
     ) -> None:
         self.store = store
         self.datasets = datasets
@@ -73,12 +82,16 @@ class TrainerCore:
         self.max_dataset_bytes = max_dataset_bytes
         self.data_dir = Path(data_dir)
         self.registry_address = registry_address
+        self.registry_token = registry_token
+        self.worker_tokens = worker_tokens
+        self.worker_token_ttl_s = worker_token_ttl_s
         self._changed: dict[str, asyncio.Event] = {}
         self._schedule_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------------------ datasets
 
-    def store_dataset(self, name: str, fmt: str, path: Path) -> DatasetRow:
+    def store_dataset(self, name: str, fmt: str, path: Path, project: str = "") -> DatasetRow:
+        project = principal().project_for_write(project)
         size = path.stat().st_size
         if size > self.max_dataset_bytes:
             raise ResourceExhausted(
@@ -88,19 +101,52 @@ class TrainerCore:
         parsed = parse_dataset(data, fmt)
         sha = hashlib.sha256(data).hexdigest()
         self.datasets.put(sha, path)
+        # Content-addressed within a project: the same bytes in two projects are two datasets.
+        key = sha if project == "default" else hashlib.sha256(f"{project}\0{sha}".encode()).hexdigest()
         row = DatasetRow(
-            id=f"ds-{sha[:24]}",
+            id=f"ds-{key[:24]}",
             name=name or "dataset.jsonl",
             format=parsed.format,
             num_records=len(parsed.examples),
             size=size,
             sha256=sha,
             created_at=now(),
+            project=project,
         )
-        return self.store.add_dataset(row)
+        stored = self.store.add_dataset(row)
+        audit("trainer.upload_dataset", stored.id, project, sha256=sha, records=stored.num_records)
+        return stored
+
+    def get_dataset(self, dataset_id: str) -> DatasetRow:
+        row = self.store.get_dataset(dataset_id)
+        if not principal().may_access(row.project):
+            raise NotFound(f"dataset {dataset_id!r} not found; upload it with `tunedock data upload FILE`")
+        return row
+
+    def list_datasets(self, offset: int, limit: int, project: str) -> list[DatasetRow]:
+        return self.store.list_datasets(offset, limit, self._projects(project))
+
+    def get_job(self, job_id: str) -> JobRecord:
+        job = self.store.get_job(job_id)
+        caller = principal()
+        caller.check_job(job_id)
+        if not caller.may_access(job.project):
+            raise NotFound(f"job {job_id!r} not found")
+        return job
+
+    def list_jobs(self, state: str, offset: int, limit: int, project: str) -> list[JobRecord]:
+        return self.store.list_jobs(state, offset, limit, self._projects(project))
+
+    @staticmethod
+    def _projects(requested: str) -> set[str] | None:
+        """What a list may show: the caller's projects (narrowed to `requested`); None means all."""
+        visible = principal().projects
+        if requested:
+            return {requested} if ALL_PROJECTS in visible or requested in visible else set()
+        return None if ALL_PROJECTS in visible else set(visible)
 
     def dataset_bytes(self, job_id: str, dataset_id: str):
-        job = self.store.get_job(job_id)
+        job = self.get_job(job_id)
         spec = pb.JobSpec.FromString(job.spec)
         if dataset_id not in (*spec.train_dataset_ids, *spec.eval_dataset_ids):
             raise NotFound(f"dataset {dataset_id!r} is not used by job {job_id}")
@@ -110,6 +156,7 @@ class TrainerCore:
     # ---------------------------------------------------------------------------------- jobs
 
     def validate(self, spec: pb.JobSpec) -> TrainConfig | None:
+        spec.project = principal().project_for_write(spec.project)
         if spec.merge_adapter:
             return self._validate_merge(spec)
         cfg = config_from_spec(spec)
@@ -117,7 +164,8 @@ class TrainerCore:
             raise InvalidArgument("output_name is required: the registry name the result is published under")
         check_name(spec.output_name)
         for dataset_id in (*cfg.dataset_ids, *cfg.eval_dataset_ids):
-            self.store.get_dataset(dataset_id)
+            if self.get_dataset(dataset_id).project != spec.project:
+                raise FailedPrecondition(f"dataset {dataset_id!r} belongs to another project than the job's")
         if cfg.nodes > 1 and not getattr(self.executor, "multi_node", False):
             raise FailedPrecondition(
                 f"nodes={cfg.nodes} needs the Kubernetes executor (--executor kubernetes); "
@@ -142,13 +190,16 @@ class TrainerCore:
             raise InvalidArgument("output_name is required: the registry name the merged model is published under")
         check_name(spec.output_name)
         Ref.parse(spec.merge_adapter)
-        with RegistryClient(self.registry_address, timeout=30) as registry:
+        with RegistryClient(self.registry_address, timeout=30, token=self.registry_token) as registry:
             try:
                 version = registry.get(spec.merge_adapter)
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     raise NotFound(f"merge_adapter {spec.merge_adapter!r}: {exc.details()}") from None
                 raise Unavailable(f"adapter registry unavailable: {exc.details()}") from None
+        if not principal().may_access(version.project):  # answered as if it did not exist
+            name = Ref.parse(spec.merge_adapter).name
+            raise NotFound(f"merge_adapter {spec.merge_adapter!r}: artifact {name!r} not found")
         if version.kind != adapter_registry_pb2.ARTIFACT_KIND_LORA_ADAPTER:
             raise FailedPrecondition(f"merge_adapter {spec.merge_adapter!r} is not a LoRA adapter")
         base = spec.base_model or version.lineage.base_model
@@ -161,7 +212,10 @@ class TrainerCore:
     async def submit(self, spec: pb.JobSpec) -> JobRecord:
         await asyncio.to_thread(self.validate, spec)
         job_id = f"job-{uuid.uuid4().hex[:12]}"
-        job = await asyncio.to_thread(self.store.add_job, job_id, spec.SerializeToString(), state_event("queued"))
+        job = await asyncio.to_thread(
+            self.store.add_job, job_id, spec.SerializeToString(), state_event("queued"), spec.project
+        )
+        audit("trainer.submit", job_id, spec.project, output_name=spec.output_name)
         log.info("job %s queued", job_id, extra={"job_id": job_id, "output": spec.output_name})
         self._notify(job_id)
         await self.schedule()
@@ -186,10 +240,20 @@ class TrainerCore:
                     started_at=job.started_at or now(),
                 )
                 self._notify(job.id)
-                await self.executor.start(job.id, attempt, launch_for(pb.JobSpec.FromString(job.spec)))
+                await self.executor.start(job.id, attempt, self._launch(job, attempt))
+
+    def _launch(self, job: JobRecord, attempt: int) -> Launch:
+        spec = pb.JobSpec.FromString(job.spec)
+        launch = launch_for(spec)
+        if self.worker_tokens is None:
+            return launch
+        token = self.worker_tokens.issue(
+            job.id, attempt, job.project, (spec.output_name, f"{spec.output_name}-full"), self.worker_token_ttl_s
+        )
+        return Launch(launch.method, launch.processes_per_node, launch.nodes, token)
 
     async def cancel(self, job_id: str) -> JobRecord:
-        job = await asyncio.to_thread(self.store.get_job, job_id)
+        job = await asyncio.to_thread(self.get_job, job_id)
         if job.terminal:
             raise FailedPrecondition(f"job {job_id} already ended ({job.state}); nothing to cancel")
         job, _ = await asyncio.to_thread(
@@ -204,6 +268,7 @@ class TrainerCore:
         if self.executor is not None:
             await self.executor.cancel(job_id)
         log.info("job %s cancelled", job_id, extra={"job_id": job_id})
+        audit("trainer.cancel", job_id, job.project)
         await self.schedule()
         return job
 
@@ -242,7 +307,7 @@ class TrainerCore:
 
     async def report(self, job_id: str, attempt: int, event: pb.JobEvent) -> bool:
         """Record a worker's event; returns whether the worker should stop."""
-        job = await asyncio.to_thread(self.store.get_job, job_id)
+        job = await asyncio.to_thread(self.get_job, job_id)
         if attempt != job.attempt:
             raise FailedPrecondition(f"attempt {attempt} of {job_id} was superseded by attempt {job.attempt}; stop")
         if job.state == "cancelled":
@@ -268,7 +333,7 @@ class TrainerCore:
         return False
 
     def assignment(self, job_id: str) -> tuple[JobRecord, Path]:
-        job = self.store.get_job(job_id)
+        job = self.get_job(job_id)
         if job.terminal:
             raise FailedPrecondition(f"job {job_id} already ended ({job.state})")
         return job, self.data_dir / "trainer" / "checkpoints" / job_id
@@ -282,7 +347,7 @@ class TrainerCore:
 
     async def watch(self, job_id: str, after: int = 0):
         """Past events after `after`, then new ones, until the job has ended and all were sent."""
-        await asyncio.to_thread(self.store.get_job, job_id)
+        await asyncio.to_thread(self.get_job, job_id)
         while True:
             changed = self._changed.setdefault(job_id, asyncio.Event())
             events = await asyncio.to_thread(self.store.events_after, job_id, after)

@@ -31,6 +31,8 @@ class Launch:
     method: str = "lora"
     processes_per_node: int = 1
     nodes: int = 1
+    token: str = ""
+    """The attempt's job-scoped worker token (empty with authentication off); given to the worker as TUNEDOCK_TOKEN."""
 
 
 ONE_PROCESS = Launch()
@@ -96,6 +98,8 @@ class LocalExecutor:
     async def start(self, job_id: str, attempt: int, launch: Launch = ONE_PROCESS) -> None:
         log_file = self.log_path(job_id).open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        if launch.token:
+            env["TUNEDOCK_TOKEN"] = launch.token
         if launch.processes_per_node > 1:
             # Each rank gets its share of the cores instead of all ranks fighting over all of them.
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // launch.processes_per_node))

@@ -105,6 +105,9 @@ def build_job(job_id: str, attempt: int, launch: Launch, s: KubeJobSettings) -> 
         "OMP_NUM_THREADS": str(max(1, _cpu_count(s.cpu) // launch.processes_per_node)),
         **s.env,
     }
+    if launch.token:
+        # Job-scoped and expiring: it can report this job's events and publish its output, nothing else.
+        env["TUNEDOCK_TOKEN"] = launch.token
     env_vars = [k8s.V1EnvVar(name=k, value=v) for k, v in env.items()]
     if launch.nodes > 1:
         # torchrun's --node-rank=$(JOB_COMPLETION_INDEX) expands from a declared variable.

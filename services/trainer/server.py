@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from services.adapter_registry.blobs import LocalBlobStore
-from services.common.auth import method_roles
+from services.common.auth import WorkerTokens, load_key, method_roles
 from services.common.server import GrpcServer, ServiceBinding
 from services.trainer.core import TrainerCore
 from services.trainer.executor import LocalExecutor
 from services.trainer.servicer import TrainerServicer, TrainerWorkerServicer
 from services.trainer.settings import TrainerSettings
 from services.trainer.store import JobStore
+from tunedock.client.channel import read_token
 from tunedock.v1 import trainer_pb2, trainer_pb2_grpc
 
 ROLES = {
@@ -48,6 +50,9 @@ async def build_server(settings: TrainerSettings) -> GrpcServer:
         max_dataset_bytes=settings.max_dataset_mb * 1024 * 1024,
         data_dir=settings.data_dir,
         registry_address=settings.registry_address,
+        registry_token=read_token(settings.registry_token_file),
+        worker_tokens=WorkerTokens(load_key(Path(settings.worker_key_file))) if settings.token_file else None,
+        worker_token_ttl_s=settings.worker_token_ttl_s,
     )
     services = trainer_pb2.DESCRIPTOR.services_by_name
     server = GrpcServer(

@@ -41,6 +41,7 @@ def dataset_to_proto(row: DatasetRow) -> pb.Dataset:
         num_records=row.num_records,
         size=row.size,
         sha256=row.sha256,
+        project=row.project,
     )
     msg.create_time.FromDatetime(row.created_at)
     return msg
@@ -74,19 +75,19 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                             f"dataset exceeds the limit of {self.core.max_dataset_bytes / 2**20:.0f} MiB"
                         )
                     fh.write(request.data)
-            row = await asyncio.to_thread(self.core.store_dataset, first.header.name, fmt, path)
+            row = await asyncio.to_thread(self.core.store_dataset, first.header.name, fmt, path, first.header.project)
         finally:
             path.unlink(missing_ok=True)
         return pb.UploadDatasetResponse(dataset=dataset_to_proto(row))
 
     async def GetDataset(self, request, context):
         return pb.GetDatasetResponse(
-            dataset=dataset_to_proto(await asyncio.to_thread(self.core.store.get_dataset, request.id))
+            dataset=dataset_to_proto(await asyncio.to_thread(self.core.get_dataset, request.id))
         )
 
     async def ListDatasets(self, request, context):
         offset, limit = _page(request.page_size, request.page_token)
-        rows = await asyncio.to_thread(self.core.store.list_datasets, offset, limit + 1)
+        rows = await asyncio.to_thread(self.core.list_datasets, offset, limit + 1, request.project)
         token = str(offset + limit) if len(rows) > limit else ""
         return pb.ListDatasetsResponse(datasets=[dataset_to_proto(r) for r in rows[:limit]], next_page_token=token)
 
@@ -94,12 +95,12 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return pb.SubmitJobResponse(job=job_to_proto(await self.core.submit(request.spec)))
 
     async def GetJob(self, request, context):
-        return pb.GetJobResponse(job=job_to_proto(await asyncio.to_thread(self.core.store.get_job, request.id)))
+        return pb.GetJobResponse(job=job_to_proto(await asyncio.to_thread(self.core.get_job, request.id)))
 
     async def ListJobs(self, request, context):
         offset, limit = _page(request.page_size, request.page_token)
         state = STATE_NAME.get(request.state, "") if request.state else ""
-        rows = await asyncio.to_thread(self.core.store.list_jobs, state, offset, limit + 1)
+        rows = await asyncio.to_thread(self.core.list_jobs, state, offset, limit + 1, request.project)
         token = str(offset + limit) if len(rows) > limit else ""
         return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in rows[:limit]], next_page_token=token)
 

@@ -60,6 +60,11 @@ class TrainerSettings(ServerSettings):
             raise InvalidArgument(f"executor must be local or kubernetes, got {self.executor!r}")
         if not 0 <= self.worker_port <= 65535:
             raise InvalidArgument(f"worker_port must be 0..65535, got {self.worker_port}")
+        if self.token_file and not self.worker_key_file:
+            raise InvalidArgument(
+                "with --token-file the trainer needs --worker-key-file: the key that signs workers' job-scoped "
+                "tokens (give the registry the same file)"
+            )
         if self.executor == "kubernetes" and not self.k8s_worker_trainer_address:
             raise InvalidArgument(
                 "executor kubernetes needs k8s_worker_trainer_address: the trainer's worker API as pods reach it "

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, Boolean, DateTime, Integer, LargeBinary, String, Text, func, select
+from sqlalchemy import JSON, Boolean, DateTime, Integer, LargeBinary, String, Text, func, inspect, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from services.common.db import open_engine
@@ -33,6 +33,7 @@ class DatasetRow(Base):
     size: Mapped[int] = mapped_column(Integer)
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    project: Mapped[str] = mapped_column(String(64), default="default", server_default="default", index=True)
 
 
 class JobRow(Base):
@@ -51,6 +52,7 @@ class JobRow(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
+    project: Mapped[str] = mapped_column(String(64), default="default", server_default="default", index=True)
 
 
 class JobEventRow(Base):
@@ -75,6 +77,7 @@ class JobRecord:
     created_at: datetime
     started_at: datetime | None
     ended_at: datetime | None
+    project: str = "default"
 
     @property
     def terminal(self) -> bool:
@@ -104,6 +107,7 @@ def _record(row: JobRow) -> JobRecord:
         _aware(row.created_at),
         _aware(row.started_at),
         _aware(row.ended_at),
+        row.project,
     )
 
 
@@ -113,6 +117,7 @@ class JobStore:
     def __init__(self, url: str) -> None:
         self.engine = open_engine(url)
         Base.metadata.create_all(self.engine)
+        _add_project_columns(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._lock = threading.Lock()
 
@@ -140,15 +145,19 @@ class JobStore:
                 raise NotFound(f"dataset {dataset_id!r} not found; upload it with `tunedock data upload FILE`")
             return row
 
-    def list_datasets(self, offset: int, limit: int) -> list[DatasetRow]:
+    def list_datasets(self, offset: int, limit: int, projects: set[str] | None = None) -> list[DatasetRow]:
         with self._sessions() as s:
             query = select(DatasetRow).order_by(DatasetRow.created_at.desc(), DatasetRow.id).offset(offset)
+            if projects is not None:
+                query = query.where(DatasetRow.project.in_(sorted(projects)))
             return list(s.scalars(query.limit(limit)))
 
     # jobs
-    def add_job(self, job_id: str, spec: bytes, event: bytes) -> JobRecord:
+    def add_job(self, job_id: str, spec: bytes, event: bytes, project: str = "default") -> JobRecord:
         with self._write() as s:
-            row = JobRow(id=job_id, spec=spec, state="queued", created_at=now(), metrics={}, last_seq=1)
+            row = JobRow(
+                id=job_id, spec=spec, state="queued", created_at=now(), metrics={}, last_seq=1, project=project
+            )
             s.add(row)
             s.add(JobEventRow(job_id=job_id, seq=1, data=event))
             return _record(row)
@@ -160,9 +169,11 @@ class JobStore:
                 raise NotFound(f"job {job_id!r} not found")
             return _record(row)
 
-    def list_jobs(self, state: str, offset: int, limit: int) -> list[JobRecord]:
+    def list_jobs(self, state: str, offset: int, limit: int, projects: set[str] | None = None) -> list[JobRecord]:
         with self._sessions() as s:
             query = select(JobRow).order_by(JobRow.created_at.desc(), JobRow.id.desc())
+            if projects is not None:
+                query = query.where(JobRow.project.in_(sorted(projects)))
             if state:
                 query = query.where(JobRow.state == state)
             return [_record(r) for r in s.scalars(query.offset(offset).limit(limit))]
@@ -195,3 +206,12 @@ class JobStore:
         with self._sessions() as s:
             query = select(JobEventRow).where(JobEventRow.job_id == job_id, JobEventRow.seq > after)
             return [(e.seq, e.data) for e in s.scalars(query.order_by(JobEventRow.seq))]
+
+
+def _add_project_columns(engine) -> None:
+    """Stores made before projects existed gain the column; their items land in "default"."""
+    inspector = inspect(engine)
+    for table in ("datasets", "jobs"):
+        if "project" not in {c["name"] for c in inspector.get_columns(table)}:
+            with engine.begin() as conn:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN project VARCHAR(64) NOT NULL DEFAULT 'default'"))
