@@ -127,9 +127,9 @@ class TrainerCore:
         return self.store.list_datasets(offset, limit, self._projects(project))
 
     def get_job(self, job_id: str) -> JobRecord:
-        job = self.store.get_job(job_id)
         caller = principal()
-        caller.check_job(job_id)
+        caller.check_job(job_id)  # a worker token names its one job
+        job = self.store.get_job(job_id)
         if not caller.may_access(job.project):
             raise NotFound(f"job {job_id!r} not found")
         return job

@@ -90,13 +90,18 @@ class RegistryClient:
         labels: Mapping[str, str] | None = None,
         description: str = "",
         timeout: float | None = None,
+        project: str = "",
     ) -> pb.PublishResponse:
-        """Publish every file under `directory` as a new version of `name` (atomic)."""
+        """Publish every file under `directory` as a new version of `name` (atomic).
+
+        `project`: where a new artifact goes (empty: the caller's default project).
+        """
         files = scan_directory(Path(directory))
         manifest = pb.Manifest(
             name=name,
             kind=KINDS[kind],
             description=description,
+            project=project,
             files=[pb.FileEntry(path=f.path, size=f.size, sha256=f.sha256) for f in files],
             labels=[common_pb2.Label(key=k, value=v) for k, v in (labels or {}).items()],
         )

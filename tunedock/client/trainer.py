@@ -37,19 +37,33 @@ class TrainerClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def upload_dataset(self, path: Path | str, name: str = "") -> pb.Dataset:
+    def upload_dataset(self, path: Path | str, name: str = "", project: str = "") -> pb.Dataset:
         """Upload a JSONL / JSON-array file; returns the stored dataset (validated)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist or is not a file")
 
         def stream():
-            yield pb.UploadDatasetRequest(header=pb.DatasetHeader(name=name or path.name))
+            yield pb.UploadDatasetRequest(header=pb.DatasetHeader(name=name or path.name, project=project))
             with path.open("rb") as fh:
                 while block := fh.read(CHUNK):
                     yield pb.UploadDatasetRequest(data=block)
 
         return self.stub.UploadDataset(stream(), timeout=self.timeout * 10).dataset
+
+    def get_dataset(self, dataset_id: str) -> pb.Dataset:
+        return self.stub.GetDataset(pb.GetDatasetRequest(id=dataset_id), timeout=self.timeout).dataset
+
+    def list_datasets(self, project: str = "", page_size: int = 0) -> Iterator[pb.Dataset]:
+        token = ""
+        while True:
+            page = self.stub.ListDatasets(
+                pb.ListDatasetsRequest(page_size=page_size, page_token=token, project=project), timeout=self.timeout
+            )
+            yield from page.datasets
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
 
     def submit(self, spec: pb.JobSpec) -> pb.Job:
         return self.stub.SubmitJob(pb.SubmitJobRequest(spec=spec), timeout=self.timeout).job
@@ -57,11 +71,12 @@ class TrainerClient:
     def get(self, job_id: str) -> pb.Job:
         return self.stub.GetJob(pb.GetJobRequest(id=job_id), timeout=self.timeout).job
 
-    def list(self, state: int = 0, page_size: int = 0) -> Iterator[pb.Job]:
+    def list(self, state: int = 0, page_size: int = 0, project: str = "") -> Iterator[pb.Job]:
         token = ""
         while True:
             page = self.stub.ListJobs(
-                pb.ListJobsRequest(state=state, page_size=page_size, page_token=token), timeout=self.timeout
+                pb.ListJobsRequest(state=state, page_size=page_size, page_token=token, project=project),
+                timeout=self.timeout,
             )
             yield from page.jobs
             if not page.next_page_token:

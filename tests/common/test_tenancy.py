@@ -1,0 +1,242 @@
+"""Projects, worker tokens and the audit log through real servers with authentication on.
+
+Registry, trainer (with real worker subprocesses) and inference (the session's vLLM
+engine) share one token file and worker key, as a deployment would.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+import pytest
+
+from services.adapter_registry.server import build_server as build_registry
+from services.adapter_registry.settings import RegistrySettings
+from services.common.auth import WorkerTokens, add_token, load_key
+from services.common.server_thread import ServerThread
+from services.inference.server import build_server as build_inference
+from services.inference.settings import InferenceSettings
+from services.trainer.server import build_server as build_trainer
+from services.trainer.settings import TrainerSettings
+from tests.trainer.conftest import memorization_jsonl
+from tunedock.client import InferenceClient, RegistryClient, TrainerClient
+from tunedock.v1 import adapter_registry_pb2, common_pb2, trainer_pb2_grpc
+from tunedock.v1 import trainer_pb2 as pb
+
+USER_ROLES = [
+    "trainer.submit",
+    "trainer.read",
+    "registry.read",
+    "registry.publish",
+    "registry.admin",
+    "inference.generate",
+]
+
+
+class SecureStack:
+    def __init__(self, home, base, engine) -> None:
+        self.tokens = home / "tokens.json"
+        self.key = home / "worker.key"
+        load_key(self.key)
+        self.alice = add_token(self.tokens, "alice", USER_ROLES, ["team-a"])
+        self.bob = add_token(self.tokens, "bob", USER_ROLES, ["team-b"])
+        service_tokens = {}
+        for name in ("trainer", "inference"):
+            path = home / f"{name}.token"
+            path.write_text(add_token(self.tokens, f"{name}-service", ["registry.read"], ["*"], "service"))
+            service_tokens[name] = str(path)
+        common = dict(port=0, metrics_port=-1, token_file=str(self.tokens))
+        self.registry = ServerThread(
+            lambda: build_registry(RegistrySettings(data_dir=home, worker_key_file=str(self.key), **common))
+        )
+        trainer_settings = TrainerSettings(
+            data_dir=home,
+            worker_port=0,
+            registry_address=self.registry.address,
+            registry_token_file=service_tokens["trainer"],
+            worker_key_file=str(self.key),
+            **common,
+        )
+        self.trainer = ServerThread(lambda: build_trainer(trainer_settings))
+        inference_settings = InferenceSettings(
+            data_dir=home,
+            base_model=str(base),
+            registry_address=self.registry.address,
+            registry_token_file=service_tokens["inference"],
+            max_lora_rank=16,
+            max_model_len=512,
+            max_tokens_limit=16,
+            **common,
+        )
+        self.inference = ServerThread(lambda: build_inference(inference_settings, engine=engine))
+
+    def stop(self) -> None:
+        self.inference.stop()
+        self.trainer.stop(grace=1)
+        self.registry.stop()
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory, tiny_model_dir, inference_stack):
+    stack = SecureStack(tmp_path_factory.mktemp("secure"), tiny_model_dir, inference_stack.engine)
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(scope="module")
+def caplog_module():
+    """Audit lines of the whole module (caplog is per test)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    audit = logging.getLogger("tunedock.audit")
+    audit.addHandler(handler)
+    audit.setLevel(logging.INFO)
+    yield records
+    audit.removeHandler(handler)
+
+
+@pytest.fixture(scope="module")
+def alice_job(secure, tiny_model_dir, tmp_path_factory, caplog_module):
+    path = tmp_path_factory.mktemp("data") / "pirate.jsonl"
+    path.write_bytes(memorization_jsonl())
+    with TrainerClient(secure.trainer.address, token=secure.alice) as alice:
+        dataset = alice.upload_dataset(path)
+        job = alice.submit(
+            pb.JobSpec(
+                base_model=str(tiny_model_dir),
+                method=common_pb2.MethodConfig(lora=common_pb2.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])),
+                train_dataset_ids=[dataset.id],
+                output_name="alice-pirate",
+                hyperparameters=pb.Hyperparameters(max_steps=4, batch_size=4, learning_rate=2e-3),
+            )
+        )
+        done = alice.wait(job.id, timeout=600)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+    return dataset, done
+
+
+def test_the_worker_published_into_the_jobs_project(secure, alice_job):
+    dataset, job = alice_job
+    assert dataset.project == "team-a" and job.spec.project == "team-a"
+    with RegistryClient(secure.registry.address, token=secure.alice) as alice:
+        version = alice.get(job.output_ref)
+    assert version.project == "team-a" and version.lineage.job_id == job.id
+    assert version.kind == adapter_registry_pb2.ARTIFACT_KIND_LORA_ADAPTER
+
+
+def _same_answer(call_hidden, hidden: str, call_missing, missing: str) -> str:
+    """Both calls fail NOT_FOUND with the same message once the names are swapped."""
+    answers = []
+    for call, name in ((call_hidden, hidden), (call_missing, missing)):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        answers.append(info.value.details().replace(name, "<NAME>"))
+    assert answers[0] == answers[1]
+    return answers[0]
+
+
+def test_cross_project_reads_look_like_missing_items(secure, alice_job):
+    dataset, job = alice_job
+    with (
+        TrainerClient(secure.trainer.address, token=secure.bob) as bob,
+        RegistryClient(secure.registry.address, token=secure.bob) as bob_registry,
+    ):
+        _same_answer(lambda: bob.get(job.id), job.id, lambda: bob.get("job-000000000000"), "job-000000000000")
+        _same_answer(
+            lambda: bob.get_dataset(dataset.id),
+            dataset.id,
+            lambda: bob.get_dataset("ds-000000000000000000000000"),
+            "ds-000000000000000000000000",
+        )
+        assert [j.id for j in bob.list()] == []
+        assert list(bob.list_datasets()) == []
+        name = job.output_ref.split(":")[0]
+        _same_answer(
+            lambda: bob_registry.get(job.output_ref), name, lambda: bob_registry.get("no-such-thing:1"), "no-such-thing"
+        )
+        assert [a.name for a in bob_registry.list_artifacts()] == []
+        with pytest.raises(grpc.RpcError) as info:
+            bob.cancel(job.id)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        # Bob cannot train on Alice's data either.
+        spec = pb.JobSpec(
+            base_model=job.spec.base_model,
+            method=job.spec.method,
+            train_dataset_ids=[dataset.id],
+            output_name="bob-steals",
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            bob.submit(spec)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND and dataset.id in info.value.details()
+    with RegistryClient(secure.registry.address, token=secure.alice) as alice_registry:
+        assert [a.name for a in alice_registry.list_artifacts()] == ["alice-pirate"]
+
+
+def test_cross_project_adapter_use_is_indistinguishable_from_not_found(secure, alice_job):
+    _, job = alice_job
+    with InferenceClient(secure.inference.address, token=secure.alice) as alice:
+        reply = alice.generate("Ahoy", adapter=job.output_ref, max_tokens=4)
+        assert reply.adapter_version == job.output_ref
+    with InferenceClient(secure.inference.address, token=secure.bob) as bob:
+        name = job.output_ref.split(":")[0]
+        message = _same_answer(
+            lambda: bob.generate("Ahoy", adapter=job.output_ref, max_tokens=4),
+            name,
+            lambda: bob.generate("Ahoy", adapter="ghost-adapter:1", max_tokens=4),
+            "ghost-adapter",
+        )
+        assert "not found" in message
+        assert bob.generate("Ahoy", max_tokens=4).completions  # the base model is everyone's
+
+
+def test_a_worker_token_is_good_for_its_own_job_only(secure, alice_job):
+    _, job = alice_job
+    token = WorkerTokens(load_key(secure.key)).issue(job.id, job.attempt, "team-a", ("alice-pirate",), ttl_s=60)
+    metadata = (("authorization", f"Bearer {token}"),)
+    with grpc.insecure_channel(secure.trainer.server.address_of("worker")) as channel:
+        worker = trainer_pb2_grpc.TrainerWorkerServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            worker.GetAssignment(pb.GetAssignmentRequest(job_id="job-someoneelse"), metadata=metadata, timeout=10)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert f"this worker token is for job {job.id}" in info.value.details()
+        event = pb.JobEvent(log=pb.LogEvent(message="forged"))
+        with pytest.raises(grpc.RpcError) as info:
+            worker.ReportEvent(pb.ReportEventRequest(job_id="job-x", attempt=1, event=event), metadata=metadata)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with TrainerClient(secure.trainer.address, token=token) as as_worker, pytest.raises(grpc.RpcError) as info:
+        list(as_worker.list())
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED and "trainer.read" in info.value.details()
+    out = secure.tokens.parent / "worker-out"
+    out.mkdir(exist_ok=True)
+    (out / "notes.txt").write_text("not an adapter")
+    with RegistryClient(secure.registry.address, token=token) as registry, pytest.raises(grpc.RpcError) as info:
+        registry.publish_dir(out, "someone-elses-name")
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "may publish only alice-pirate" in info.value.details()
+
+
+def test_audit_lines_say_who_did_what(secure, alice_job, caplog_module):
+    dataset, job = alice_job
+    with RegistryClient(secure.registry.address, token=secure.alice) as alice:
+        alice.set_alias("alice-pirate", "prod", 1)
+    with TrainerClient(secure.trainer.address, token=secure.alice) as alice:
+        cancelled = alice.submit(
+            pb.JobSpec(
+                base_model=job.spec.base_model,
+                method=job.spec.method,
+                train_dataset_ids=[dataset.id],
+                output_name="alice-second",
+                hyperparameters=pb.Hyperparameters(max_steps=500),
+            )
+        )
+        alice.cancel(cancelled.id)
+    lines = [(r.principal, r.action, r.target, r.project) for r in caplog_module]
+    assert ("alice", "trainer.upload_dataset", dataset.id, "team-a") in lines
+    assert ("alice", "trainer.submit", job.id, "team-a") in lines
+    assert (f"worker:{job.id}", "registry.publish", "alice-pirate:1", "team-a") in lines
+    assert ("alice", "registry.alias", "alice-pirate@prod", "team-a") in lines
+    assert ("alice", "trainer.cancel", cancelled.id, "team-a") in lines
+    assert all(r.audit is True and r.created > 0 for r in caplog_module)
