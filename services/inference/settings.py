@@ -40,6 +40,7 @@ class InferenceSettings(ServerSettings):
         10.0, "seconds an adapter reference's resolution is cached (a registry Watch invalidates moved aliases sooner)"
     )
     max_tokens_limit: int = setting(4096, "largest max_tokens a request may ask for")
+    max_prompt_chars: int = setting(200_000, "longest prompt (or rendered chat) a request may send, in characters")
 
     def __post_init__(self) -> None:
         super().__post_init__()
