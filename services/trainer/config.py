@@ -140,6 +140,13 @@ class TrainConfig:
         return asdict(self)
 
 
+def _enum(table: dict, value: int, field: str):
+    """Look up an enum value; an unknown number (a newer client, a typo) is the caller's error."""
+    if value not in table:
+        raise InvalidArgument(f"{field}: unknown value {value}")
+    return table[value]
+
+
 def config_from_spec(spec: trainer_pb2.JobSpec) -> TrainConfig:
     """The small builder: proto JobSpec -> TrainConfig (defaults filled, validated)."""
     which = spec.method.WhichOneof("config")
@@ -156,7 +163,7 @@ def config_from_spec(spec: trainer_pb2.JobSpec) -> TrainConfig:
         epochs=h.epochs or (0.0 if h.max_steps else 1.0),
         max_steps=h.max_steps,
         learning_rate=h.learning_rate,
-        lr_schedule=SCHEDULES[h.lr_schedule],
+        lr_schedule=_enum(SCHEDULES, h.lr_schedule, "hyperparameters.lr_schedule"),
         warmup_steps=h.warmup_steps,
         batch_size=h.batch_size or 4,
         gradient_accumulation_steps=h.gradient_accumulation_steps or 1,
@@ -174,7 +181,7 @@ def config_from_spec(spec: trainer_pb2.JobSpec) -> TrainConfig:
     )
     lora: common_pb2.LoraConfig | None = None
     if which == "full":
-        kwargs["optimizer"] = OPTIMIZERS[spec.method.full.optimizer]
+        kwargs["optimizer"] = _enum(OPTIMIZERS, spec.method.full.optimizer, "full.optimizer")
     elif which == "freeze":
         f = spec.method.freeze
         kwargs.update(
@@ -182,7 +189,7 @@ def config_from_spec(spec: trainer_pb2.JobSpec) -> TrainConfig:
             trainable_layer_indices=list(f.trainable_layer_indices),
             trainable_modules=list(f.trainable_modules),
             extra_modules=list(f.extra_modules),
-            optimizer=OPTIMIZERS[f.optimizer],
+            optimizer=_enum(OPTIMIZERS, f.optimizer, "freeze.optimizer"),
             publish_expanded=f.publish_expanded,
         )
     elif which == "lora":
@@ -193,7 +200,7 @@ def config_from_spec(spec: trainer_pb2.JobSpec) -> TrainConfig:
         kwargs.update(
             quant_type="fp4" if q.quant_type == common_pb2.QUANT_TYPE_FP4 else "nf4",
             double_quant=q.double_quant if q.HasField("double_quant") else True,
-            compute_dtype=DTYPES[q.compute_dtype],
+            compute_dtype=_enum(DTYPES, q.compute_dtype, "qlora.compute_dtype"),
             paged_optimizer=q.paged_optimizer if q.HasField("paged_optimizer") else True,
         )
     if lora is not None:
@@ -204,6 +211,6 @@ def config_from_spec(spec: trainer_pb2.JobSpec) -> TrainConfig:
             lora_dropout=lora.dropout,
             target_modules=list(lora.target_modules) or ["all-linear"],
             use_rslora=lora.use_rslora,
-            optimizer=OPTIMIZERS[lora.optimizer],
+            optimizer=_enum(OPTIMIZERS, lora.optimizer, "lora.optimizer"),
         )
     return TrainConfig(**kwargs)
