@@ -19,6 +19,8 @@ from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Table
 
+from services.common.errors import TuneDockError
+
 console = Console()
 err = Console(stderr=True)
 
@@ -50,9 +52,13 @@ def cli_errors(fn):
                 )
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 fail("the service did not answer in time; is `tunedock up` running?", 3)
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                fail(f"{exc.details()}; set TUNEDOCK_TOKEN (or TUNEDOCK_TOKEN_FILE) to a token from the admin", 5)
             fail(exc.details() or code.name, 4 if code == grpc.StatusCode.NOT_FOUND else 1)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError) as exc:
             fail(str(exc), 2)
+        except TuneDockError as exc:
+            fail(exc.message, 2)
 
     return wrapper
 
@@ -789,3 +795,6 @@ def register(app: typer.Typer) -> None:
     app.command("chat")(chat)
     app.command("plan")(plan)
     app.command("compare")(compare)
+    from tunedock.tokens import tokens_app
+
+    app.add_typer(tokens_app, name="tokens")

@@ -117,7 +117,8 @@ async def build_server(settings: InferenceSettings, engine=None) -> GrpcServer:
         base_model,
         metrics,
     )
-    core = InferenceCore(engine, resolver, cache, metrics, Limits(max_tokens=settings.max_tokens_limit, max_prompt_chars=settings.max_prompt_chars))
+    limits = Limits(max_tokens=settings.max_tokens_limit, max_prompt_chars=settings.max_prompt_chars)
+    core = InferenceCore(engine, resolver, cache, metrics, limits)
     server.bindings = [
         ServiceBinding(
             service.full_name, InferenceServicer(core), inference_pb2_grpc.add_InferenceServiceServicer_to_server
