@@ -17,7 +17,12 @@ from services.trainer.settings import TrainerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
-TARGETS = {"base": K8S / "base", "dev": K8S / "overlays" / "dev", "gpu": K8S / "overlays" / "gpu"}
+TARGETS = {
+    "base": K8S / "base",
+    "dev": K8S / "overlays" / "dev",
+    "gpu": K8S / "overlays" / "gpu",
+    "gpu-tls": K8S / "overlays" / "gpu-tls",
+}
 K8S_VERSION = kubernetes_validate.latest_version()
 
 
@@ -45,7 +50,7 @@ def test_every_object_validates_against_the_kubernetes_schema(rendered):
 
 
 def test_every_container_has_probes_limits_and_runs_as_non_root(rendered):
-    _, objects = rendered
+    target, objects = rendered
     deployments = by_kind(objects, "Deployment")
     assert set(deployments) == {"tunedock-registry", "tunedock-trainer", "tunedock-inference"}
     for name, deployment in deployments.items():
@@ -53,9 +58,13 @@ def test_every_container_has_probes_limits_and_runs_as_non_root(rendered):
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0, name
         for container in pod["containers"]:
             for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
-                assert "grpc" in container[probe], (name, probe)  # native gRPC health probes
-            port = container["livenessProbe"]["grpc"]["port"]
-            assert port in [p["containerPort"] for p in container["ports"]]
+                if target == "gpu-tls":  # native gRPC probes cannot speak TLS: the health check client does
+                    assert container[probe]["exec"]["command"] == ["python", "-m", "tunedock.healthcheck"]
+                    assert "grpc" not in container[probe]
+                else:
+                    assert "grpc" in container[probe], (name, probe)  # native gRPC health probes
+                    port = container[probe]["grpc"]["port"]
+                    assert port in [p["containerPort"] for p in container["ports"]]
             resources = container["resources"]
             assert {"cpu", "memory"} <= set(resources["requests"]) and {"cpu", "memory"} <= set(resources["limits"])
             security = container["securityContext"]
@@ -70,6 +79,26 @@ def test_every_container_has_probes_limits_and_runs_as_non_root(rendered):
             n.startswith(name + "-") for n in by_kind(objects, "ConfigMap")
         )
         assert name in by_kind(objects, "PodDisruptionBudget") and name in by_kind(objects, "NetworkPolicy")
+
+
+def test_every_service_authenticates_with_tokens_from_a_secret(rendered):
+    target, objects = rendered
+    for name, deployment in by_kind(objects, "Deployment").items():
+        pod = deployment["spec"]["template"]["spec"]
+        (auth,) = [v for v in pod["volumes"] if v["name"] == "auth"]
+        assert auth["secret"]["secretName"] == "tunedock-auth"
+        items = {i["path"] for i in auth["secret"]["items"]}
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "auth"]
+        assert mount["readOnly"] is True
+        env = config(objects, name)
+        files = {k: v for k, v in env.items() if k.endswith(("TOKEN_FILE", "KEY_FILE")) and "TLS" not in k}
+        assert f"TUNEDOCK_{name.removeprefix('tunedock-').upper()}_TOKEN_FILE" in files, name
+        for key, path in files.items():
+            directory, _, filename = path.rpartition("/")
+            assert directory == mount["mountPath"] and filename in items, (name, key)
+        if target == "gpu-tls":
+            assert env[f"TUNEDOCK_{name.removeprefix('tunedock-').upper()}_TLS_CLIENT_CA_FILE"]
+            assert any(v["name"] == "tls" and v["secret"]["secretName"] == "tunedock-tls" for v in pod["volumes"])
 
 
 def test_rbac_grants_jobs_and_pod_reads_in_the_namespace_only(rendered):
@@ -175,8 +204,9 @@ def test_worker_jobs_from_the_overlays_trainer_settings_fit_the_manifests(overla
     """The Job the trainer would create with the overlay's settings: valid, same image, wired to the manifests."""
     objects = render(TARGETS[overlay])
     for key, value in config(objects, "tunedock-trainer").items():  # what envFrom gives the trainer pod
-        monkeypatch.setenv(key, value)
-    settings = TrainerSettings.load([], executor="kubernetes")
+        if not key.endswith("_FILE"):  # mounted from Secrets in the pod; not on this machine
+            monkeypatch.setenv(key, value)
+    settings = TrainerSettings.load([], executor="kubernetes", insecure=True)
     job = build_job("job-0123456789ab", 1, Launch(method="qlora", processes_per_node=2), settings_from(settings))
     body = k8s.ApiClient().sanitize_for_serialization(job)
     kubernetes_validate.validate(body, K8S_VERSION, strict=True)
