@@ -225,3 +225,34 @@ def test_services_not_running(env):
             "error: cannot reach the TuneDock service; is `tunedock up` running? (addresses: --trainer/--registry/"
             "--inference or TUNEDOCK_TRAINER_ADDRESS etc.)"
         ]
+
+
+def test_local_stack_runs_with_one_generated_token(tmp_path, tiny_model_dir):
+    """`tunedock up`'s stack: authentication on, the CLI finds the generated admin token in its home."""
+    from tunedock.local_stack import LocalStack
+
+    offset = 1000 + os.getpid() % 500
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "TUNEDOCK_TOKEN", "TUNEDOCK_TOKEN_FILE")}
+    stack = LocalStack(
+        tmp_path,
+        base_model=str(tiny_model_dir),
+        port_offset=offset,
+        extra_env={"VLLM_CPU_KVCACHE_SPACE": "1", "LD_PRELOAD": ""},
+    )
+    stack.start()
+    try:
+        stack.wait_healthy(timeout=300)
+        token = stack.credentials.admin_token
+        assert token not in stack.credentials.token_file.read_text()  # stored hashed
+        registry = stack.address("adapter_registry")
+        ok = tunedock({**env, "TUNEDOCK_HOME": str(tmp_path)}, "adapters", "ls", "--registry", registry)
+        assert ok.returncode == 0, ok.stderr
+        refused = tunedock({**env, "TUNEDOCK_TOKEN": "td_wrong"}, "adapters", "ls", "--registry", registry)
+        assert refused.returncode == 5 and "unknown, revoked or expired token" in refused.stderr
+        anonymous = tunedock(
+            {**env, "TUNEDOCK_HOME": str(tmp_path / "elsewhere")}, "jobs", "ls", "--trainer", stack.address("trainer")
+        )
+        assert anonymous.returncode == 5 and "missing credentials" in anonymous.stderr
+    finally:
+        codes = stack.stop()
+    assert all(code == 0 for code in codes.values()), codes

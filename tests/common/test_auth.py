@@ -184,3 +184,29 @@ def test_worker_tokens_are_signed_scoped_and_expire():
     body, signature = token.rsplit(".", 1)
     assert minted.verify(body[:-2] + "xx." + signature) is None  # tampered
     assert minted.verify(minted.issue("job-1", 1, "team-a", ("out",), ttl_s=-1)) is None  # expired
+
+
+def test_tokens_cli_creates_lists_and_revokes(tmp_path):
+    import subprocess
+    import sys
+
+    tokens = tmp_path / "tokens.json"
+
+    def cli(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "tunedock.cli", "tokens", *args, "-f", str(tokens)], capture_output=True, text=True
+        )
+
+    created = cli("create", "carol", "-r", "registry.read", "-r", "inference.generate", "-p", "team-c", "-q")
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.strip()
+    who = TokenFile(tokens).lookup(token)
+    assert who.name == "carol" and who.roles == {"registry.read", "inference.generate"} and who.projects == {"team-c"}
+    listed = json.loads(cli("ls", "--json").stdout)
+    assert listed == [
+        {"name": "carol", "roles": ["inference.generate", "registry.read"], "projects": ["team-c"], "kind": "user"}
+    ]
+    bad = cli("create", "dave", "-r", "registry.rule")
+    assert bad.returncode == 2 and "unknown role(s) ['registry.rule']" in bad.stderr
+    assert cli("revoke", "carol").returncode == 0
+    assert TokenFile(tokens).lookup(token) is None
