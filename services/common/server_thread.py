@@ -12,10 +12,17 @@ from services.common.server import GrpcServer
 class ServerThread:
     """Starts `build()`'s server on its own loop; `.address`, `.server`, `.stop()`."""
 
-    def __init__(self, build: Callable[[], Awaitable[GrpcServer]]) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
+    def __init__(
+        self, build: Callable[[], Awaitable[GrpcServer]], loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
+        """`loop`: run on another ServerThread's loop, e.g. to share a vLLM engine, whose
+        async engine is bound to the loop it was started on."""
+        self.owns_loop = loop is None
+        self.loop = loop or asyncio.new_event_loop()
+        self.thread = None
+        if self.owns_loop:
+            self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+            self.thread.start()
         self.server: GrpcServer = self.run(self._start(build))
 
     async def _start(self, build):
@@ -33,5 +40,6 @@ class ServerThread:
 
     def stop(self, grace: float = 0.5) -> None:
         self.run(self.server.stop(grace))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        if self.owns_loop:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)

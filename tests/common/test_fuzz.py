@@ -126,7 +126,7 @@ def build(descriptor, values: dict):
 class Fuzzed:
     """The three services with authentication on; the fuzzer calls as an admin of every project."""
 
-    def __init__(self, home, base, engine) -> None:
+    def __init__(self, home, base, engine, loop) -> None:
         tokens = home / "tokens.json"
         key = home / "worker.key"
         load_key(key)
@@ -154,7 +154,7 @@ class Fuzzed:
             max_prompt_chars=400,
             **common,
         )
-        self.inference = ServerThread(lambda: build_inference(inference, engine=engine))
+        self.inference = ServerThread(lambda: build_inference(inference, engine=engine), loop=loop)
 
     def address(self, service: str) -> str:
         if service == "TrainerWorkerService":
@@ -175,7 +175,7 @@ class Fuzzed:
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory, tiny_model_dir, inference_stack):
     home = tmp_path_factory.mktemp("fuzz")
-    stack = Fuzzed(home, tiny_model_dir, inference_stack.engine)
+    stack = Fuzzed(home, tiny_model_dir, inference_stack.engine, inference_stack.inference.loop)
     # Real ids among the generated strings reach deeper than random ones.
     data = home / "d.jsonl"
     data.write_bytes(memorization_jsonl(4))

@@ -145,7 +145,9 @@ def test_prompt_length_and_max_tokens_caps(tmp_path, tiny_model_dir, inference_s
         max_tokens_limit=8,
         max_prompt_chars=100,
     )
-    server = ServerThread(lambda: build_inference(settings, engine=inference_stack.engine))
+    server = ServerThread(
+        lambda: build_inference(settings, engine=inference_stack.engine), loop=inference_stack.inference.loop
+    )
     try:
         with InferenceClient(server.address) as client:
             with pytest.raises(grpc.RpcError) as info:

@@ -35,7 +35,7 @@ USER_ROLES = [
 
 
 class SecureStack:
-    def __init__(self, home, base, engine) -> None:
+    def __init__(self, home, base, engine, loop) -> None:
         self.tokens = home / "tokens.json"
         self.key = home / "worker.key"
         load_key(self.key)
@@ -69,7 +69,8 @@ class SecureStack:
             max_tokens_limit=16,
             **common,
         )
-        self.inference = ServerThread(lambda: build_inference(inference_settings, engine=engine))
+        # The engine's async loop is the session stack's: this server runs on it too.
+        self.inference = ServerThread(lambda: build_inference(inference_settings, engine=engine), loop=loop)
 
     def stop(self) -> None:
         self.inference.stop()
@@ -79,7 +80,9 @@ class SecureStack:
 
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory, tiny_model_dir, inference_stack):
-    stack = SecureStack(tmp_path_factory.mktemp("secure"), tiny_model_dir, inference_stack.engine)
+    stack = SecureStack(
+        tmp_path_factory.mktemp("secure"), tiny_model_dir, inference_stack.engine, inference_stack.inference.loop
+    )
     yield stack
     stack.stop()
 
