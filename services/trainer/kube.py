@@ -36,6 +36,7 @@ MANAGED_LABELS = {
 MANAGED_SELECTOR = ",".join(f"{k}={v}" for k, v in MANAGED_LABELS.items())
 CONTAINER = "worker"
 NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+TLS_DIR = "/etc/tunedock/tls"
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class KubeJobSettings:
     """Headless Service of the worker pods: multi-node rendezvous at <job>-0.<subdomain>."""
     image_pull_policy: str = "IfNotPresent"
     env: dict[str, str] = field(default_factory=dict)
+    tls_secret: str = ""
+    """Secret (tls.crt, tls.key, ca.crt) mounted into worker pods: their client certificate under mTLS."""
 
 
 def job_name(job_id: str, attempt: int) -> str:
@@ -108,6 +111,12 @@ def build_job(job_id: str, attempt: int, launch: Launch, s: KubeJobSettings) -> 
     if launch.token:
         # Job-scoped and expiring: it can report this job's events and publish its output, nothing else.
         env["TUNEDOCK_TOKEN"] = launch.token
+    if s.tls_secret:
+        env |= {
+            "TUNEDOCK_TLS_CA_FILE": f"{TLS_DIR}/ca.crt",
+            "TUNEDOCK_TLS_CERT_FILE": f"{TLS_DIR}/tls.crt",
+            "TUNEDOCK_TLS_KEY_FILE": f"{TLS_DIR}/tls.key",
+        }
     env_vars = [k8s.V1EnvVar(name=k, value=v) for k, v in env.items()]
     if launch.nodes > 1:
         # torchrun's --node-rank=$(JOB_COMPLETION_INDEX) expands from a declared variable.
@@ -129,6 +138,11 @@ def build_job(job_id: str, attempt: int, launch: Launch, s: KubeJobSettings) -> 
         k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource()),
         k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory")),
     ]
+    if s.tls_secret:
+        mounts.append(k8s.V1VolumeMount(name="tls", mount_path=TLS_DIR, read_only=True))
+        volumes.append(
+            k8s.V1Volume(name="tls", secret=k8s.V1SecretVolumeSource(secret_name=s.tls_secret, default_mode=0o400))
+        )
     if s.data_pvc:
         mounts.append(k8s.V1VolumeMount(name="data", mount_path=s.data_dir))
         volumes.append(
@@ -373,4 +387,5 @@ def settings_from(trainer_settings) -> KubeJobSettings:
         data_pvc=t.k8s_data_pvc,
         data_dir=str(t.data_dir),
         subdomain=t.k8s_worker_subdomain,
+        tls_secret=t.k8s_tls_secret,
     )

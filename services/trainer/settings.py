@@ -51,6 +51,7 @@ class TrainerSettings(ServerSettings):
     k8s_data_pvc: str = setting("", "PVC with the trainer's data dir, mounted in worker pods for shared checkpoints")
     k8s_worker_subdomain: str = setting("tunedock-workers", "headless Service of worker pods (multi-node rendezvous)")
     k8s_poll_s: float = setting(5.0, "seconds between looks at the worker Jobs")
+    k8s_tls_secret: str = setting("", "Secret with tls.crt/tls.key/ca.crt for worker pods (services with mTLS)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

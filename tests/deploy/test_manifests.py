@@ -199,7 +199,7 @@ def test_gpu_overlay_puts_inference_on_gpus_and_state_in_postgres_and_s3():
     assert trainer_data["spec"]["accessModes"] == ["ReadWriteMany"]  # shared with worker pods on other nodes
 
 
-@pytest.mark.parametrize("overlay", ["dev", "gpu"])
+@pytest.mark.parametrize("overlay", ["dev", "gpu", "gpu-tls"])
 def test_worker_jobs_from_the_overlays_trainer_settings_fit_the_manifests(overlay, monkeypatch):
     """The Job the trainer would create with the overlay's settings: valid, same image, wired to the manifests."""
     objects = render(TARGETS[overlay])
@@ -222,3 +222,9 @@ def test_worker_jobs_from_the_overlays_trainer_settings_fit_the_manifests(overla
     assert MANAGED_LABELS.items() <= labels.items()
     workers = by_kind(objects, "Service")["tunedock-workers"]["spec"]["selector"]
     assert workers.items() <= labels.items()
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    if overlay == "gpu-tls":  # workers present the services' client certificate under mTLS
+        assert {"name": "tls", "secret": {"secretName": "tunedock-tls", "defaultMode": 0o400}} in pod["volumes"]
+        assert env["TUNEDOCK_TLS_CERT_FILE"] == "/etc/tunedock/tls/tls.crt"
+    else:
+        assert "TUNEDOCK_TLS_CA_FILE" not in env
