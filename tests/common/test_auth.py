@@ -210,3 +210,28 @@ def test_tokens_cli_creates_lists_and_revokes(tmp_path):
     assert bad.returncode == 2 and "unknown role(s) ['registry.rule']" in bad.stderr
     assert cli("revoke", "carol").returncode == 0
     assert TokenFile(tokens).lookup(token) is None
+
+
+def test_the_entrypoint_refuses_a_public_bind_without_auth(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.adapter_registry",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "refusing to serve 0.0.0.0 without authentication" in result.stderr
+    assert not (tmp_path / "registry").exists()  # refused before anything was created
