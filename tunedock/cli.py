@@ -78,6 +78,12 @@ def up(
             module, stack.address(module), status[module], f"http://{host}:{metrics_port + port_offset}/metrics"
         )
     console.print(table)
+    creds = stack.credentials
+    console.print(
+        f"authentication on: admin token in {creds.admin_token_file} (the CLI reads $TUNEDOCK_HOME/token; "
+        f"elsewhere set TUNEDOCK_TOKEN_FILE={creds.admin_token_file}); add people with "
+        f"`tunedock tokens create NAME -r ROLE -p PROJECT -f {creds.token_file}`"
+    )
     if check:
         codes = stack.stop()
         bad = {m: c for m, c in codes.items() if c != 0}
