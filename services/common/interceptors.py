@@ -208,7 +208,8 @@ class AuthInterceptor(aio.ServerInterceptor):
       authenticator (authentication off) every call is `ANONYMOUS`.
     - The principal is set in `current_principal` for the servicer and core.
     - At most `max_streams` streaming calls per principal at once (RESOURCE_EXHAUSTED);
-      unary-response calls are cut off after `rpc_timeout_s` (DEADLINE_EXCEEDED).
+      unary calls are cut off after `rpc_timeout_s`, uploads (client streams) after
+      `upload_timeout_s` (DEADLINE_EXCEEDED).
 
     Sits inside `ErrorMappingInterceptor`, which turns its domain errors into statuses.
     """
@@ -219,11 +220,13 @@ class AuthInterceptor(aio.ServerInterceptor):
         roles: dict[str, str | None],
         max_streams: int = 128,
         rpc_timeout_s: float = 600.0,
+        upload_timeout_s: float = 21600.0,
     ) -> None:
         self.authenticator = authenticator
         self.roles = roles
         self.max_streams = max_streams
         self.rpc_timeout_s = rpc_timeout_s
+        self.upload_timeout_s = upload_timeout_s
         self.streams: dict[str, int] = {}
 
     def _principal(self, method: str, metadata) -> Principal:
@@ -257,15 +260,16 @@ class AuthInterceptor(aio.ServerInterceptor):
         if method.startswith(OPEN_METHODS):
             return handler
         metadata = handler_call_details.invocation_metadata
+        deadline = self.upload_timeout_s if handler.request_streaming else self.rpc_timeout_s
 
         def wrap_unary(behavior):
             async def wrapped(request, context):
                 token = current_principal.set(self._principal(method, metadata))
                 try:
-                    return await asyncio.wait_for(_call(behavior, request, context), self.rpc_timeout_s)
+                    return await asyncio.wait_for(_call(behavior, request, context), deadline)
                 except TimeoutError:
                     raise errors.DeadlineExceeded(
-                        f"the server stopped this call after its {self.rpc_timeout_s:g}s deadline"
+                        f"the server stopped this call after its {deadline:g}s deadline"
                     ) from None
                 finally:
                     current_principal.reset(token)

@@ -76,6 +76,7 @@ class GrpcServer:
             self.roles,
             max_streams=self.settings.max_streams_per_principal,
             rpc_timeout_s=self.settings.rpc_timeout_s,
+            upload_timeout_s=self.settings.upload_timeout_s,
         )
 
     @property

@@ -60,7 +60,8 @@ class ServerSettings:
         "", "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)"
     )
     max_streams_per_principal: int = setting(128, "streaming calls one caller may have open at once")
-    rpc_timeout_s: float = setting(600.0, "server-side deadline of unary-response calls, seconds")
+    rpc_timeout_s: float = setting(600.0, "server-side deadline of unary calls, seconds")
+    upload_timeout_s: float = setting(21600.0, "server-side deadline of uploads (publish, dataset upload), seconds")
 
     def __post_init__(self) -> None:
         if self.port == -1:
@@ -88,8 +89,8 @@ class ServerSettings:
             path = getattr(self, name)
             if path and not Path(path).is_file():
                 problems.append(f"{name} {path!r} does not exist")
-        if self.max_streams_per_principal < 1 or self.rpc_timeout_s <= 0:
-            problems.append("max_streams_per_principal must be >= 1 and rpc_timeout_s > 0")
+        if self.max_streams_per_principal < 1 or self.rpc_timeout_s <= 0 or self.upload_timeout_s <= 0:
+            problems.append("max_streams_per_principal must be >= 1, rpc_timeout_s and upload_timeout_s > 0")
         if not self.token_file and not self.insecure and not is_loopback(self.host):
             problems.append(
                 f"refusing to serve {self.host} without authentication: give --token-file "

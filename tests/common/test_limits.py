@@ -31,7 +31,7 @@ def registry(tmp_path):
         max_message_mb=1,
         max_artifact_mb=2,
         max_streams_per_principal=2,
-        rpc_timeout_s=1.5,
+        upload_timeout_s=1.5,
     )
     server = ServerThread(lambda: build_registry(settings))
     yield server
