@@ -2,7 +2,7 @@
 
 No call may end INTERNAL or UNKNOWN (every bad input gets a status that says what is
 wrong), and each server must still answer its health check afterwards. Examples per RPC:
-TUNEDOCK_FUZZ_EXAMPLES (default 25; CI runs 200).
+TUNEDOCK_FUZZ_EXAMPLES (default 25; CI runs 300).
 """
 
 from __future__ import annotations
