@@ -138,3 +138,32 @@ def connect(
     if token:
         channel = grpc.intercept_channel(channel, _BearerToken(token))
     return channel
+
+
+class ServiceClient:
+    """What every SDK client shares: a channel (made here, or given), a stub, a default timeout, `with`."""
+
+    STUB: type
+    """The generated stub class of the service."""
+    DEFAULT_TIMEOUT = 60.0
+
+    def __init__(
+        self,
+        address: str | grpc.Channel,
+        timeout: float | None = None,
+        token: str | object | None = FROM_ENV,
+        tls: TlsFiles | object | None = FROM_ENV,
+    ) -> None:
+        """`token`/`tls` default to the environment (TUNEDOCK_TOKEN, TUNEDOCK_TLS_CA_FILE, ...)."""
+        self.channel = connect(address, token, tls) if isinstance(address, str) else address
+        self.stub = self.STUB(self.channel)
+        self.timeout = self.DEFAULT_TIMEOUT if timeout is None else timeout
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -4,34 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import grpc
-
-from tunedock.client.channel import FROM_ENV, TlsFiles, connect
+from tunedock.client.channel import ServiceClient
 from tunedock.v1 import inference_pb2 as pb
 from tunedock.v1 import inference_pb2_grpc
 
 
-class InferenceClient:
-    def __init__(
-        self,
-        address: str | grpc.Channel,
-        timeout: float = 300.0,
-        token: str | object | None = FROM_ENV,
-        tls: TlsFiles | object | None = FROM_ENV,
-    ) -> None:
-        """`token`/`tls` default to the environment (TUNEDOCK_TOKEN, TUNEDOCK_TLS_CA_FILE, ...)."""
-        self.channel = connect(address, token, tls) if isinstance(address, str) else address
-        self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
-        self.timeout = timeout
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def __enter__(self) -> InferenceClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+class InferenceClient(ServiceClient):
+    STUB = inference_pb2_grpc.InferenceServiceStub
+    DEFAULT_TIMEOUT = 300.0
 
     @staticmethod
     def params(

@@ -10,9 +10,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
-from tunedock.client.channel import FROM_ENV, TlsFiles, connect
+from tunedock.client.channel import ServiceClient
 from tunedock.v1 import adapter_registry_pb2 as pb
 from tunedock.v1 import adapter_registry_pb2_grpc, common_pb2
 
@@ -57,29 +55,10 @@ def scan_directory(root: Path) -> list[LocalFile]:
     return files
 
 
-class RegistryClient:
+class RegistryClient(ServiceClient):
     """Typed wrapper over `AdapterRegistryService`."""
 
-    def __init__(
-        self,
-        address: str | grpc.Channel,
-        timeout: float = 60.0,
-        token: str | object | None = FROM_ENV,
-        tls: TlsFiles | object | None = FROM_ENV,
-    ) -> None:
-        """`token`/`tls` default to the environment (TUNEDOCK_TOKEN, TUNEDOCK_TLS_CA_FILE, ...)."""
-        self.channel = connect(address, token, tls) if isinstance(address, str) else address
-        self.stub = adapter_registry_pb2_grpc.AdapterRegistryServiceStub(self.channel)
-        self.timeout = timeout
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def __enter__(self) -> RegistryClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    STUB = adapter_registry_pb2_grpc.AdapterRegistryServiceStub
 
     def publish_dir(
         self,

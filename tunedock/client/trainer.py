@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
-
-from tunedock.client.channel import FROM_ENV, TlsFiles, connect
+from tunedock.client.channel import ServiceClient
 from tunedock.v1 import trainer_pb2 as pb
 from tunedock.v1 import trainer_pb2_grpc
 
@@ -15,27 +13,8 @@ CHUNK = 1024 * 1024
 TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
 
 
-class TrainerClient:
-    def __init__(
-        self,
-        address: str | grpc.Channel,
-        timeout: float = 60.0,
-        token: str | object | None = FROM_ENV,
-        tls: TlsFiles | object | None = FROM_ENV,
-    ) -> None:
-        """`token`/`tls` default to the environment (TUNEDOCK_TOKEN, TUNEDOCK_TLS_CA_FILE, ...)."""
-        self.channel = connect(address, token, tls) if isinstance(address, str) else address
-        self.stub = trainer_pb2_grpc.TrainerServiceStub(self.channel)
-        self.timeout = timeout
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def __enter__(self) -> TrainerClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+class TrainerClient(ServiceClient):
+    STUB = trainer_pb2_grpc.TrainerServiceStub
 
     def upload_dataset(self, path: Path | str, name: str = "", project: str = "") -> pb.Dataset:
         """Upload a JSONL / JSON-array file; returns the stored dataset (validated)."""
