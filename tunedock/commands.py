@@ -258,70 +258,19 @@ def train(
 
 
 @cli_errors
-def _train(
-    method,
-    base,
-    data,
-    name,
-    eval_data,
-    validation_split,
-    steps,
-    epochs,
-    lr,
-    batch_size,
-    max_seq_length,
-    packing,
-    r,
-    alpha,
-    dropout,
-    target,
-    rslora,
-    layers,
-    modules,
-    extra,
-    quant,
-    grad_ckpt,
-    checkpoint_every,
-    processes,
-    nodes,
-    watch,
-    trainer,
-    as_json,
-):
+def _train(watch, trainer, as_json, **options):
+    """`train`'s body: its options are `build_spec`'s arguments, dataset files uploaded first."""
     from tunedock.client import TrainerClient
     from tunedock.v1 import trainer_pb2 as pb
 
+    method = options["method"]
     if method not in ("full", "freeze", "lora", "qlora"):
         raise ValueError(f"unknown method {method!r}; choose full, freeze, lora or qlora")
-    name = name or f"{method}-{Path(base).name}".lower().replace("_", "-")
+    options["name"] = options["name"] or f"{method}-{Path(options['base']).name}".lower().replace("_", "-")
     with TrainerClient(trainer) as client:
-        spec = build_spec(
-            method,
-            base,
-            resolve_datasets(client, data),
-            name,
-            steps,
-            epochs,
-            lr,
-            batch_size,
-            max_seq_length,
-            packing,
-            r,
-            alpha,
-            dropout,
-            target,
-            rslora,
-            layers,
-            modules,
-            extra,
-            quant,
-            resolve_datasets(client, eval_data),
-            validation_split,
-            grad_ckpt,
-            checkpoint_every,
-            processes=processes,
-            nodes=nodes,
-        )
+        options["data"] = resolve_datasets(client, options["data"])
+        options["eval_data"] = resolve_datasets(client, options["eval_data"])
+        spec = build_spec(**options)
         job = client.submit(spec)
         if not watch:
             print_json(job) if as_json else console.print(
@@ -657,29 +606,29 @@ def _compare(
         tag = os.urandom(3).hex()
         for method in planner.METHODS:
             spec = build_spec(
-                method,
-                base,
-                dataset_ids,
-                f"compare-{method}-{tag}",
-                steps,
-                0.0,
-                lr,
-                batch_size,
-                max_seq_length,
-                packing,
-                16,
-                32.0,
-                0.0,
-                [],
-                False,
-                2,
-                [],
-                [],
-                "nf4",
-                [],
-                validation_split,
-                False,
-                0,
+                method=method,
+                base=base,
+                data=dataset_ids,
+                name=f"compare-{method}-{tag}",
+                steps=steps,
+                epochs=0.0,
+                lr=lr,
+                batch_size=batch_size,
+                max_seq_length=max_seq_length,
+                packing=packing,
+                r=16,
+                alpha=32.0,
+                dropout=0.0,
+                target=[],
+                rslora=False,
+                layers=2,
+                modules=[],
+                extra=[],
+                quant="nf4",
+                eval_data=[],
+                validation_split=validation_split,
+                grad_ckpt=False,
+                checkpoint_every=0,
             )
             job = client.submit(spec)
             rates = []
