@@ -31,7 +31,7 @@ from services.adapter_registry.metadata import MetadataStore
 from services.adapter_registry.refs import Ref, check_alias, check_name
 from services.adapter_registry.validation import DeclaredFile, check_contents, check_manifest
 from services.common.audit import audit
-from services.common.auth import ALL_PROJECTS, principal
+from services.common.auth import principal
 from services.common.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
@@ -195,16 +195,8 @@ class Registry:
             raise NotFound(f"artifact {name!r} not found")
         return project
 
-    def visible_projects(self) -> set[str] | None:
-        projects = principal().projects
-        return None if ALL_PROJECTS in projects else set(projects)
-
     def list_artifacts(self, kind: str, base_model: str, labels: dict, page_size: int, page_token: str, project: str):
-        projects = self.visible_projects()
-        if project:
-            if projects is not None and project not in projects:
-                return Page()  # a project the caller may not see lists as empty, like one without artifacts
-            projects = {project}
+        projects = principal().readable_projects(project)
         return self.metadata.list_artifacts(kind, base_model, labels, page_size, page_token, projects)
 
     def list_versions(self, name: str, page_size: int, page_token: str) -> Page:
@@ -213,7 +205,7 @@ class Registry:
         return self.metadata.list_versions(name, page_size, page_token)
 
     def events_after(self, after: int, name: str):
-        return self.metadata.events_after(after, name, projects=self.visible_projects())
+        return self.metadata.events_after(after, name, projects=principal().readable_projects())
 
     def download(
         self, ref: str, path: str = "", offset: int = 0

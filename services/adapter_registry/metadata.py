@@ -378,7 +378,7 @@ class MetadataStore:
             target_modules=tuple(row.target_modules or ()),
             aliases=aliases,
             created_at=_aware(row.created_at),
-            project=s.scalar(select(ArtifactRow.project).where(ArtifactRow.name == row.name)) or "default",
+            project=s.get(ArtifactRow, row.name).project,  # the session's identity map: one read per artifact
         )
 
 

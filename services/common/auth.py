@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.errors import InvalidArgument, NotFound, PermissionDenied
+from services.common.errors import InvalidArgument, PermissionDenied
 
 ROLES = frozenset(
     {
@@ -79,10 +79,14 @@ class Principal:
             raise PermissionDenied(f"{self.name} may not use project {project!r}")
         return project
 
-    def check_readable(self, project: str, what: str) -> None:
-        """An item in a project the caller may not see does not exist, as far as the caller can tell."""
-        if not self.may_access(project):
-            raise NotFound(f"{what} not found")
+    def readable_projects(self, requested: str = "") -> set[str] | None:
+        """What a list may show: the caller's projects, narrowed to `requested`; None means every project.
+
+        A requested project the caller may not see lists as empty, like one without items.
+        """
+        if requested:
+            return {requested} if self.may_access(requested) else set()
+        return None if ALL_PROJECTS in self.projects else set(self.projects)
 
     def check_job(self, job_id: str) -> None:
         if self.job_id and self.job_id != job_id:

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2
 from services.adapter_registry.blobs import CHUNK, BlobStore
 from services.adapter_registry.refs import Ref, check_name
 from services.common.audit import audit
-from services.common.auth import ALL_PROJECTS, WorkerTokens, principal
+from services.common.auth import WorkerTokens, principal
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.trainer.config import TrainConfig, config_from_spec
 from services.trainer.data.records import parse_dataset
@@ -124,7 +124,7 @@ class TrainerCore:
         return row
 
     def list_datasets(self, offset: int, limit: int, project: str) -> list[DatasetRow]:
-        return self.store.list_datasets(offset, limit, self._projects(project))
+        return self.store.list_datasets(offset, limit, principal().readable_projects(project))
 
     def get_job(self, job_id: str) -> JobRecord:
         caller = principal()
@@ -135,15 +135,7 @@ class TrainerCore:
         return job
 
     def list_jobs(self, state: str, offset: int, limit: int, project: str) -> list[JobRecord]:
-        return self.store.list_jobs(state, offset, limit, self._projects(project))
-
-    @staticmethod
-    def _projects(requested: str) -> set[str] | None:
-        """What a list may show: the caller's projects (narrowed to `requested`); None means all."""
-        visible = principal().projects
-        if requested:
-            return {requested} if ALL_PROJECTS in visible or requested in visible else set()
-        return None if ALL_PROJECTS in visible else set(visible)
+        return self.store.list_jobs(state, offset, limit, principal().readable_projects(project))
 
     def dataset_bytes(self, job_id: str, dataset_id: str):
         job = self.get_job(job_id)
