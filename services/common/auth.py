@@ -263,18 +263,18 @@ class WorkerTokens:
             return None
         try:
             payload = json.loads(_unb64(body))
-        except ValueError:
+            if payload["exp"] < time.time():
+                return None
+            return Principal(
+                name=f"worker:{payload['job']}",
+                roles=frozenset({"trainer.worker", "registry.read", "registry.publish"}),
+                projects=frozenset({str(payload["project"])}),
+                kind="worker",
+                job_id=str(payload["job"]),
+                publish_names=tuple(map(str, payload["publish"])),
+            )
+        except (ValueError, KeyError, TypeError):  # signed but not a payload this code wrote
             return None
-        if payload["exp"] < time.time():
-            return None
-        return Principal(
-            name=f"worker:{payload['job']}",
-            roles=frozenset({"trainer.worker", "registry.read", "registry.publish"}),
-            projects=frozenset({payload["project"]}),
-            kind="worker",
-            job_id=payload["job"],
-            publish_names=tuple(payload["publish"]),
-        )
 
     def _sign(self, body: str) -> str:
         return _b64(hmac.new(self.key, body.encode(), hashlib.sha256).digest())

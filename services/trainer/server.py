@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 from services.adapter_registry.blobs import LocalBlobStore
-from services.common.auth import WorkerTokens, load_key, method_roles
+from services.common.auth import method_roles
 from services.common.server import GrpcServer, ServiceBinding
 from services.trainer.core import TrainerCore
 from services.trainer.executor import LocalExecutor
@@ -51,7 +50,6 @@ async def build_server(settings: TrainerSettings) -> GrpcServer:
         data_dir=settings.data_dir,
         registry_address=settings.registry_address,
         registry_token=read_token(settings.registry_token_file),
-        worker_tokens=WorkerTokens(load_key(Path(settings.worker_key_file))) if settings.token_file else None,
         worker_token_ttl_s=settings.worker_token_ttl_s,
     )
     services = trainer_pb2.DESCRIPTOR.services_by_name
@@ -73,6 +71,8 @@ async def build_server(settings: TrainerSettings) -> GrpcServer:
         listener_ports={"worker": settings.worker_port},
         roles=method_roles(services["TrainerService"], ROLES) | method_roles(services["TrainerWorkerService"], ROLES),
     )
+    # The key that verifies worker tokens here also mints them (None with authentication off).
+    core.worker_tokens = server.authenticator.workers if server.authenticator else None
     # Workers report back to the worker port, whose number is known once the server has
     # started: the executors read it lazily.
     core.executor = build_executor(settings, lambda: server.address_of("worker"), core)

@@ -184,6 +184,11 @@ def test_worker_tokens_are_signed_scoped_and_expire():
     body, signature = token.rsplit(".", 1)
     assert minted.verify(body[:-2] + "xx." + signature) is None  # tampered
     assert minted.verify(minted.issue("job-1", 1, "team-a", ("out",), ttl_s=-1)) is None  # expired
+    import base64
+
+    for payload in (b"[]", b'{"job": "j"}', b"null"):  # signed with the key, but not a payload the trainer writes
+        odd = base64.urlsafe_b64encode(payload).rstrip(b"=").decode()
+        assert minted.verify(f"tdw.{odd}.{minted._sign(odd)}") is None
 
 
 def test_tokens_cli_creates_lists_and_revokes(tmp_path):
