@@ -16,11 +16,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tunedock.client.channel import connect
 
 
-def check(address: str, timeout: float = 3.0) -> str:
-    """The health status name, or UNREACHABLE."""
+def check_health(address: str, service: str = "", timeout: float = 3.0) -> str:
+    """The standard health check of `service` ("" = the whole server): the status name, or UNREACHABLE."""
     with connect(address, token=None) as channel:  # health needs no token
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
         except grpc.RpcError:
             return "UNREACHABLE"
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -29,7 +31,7 @@ def check(address: str, timeout: float = 3.0) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     address = args[0] if args else os.environ.get("TUNEDOCK_HEALTH_ADDRESS", "127.0.0.1:50051")
-    status = check(address)
+    status = check_health(address)
     print(f"{address}: {status}")
     return 0 if status == "SERVING" else 1
 

@@ -15,8 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tunedock.healthcheck import check_health
 
 SERVICES = (
     # (module, proto service, default port, default metrics port)
@@ -24,18 +23,6 @@ SERVICES = (
     ("adapter_registry", "tunedock.v1.AdapterRegistryService", 50052, 9452),
     ("inference", "tunedock.v1.InferenceService", 50053, 9453),
 )
-
-
-def check_health(address: str, service: str = "", timeout: float = 2.0) -> str:
-    """The standard health check: returns the status name, or 'UNREACHABLE'."""
-    try:
-        with grpc.insecure_channel(address) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout
-            )
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    except grpc.RpcError:
-        return "UNREACHABLE"
 
 
 @dataclass(frozen=True)
