@@ -16,14 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.adapter_registry.server import build_server as build_registry
-from services.adapter_registry.settings import RegistrySettings
-from services.common.auth import add_token, load_key
-from services.common.server_thread import ServerThread
-from services.inference.server import build_server as build_inference
-from services.inference.settings import InferenceSettings
-from services.trainer.server import build_server as build_trainer
-from services.trainer.settings import TrainerSettings
+from tests.common.secured import SecuredServices
 from tests.trainer.conftest import memorization_jsonl
 from tunedock.client import RegistryClient, TrainerClient
 from tunedock.v1 import adapter_registry_pb2, inference_pb2, trainer_pb2
@@ -123,38 +116,8 @@ def build(descriptor, values: dict):
 # --------------------------------------------------------------------------------- servers
 
 
-class Fuzzed:
+class Fuzzed(SecuredServices):
     """The three services with authentication on; the fuzzer calls as an admin of every project."""
-
-    def __init__(self, home, base, engine, loop) -> None:
-        tokens = home / "tokens.json"
-        key = home / "worker.key"
-        load_key(key)
-        self.token = add_token(tokens, "fuzzer", ["all"], ["*"])
-        service = home / "service.token"
-        service.write_text(add_token(tokens, "service", ["registry.read"], ["*"], "service"))
-        common = dict(port=0, metrics_port=-1, token_file=str(tokens), data_dir=home)
-        self.registry = ServerThread(lambda: build_registry(RegistrySettings(worker_key_file=str(key), **common)))
-        trainer = TrainerSettings(
-            worker_port=0,
-            registry_address=self.registry.address,
-            registry_token_file=str(service),
-            worker_key_file=str(key),
-            max_concurrent_jobs=1,
-            **common,
-        )
-        self.trainer = ServerThread(lambda: build_trainer(trainer))
-        inference = InferenceSettings(
-            base_model=str(base),
-            registry_address=self.registry.address,
-            registry_token_file=str(service),
-            max_model_len=512,
-            max_lora_rank=16,
-            max_tokens_limit=4,
-            max_prompt_chars=400,
-            **common,
-        )
-        self.inference = ServerThread(lambda: build_inference(inference, engine=engine), loop=loop)
 
     def address(self, service: str) -> str:
         if service == "TrainerWorkerService":
@@ -166,23 +129,20 @@ class Fuzzed:
             "InferenceService": self.inference.address,
         }[service]
 
-    def stop(self) -> None:
-        self.inference.stop()
-        self.trainer.stop(grace=0.5)
-        self.registry.stop()
-
 
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory, tiny_model_dir, inference_stack):
     home = tmp_path_factory.mktemp("fuzz")
-    stack = Fuzzed(home, tiny_model_dir, inference_stack.engine, inference_stack.inference.loop)
+    users = {"fuzzer": (["all"], ["*"])}
+    stack = Fuzzed(home, tiny_model_dir, inference_stack, users, max_tokens_limit=4, max_prompt_chars=400)
+    stack.admin_token = stack.user_tokens["fuzzer"]
     # Real ids among the generated strings reach deeper than random ones.
     data = home / "d.jsonl"
     data.write_bytes(memorization_jsonl(4))
-    with TrainerClient(stack.trainer.address, token=stack.token) as trainer:
+    with TrainerClient(stack.trainer.address, token=stack.admin_token) as trainer:
         SEEDS.append(trainer.upload_dataset(data).id)
     SEEDS.extend([str(tiny_model_dir), "fuzz-target", "fuzz-target:1", "fuzz-target@latest"])
-    with RegistryClient(stack.registry.address, token=stack.token) as registry:
+    with RegistryClient(stack.registry.address, token=stack.admin_token) as registry:
         registry.publish_dir(tiny_model_dir, "fuzz-target", kind="model")
     yield stack
     stack.stop()
@@ -205,7 +165,7 @@ LONG_POLLS = {"Watch", "WatchJob"}
 @pytest.mark.parametrize(("module", "service", "method"), RPCS, ids=[f"{s}.{m.name}" for _, s, m in RPCS])
 def test_rpc_survives_generated_messages(fuzzed, module, service, method):
     channel = grpc.insecure_channel(fuzzed.address(service))
-    metadata = (("authorization", f"Bearer {fuzzed.token}"),)
+    metadata = (("authorization", f"Bearer {fuzzed.admin_token}"),)
     path = f"/{method.containing_service.full_name}/{method.name}"
     request_class = _class(method.input_type)
     response_class = _class(method.output_type)

@@ -11,14 +11,8 @@ import logging
 import grpc
 import pytest
 
-from services.adapter_registry.server import build_server as build_registry
-from services.adapter_registry.settings import RegistrySettings
-from services.common.auth import WorkerTokens, add_token, load_key
-from services.common.server_thread import ServerThread
-from services.inference.server import build_server as build_inference
-from services.inference.settings import InferenceSettings
-from services.trainer.server import build_server as build_trainer
-from services.trainer.settings import TrainerSettings
+from services.common.auth import WorkerTokens, load_key
+from tests.common.secured import SecuredServices
 from tests.trainer.conftest import memorization_jsonl
 from tunedock.client import InferenceClient, RegistryClient, TrainerClient
 from tunedock.v1 import adapter_registry_pb2, common_pb2, trainer_pb2_grpc
@@ -34,55 +28,13 @@ USER_ROLES = [
 ]
 
 
-class SecureStack:
-    def __init__(self, home, base, engine, loop) -> None:
-        self.tokens = home / "tokens.json"
-        self.key = home / "worker.key"
-        load_key(self.key)
-        self.alice = add_token(self.tokens, "alice", USER_ROLES, ["team-a"])
-        self.bob = add_token(self.tokens, "bob", USER_ROLES, ["team-b"])
-        service_tokens = {}
-        for name in ("trainer", "inference"):
-            path = home / f"{name}.token"
-            path.write_text(add_token(self.tokens, f"{name}-service", ["registry.read"], ["*"], "service"))
-            service_tokens[name] = str(path)
-        common = dict(port=0, metrics_port=-1, token_file=str(self.tokens))
-        self.registry = ServerThread(
-            lambda: build_registry(RegistrySettings(data_dir=home, worker_key_file=str(self.key), **common))
-        )
-        trainer_settings = TrainerSettings(
-            data_dir=home,
-            worker_port=0,
-            registry_address=self.registry.address,
-            registry_token_file=service_tokens["trainer"],
-            worker_key_file=str(self.key),
-            **common,
-        )
-        self.trainer = ServerThread(lambda: build_trainer(trainer_settings))
-        inference_settings = InferenceSettings(
-            data_dir=home,
-            base_model=str(base),
-            registry_address=self.registry.address,
-            registry_token_file=service_tokens["inference"],
-            max_lora_rank=16,
-            max_model_len=512,
-            max_tokens_limit=16,
-            **common,
-        )
-        # The engine's async loop is the session stack's: this server runs on it too.
-        self.inference = ServerThread(lambda: build_inference(inference_settings, engine=engine), loop=loop)
-
-    def stop(self) -> None:
-        self.inference.stop()
-        self.trainer.stop(grace=1)
-        self.registry.stop()
-
-
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory, tiny_model_dir, inference_stack):
-    stack = SecureStack(
-        tmp_path_factory.mktemp("secure"), tiny_model_dir, inference_stack.engine, inference_stack.inference.loop
+    users = {"alice": (USER_ROLES, ["team-a"]), "bob": (USER_ROLES, ["team-b"])}
+    stack = SecuredServices(
+        tmp_path_factory.mktemp("secure"), tiny_model_dir, inference_stack, users, max_tokens_limit=16
     )
+    stack.alice, stack.bob = stack.user_tokens["alice"], stack.user_tokens["bob"]
     yield stack
     stack.stop()
 

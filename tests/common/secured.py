@@ -1,0 +1,59 @@
+"""Registry, trainer and inference with authentication on, as a deployment runs them.
+
+One token file and one worker key for all three; service tokens for the trainer's and
+inference's registry calls; inference on the session's vLLM engine and its event loop
+(AsyncLLM is bound to the loop it started on).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.adapter_registry.server import build_server as build_registry
+from services.adapter_registry.settings import RegistrySettings
+from services.common.auth import add_token, load_key
+from services.common.server_thread import ServerThread
+from services.inference.server import build_server as build_inference
+from services.inference.settings import InferenceSettings
+from services.trainer.server import build_server as build_trainer
+from services.trainer.settings import TrainerSettings
+
+
+class SecuredServices:
+    def __init__(
+        self, home: Path, base: Path, inference_stack, users: dict[str, tuple[list, list]], **inference_limits
+    ) -> None:
+        """`users`: name -> (roles, projects); their tokens are in `self.user_tokens`."""
+        self.tokens = home / "tokens.json"
+        self.key = home / "worker.key"
+        load_key(self.key)
+        self.user_tokens = {name: add_token(self.tokens, name, *grant) for name, grant in users.items()}
+        service_token = home / "service.token"
+        service_token.write_text(add_token(self.tokens, "service", ["registry.read"], ["*"], "service"))
+        common = dict(port=0, metrics_port=-1, token_file=str(self.tokens), data_dir=home)
+        registry = RegistrySettings(worker_key_file=str(self.key), **common)
+        self.registry = ServerThread(lambda: build_registry(registry))
+        trainer = TrainerSettings(
+            worker_port=0,
+            registry_address=self.registry.address,
+            registry_token_file=str(service_token),
+            worker_key_file=str(self.key),
+            **common,
+        )
+        self.trainer = ServerThread(lambda: build_trainer(trainer))
+        inference = InferenceSettings(
+            base_model=str(base),
+            registry_address=self.registry.address,
+            registry_token_file=str(service_token),
+            max_lora_rank=16,
+            max_model_len=512,
+            **inference_limits,
+            **common,
+        )
+        engine, loop = inference_stack.engine, inference_stack.inference.loop
+        self.inference = ServerThread(lambda: build_inference(inference, engine=engine), loop=loop)
+
+    def stop(self) -> None:
+        self.inference.stop()
+        self.trainer.stop(grace=0.5)
+        self.registry.stop()
