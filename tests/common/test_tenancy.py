@@ -195,3 +195,33 @@ def test_audit_lines_say_who_did_what(secure, alice_job, caplog_module):
     assert ("alice", "registry.alias", "alice-pirate@prod", "team-a") in lines
     assert ("alice", "trainer.cancel", cancelled.id, "team-a") in lines
     assert all(r.audit is True and r.created > 0 for r in caplog_module)
+
+
+def test_writing_into_another_project_is_refused_and_stores_nothing(secure, alice_job, tmp_path):
+    dataset, job = alice_job
+    with RegistryClient(secure.registry.address, token=secure.alice) as alice:
+        alice.download(job.output_ref, tmp_path / "adapter")
+    with RegistryClient(secure.registry.address, token=secure.bob) as bob:
+        with pytest.raises(grpc.RpcError) as info:
+            bob.publish_dir(tmp_path / "adapter", "bob-copy", project="team-a")
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert info.value.details() == "bob may not use project 'team-a'"
+        with pytest.raises(grpc.RpcError) as info:
+            bob.publish_dir(tmp_path / "adapter", "alice-pirate")  # a name another project holds
+        assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert "is taken; publish under another name" in info.value.details()
+        assert list(bob.list_artifacts()) == []
+    with RegistryClient(secure.registry.address, token=secure.alice) as alice:
+        assert [v.version for v in alice.list_versions("alice-pirate")] == [1]  # nothing added to Alice's either
+    with TrainerClient(secure.trainer.address, token=secure.bob) as bob:
+        spec = pb.JobSpec(
+            base_model=job.spec.base_model,
+            method=job.spec.method,
+            train_dataset_ids=[dataset.id],
+            output_name="bob-job",
+            project="team-a",
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            bob.submit(spec)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert list(bob.list()) == []

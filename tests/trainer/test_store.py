@@ -37,3 +37,41 @@ def test_jobs_and_events_persist_across_reopen(url):
     with pytest.raises(NotFound):
         reopened.get_job("job-3")
     reopened.close()
+
+
+def test_a_store_from_before_projects_gains_the_column(url):
+    """Stores written before projects existed open with their items in the "default" project."""
+    from sqlalchemy import text
+
+    from services.common.db import open_engine
+
+    blob = "BLOB" if url.startswith("sqlite") else "BYTEA"
+    engine = open_engine(url)
+    with engine.begin() as conn:  # the datasets and jobs tables as they were
+        conn.execute(
+            text(
+                "CREATE TABLE datasets (id VARCHAR(80) PRIMARY KEY, name VARCHAR(255), format VARCHAR(16), "
+                "num_records INTEGER, size INTEGER, sha256 VARCHAR(64), created_at TIMESTAMP)"
+            )
+        )
+        conn.execute(
+            text(
+                f"CREATE TABLE jobs (id VARCHAR(40) PRIMARY KEY, spec {blob}, state VARCHAR(16), error TEXT, "
+                "step INTEGER, total_steps INTEGER, attempt INTEGER, output_ref VARCHAR(200), metrics JSON, "
+                "cancel_requested BOOLEAN, created_at TIMESTAMP, started_at TIMESTAMP, ended_at TIMESTAMP, "
+                "last_seq INTEGER)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO jobs VALUES ('job-old', :spec, 'succeeded', '', 1, 1, 1, 'x:1', '{}', false, "
+                "CURRENT_TIMESTAMP, NULL, NULL, 0)"
+            ),
+            {"spec": b"spec"},
+        )
+    engine.dispose()
+    store = JobStore(url)
+    assert store.get_job("job-old").project == "default"
+    store.add_job("job-new", b"spec", state_event("queued"), project="team-a")
+    assert [j.id for j in store.list_jobs("", 0, 10, {"team-a"})] == ["job-new"]
+    store.close()
