@@ -28,7 +28,7 @@ from pathlib import Path
 from services.adapter_registry.blobs import CHUNK, BlobStore
 from services.adapter_registry.domain import NewVersion, Page, StoredFile, Version
 from services.adapter_registry.metadata import MetadataStore
-from services.adapter_registry.refs import Ref, check_alias, check_name
+from services.adapter_registry.refs import Ref, check_alias, check_name, check_version
 from services.adapter_registry.validation import DeclaredFile, check_contents, check_manifest
 from services.common.audit import audit
 from services.common.auth import principal
@@ -245,8 +245,7 @@ class Registry:
     def set_alias(self, name: str, alias: str, version: int):
         check_name(name)
         check_alias(alias)
-        if version < 1:
-            raise InvalidArgument(f"version must be >= 1, got {version}")
+        check_version(version)
         project = self.check_visible(name)
         result = self.metadata.set_alias(name, alias, version)
         audit("registry.alias", f"{name}@{alias}", project, version=version, previous_version=result[1])
@@ -260,8 +259,7 @@ class Registry:
 
     def delete_version(self, name: str, version: int, force: bool) -> list[str]:
         check_name(name)
-        if version < 1:
-            raise InvalidArgument(f"version must be >= 1, got {version}")
+        check_version(version)
         project = self.check_visible(name)
         with self.blob_lock:
             removed, unreferenced = self.metadata.delete_version(name, version, force)

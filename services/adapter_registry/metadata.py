@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.adapter_registry.domain import Artifact, Event, NewVersion, Page, StoredFile, Version
 from services.adapter_registry.models import AliasRow, ArtifactRow, EventRow, FileRow, LabelRow, VersionRow
-from services.adapter_registry.refs import LATEST, Ref
+from services.adapter_registry.refs import LATEST, MAX_VERSION, Ref, parse_decimal
 from services.common.db import is_sqlite, open_engine
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
@@ -248,9 +248,10 @@ class MetadataStore:
                 raise NotFound(f"artifact {name!r} not found")
             query = select(VersionRow).where(VersionRow.name == name).order_by(VersionRow.version.desc())
             if after:
-                if not after.isdigit():
+                before = parse_decimal(after, MAX_VERSION)
+                if before is None:
                     raise InvalidArgument("page_token is not one this server issued; pass next_page_token unchanged")
-                query = query.where(VersionRow.version < int(after))
+                query = query.where(VersionRow.version < before)
             rows = list(s.scalars(query.limit(page_size + 1)))
             items = [self._version(s, r) for r in rows[:page_size]]
             return Page(items, _encode_token(str(rows[page_size - 1].version)) if len(rows) > page_size else "")

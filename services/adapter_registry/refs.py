@@ -10,6 +10,17 @@ from services.common.errors import InvalidArgument
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 LATEST = "latest"
+# ASCII digits only: str.isdigit() also accepts '²' or '٣', which int() then refuses.
+DECIMAL_RE = re.compile(r"^[0-9]{1,18}$")
+MAX_VERSION = 2**31 - 1  # versions are 32-bit integers in every metadata backend
+
+
+def parse_decimal(text: str, maximum: int = 2**63 - 1) -> int | None:
+    """A non-negative integer written in ASCII digits, at most `maximum`; None if `text` is not one."""
+    if not DECIMAL_RE.match(text or ""):
+        return None
+    value = int(text)
+    return value if value <= maximum else None
 
 
 def check_name(name: str) -> str:
@@ -19,6 +30,12 @@ def check_name(name: str) -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+def check_version(version: int) -> int:
+    if not 1 <= version <= MAX_VERSION:
+        raise InvalidArgument(f"version must be from 1 to {MAX_VERSION}, got {version}")
+    return version
 
 
 def check_alias(alias: str) -> str:
@@ -48,9 +65,13 @@ class Ref:
             return cls(check_name(name), alias=check_alias(alias))
         if ":" in text:
             name, _, number = text.partition(":")
-            if not number.isdigit() or int(number) < 1:
-                raise InvalidArgument(f"invalid reference {text!r}: the version after ':' must be a number >= 1")
-            return cls(check_name(name), version=int(number))
+            version = parse_decimal(number, MAX_VERSION)
+            if version is None or version < 1:
+                raise InvalidArgument(
+                    f"invalid reference {text!r}: the version after ':' must be a number from 1 to {MAX_VERSION} "
+                    "in ASCII digits"
+                )
+            return cls(check_name(name), version=version)
         return cls(check_name(text), alias=LATEST)
 
     def __str__(self) -> str:

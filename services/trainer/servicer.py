@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from services.adapter_registry.refs import parse_decimal
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.trainer.core import FORMAT_ENUM, STATE_ENUM, STATE_NAME, TrainerCore, staging_file
 from services.trainer.store import DatasetRow, JobRecord
@@ -50,9 +51,10 @@ def dataset_to_proto(row: DatasetRow) -> pb.Dataset:
 def _page(page_size: int, token: str) -> tuple[int, int]:
     if page_size < 0:
         raise InvalidArgument(f"page_size must be >= 0, got {page_size}")
-    if token and not token.isdigit():
+    offset = parse_decimal(token) if token else 0
+    if offset is None:
         raise InvalidArgument("page_token is not one this server issued; pass next_page_token unchanged")
-    return int(token or 0), min(page_size or 50, 1000)
+    return offset, min(page_size or 50, 1000)
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):

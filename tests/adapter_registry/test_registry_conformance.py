@@ -269,6 +269,27 @@ def test_bad_names_and_refs(client, adapter_dir):
     assert info.value.code() == grpc.StatusCode.NOT_FOUND and "artifact 'nope' not found" in info.value.details()
 
 
+@pytest.mark.parametrize("ref", [":²", "x:²", "x:7³", "x:٣", "x:1e3", "x:+1", "x: 1", "x:99999999999999999999"])
+def test_versions_in_refs_are_ascii_numbers_in_range(client, ref):
+    """str.isdigit() accepts superscripts and other scripts' digits that int() refuses (fuzzing found ':²')."""
+    with pytest.raises(grpc.RpcError) as info:
+        client.resolve(ref)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert "invalid" in info.value.details()
+
+
+@pytest.mark.parametrize("version", [0, -1, -(2**31)])
+def test_alias_and_delete_versions_out_of_range_are_refused(client, adapter_dir, version):
+    client.publish_dir(adapter_dir, "ranged")
+    for call in (lambda: client.set_alias("ranged", "prod", version), lambda: client.delete_version("ranged", version)):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert (
+            info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "version must be from 1" in info.value.details()
+        )
+    assert client.resolve("ranged").version == 1  # nothing changed
+
+
 def _second_version(adapter_dir: Path) -> None:
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     config["lora_dropout"] = 0.05
@@ -338,6 +359,14 @@ def test_list_pages_and_filters(client, adapter_dir, tiny_model_dir):
     with pytest.raises(grpc.RpcError) as info:
         client.stub.ListArtifacts(pb.ListArtifactsRequest(page_token="%%%"))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Version pages: the token carries a number, which must be ASCII digits (not '²').
+    import base64
+
+    for after in ("²", "٣", "1²", "99999999999999999999"):
+        token = base64.urlsafe_b64encode(f"p1:{after}".encode()).decode()
+        with pytest.raises(grpc.RpcError) as info:
+            client.stub.ListVersions(pb.ListVersionsRequest(name="list-0", page_token=token))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in info.value.details()
 
 
 def test_watch_resumes_after_reconnect(client, adapter_dir):

@@ -106,6 +106,18 @@ def test_upload_is_content_addressed_and_validated(stack, dataset, tmp_path):
     assert info.value.details() == "line 2: field 'output' must be a non-empty string"
 
 
+@pytest.mark.parametrize("token", ["²", "٣", "1²", "-1", "1e3", "9" * 40])
+def test_page_tokens_are_ascii_numbers(stack, token):
+    """A page token that is not one the server issued is INVALID_ARGUMENT, never INTERNAL (int('²') raises)."""
+    for call in (
+        lambda: stack.client.stub.ListJobs(pb.ListJobsRequest(page_token=token)),
+        lambda: stack.client.stub.ListDatasets(pb.ListDatasetsRequest(page_token=token)),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in info.value.details()
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_each_method_trains_and_publishes(stack, dataset, tiny_model_dir, method):
     job = stack.client.submit(_spec(tiny_model_dir, dataset.id, f"svc-{method}", METHODS[method]))
