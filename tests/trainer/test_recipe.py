@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from services.trainer.config import TrainConfig
-from services.trainer.training.recipe import RunContext, expand_delta, make_batches, train
+from services.trainer.training.recipe import RunContext, expand_delta, load_model, make_batches, train
 
 
 def _run(tiny_model_dir, examples, tmp_path, method, **overrides):
@@ -144,7 +144,10 @@ def test_lora_and_qlora_leave_the_base_untouched_and_reload_with_peft(
         )
         from peft import prepare_model_for_kbit_training
 
+        from services.trainer.training.recipe import keep_4bit_training_layout
+
         fresh = prepare_model_for_kbit_training(fresh, use_gradient_checkpointing=False)  # same numerics as training
+        keep_4bit_training_layout(fresh)
         fresh_4bit = {n: m.weight.data.clone() for n, m in fresh.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
         trained_4bit = {
             n.replace("base_model.model.", "").replace(".base_layer", ""): m.weight.data
@@ -196,3 +199,36 @@ def test_packed_batches_train_with_every_compute_dtype(tiny_model_dir, memorizat
     """A packed (4-D mask) batch must work whatever dtype the attention runs in (QLoRA computes in bf16)."""
     _, result, losses, _ = _run(tiny_model_dir, memorization_examples, tmp_path, method, packing=True)
     assert result.kind == "lora_adapter" and losses[-1] < losses[0]
+
+
+def test_qlora_gradients_are_unchanged_by_an_eval_pass(tiny_model_dir, memorization_examples, tokenizer):
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for inference on its first eval
+    forward (no double quantization, a matmul with no backward). A mid-run eval must change neither
+    the base's quantization nor any gradient of the steps after it."""
+    import bitsandbytes as bnb
+
+    cfg = TrainConfig(base_model=str(tiny_model_dir), method="qlora", dataset_ids=["x"], lora_r=4, batch_size=4)
+    batch = make_batches(memorization_examples, tokenizer, cfg)[0]
+
+    def gradients(eval_first: bool):
+        torch.manual_seed(0)
+        model, _ = load_model(cfg, "cpu")
+        with torch.no_grad():  # non-zero B: gradients then flow through every base layer to the A matrices
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.05)
+        if eval_first:
+            model.eval()
+            with torch.no_grad():
+                model(**batch.model_inputs())
+        model.train()
+        model(**batch.model_inputs()).loss.backward()
+        states = [m.weight.quant_state for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, states
+
+    plain, _ = gradients(eval_first=False)
+    after_eval, states = gradients(eval_first=True)
+    assert set(plain) == set(after_eval)
+    for name in plain:
+        torch.testing.assert_close(after_eval[name], plain[name], rtol=0, atol=0, msg=name)
+    assert states and all(s.nested and s.quant_type == "nf4" for s in states)

@@ -81,6 +81,7 @@ def load_model(cfg: TrainConfig, device: str):
             device_map={"": torch.device(device)} if on_cuda else "cpu",
         )
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        keep_4bit_training_layout(model)
     else:
         # fp32 master weights (bf16 autocast on CUDA); LoRA's frozen base can be bf16 on CUDA.
         dtype = torch.bfloat16 if (cfg.method == "lora" and on_cuda) else torch.float32
@@ -112,6 +113,22 @@ def load_model(cfg: TrainConfig, device: str):
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     return model, [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def keep_4bit_training_layout(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; returns the 4-bit modules.
+
+    On CPUs with AVX512-BF16, `Linear4bit.forward` in eval mode converts its weight, once and in
+    place, to an inference layout: double quantization is undone and matmuls go through
+    `gemv_4bit`, which has no backward. After a mid-run eval, gradients would silently stop
+    flowing through the frozen base, and the base would no longer be what the job says it is.
+    """
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
 
 
 def build_optimizer(cfg: TrainConfig, params, device: str, report) -> torch.optim.Optimizer:
