@@ -12,6 +12,20 @@ import pytest
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def pytest_report_header(config) -> list[str]:
+    from tests.common.fuzz_seed import describe
+
+    return [describe()]
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every test that touches the session's vLLM engine is marked `vllm` (for `make test-fast`)."""
+    for item in items:
+        if "inference_stack" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.vllm)
+
+
 MODEL_CACHE = Path(os.environ.get("TUNEDOCK_TEST_MODEL_CACHE", Path.home() / ".cache" / "tunedock-test-models"))
 
 

@@ -227,6 +227,8 @@ def test_services_not_running(env):
         ]
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_local_stack_runs_with_one_generated_token(tmp_path, tiny_model_dir):
     """`tunedock up`'s stack: authentication on, the CLI finds the generated admin token in its home."""
     from tunedock.local_stack import LocalStack

@@ -67,7 +67,7 @@ class RegistryBackend:
         return ServerThread(lambda: build_server(settings))
 
 
-@pytest.fixture(params=["sqlite+dir", "sqlite+s3", "postgres+dir"])
+@pytest.fixture(params=["sqlite+dir", "sqlite+s3", pytest.param("postgres+dir", marks=pytest.mark.postgres)])
 def backend(request, tmp_path) -> RegistryBackend:
     if request.param == "sqlite+dir":
         yield RegistryBackend("sqlite+dir", tmp_path)

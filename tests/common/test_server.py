@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVICES = [
     ("services.trainer", "tunedock.v1.TrainerService"),
     ("services.adapter_registry", "tunedock.v1.AdapterRegistryService"),
-    ("services.inference", "tunedock.v1.InferenceService"),
+    pytest.param("services.inference", "tunedock.v1.InferenceService", marks=[pytest.mark.vllm, pytest.mark.slow]),
 ]
 
 

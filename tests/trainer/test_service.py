@@ -118,6 +118,7 @@ def test_page_tokens_are_ascii_numbers(stack, token):
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in info.value.details()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_each_method_trains_and_publishes(stack, dataset, tiny_model_dir, method):
     job = stack.client.submit(_spec(tiny_model_dir, dataset.id, f"svc-{method}", METHODS[method]))
@@ -204,6 +205,7 @@ def _wait_for(events, predicate, timeout=120):
     raise AssertionError("stream ended before the event came")
 
 
+@pytest.mark.slow
 def test_cancel_mid_run(stack, dataset, tiny_model_dir):
     spec = _spec(tiny_model_dir, dataset.id, "svc-cancel", METHODS["lora"], max_steps=5000, log_every_steps=1)
     job = stack.client.submit(spec)
@@ -228,6 +230,7 @@ def test_cancel_mid_run(stack, dataset, tiny_model_dir):
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_its_checkpoint(stack, dataset, tiny_model_dir):
     spec = _spec(
         tiny_model_dir,
@@ -256,6 +259,7 @@ def test_killed_worker_resumes_from_its_checkpoint(stack, dataset, tiny_model_di
     assert first_after == checkpoint.checkpoint.step + 1
 
 
+@pytest.mark.slow
 def test_trainer_restart_mid_queue_loses_nothing(tmp_path, dataset, tiny_model_dir):
     local = Stack(tmp_path, max_concurrent=1)
     try:
@@ -280,6 +284,7 @@ def test_trainer_restart_mid_queue_loses_nothing(tmp_path, dataset, tiny_model_d
         local.stop()
 
 
+@pytest.mark.slow
 def test_merge_job_equals_base_plus_scaled_BA(stack, tiny_model_dir, tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model
@@ -329,6 +334,7 @@ def test_merge_job_of_unknown_adapter_is_refused(stack):
     assert "merge_adapter 'no-such-adapter'" in info.value.details()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_two_processes_train_the_same_output_as_one(stack, dataset, tiny_model_dir, tmp_path, method, monkeypatch):
     """torchrun with 2 gloo processes x batch 2 == 1 process x batch 4 (same global batches, same loss).
@@ -375,8 +381,11 @@ def test_two_processes_train_the_same_output_as_one(stack, dataset, tiny_model_d
         name = "model.layers.0.mlp.up_proj.weight"
         assert not torch.equal(adapters[1][name], base[name])
     for name, tensor in adapters[1].items():
-        # Adam divides by sqrt(v): float noise in a near-zero gradient moves an update by ~1e-6.
-        torch.testing.assert_close(adapters[2][name], tensor, rtol=1e-4, atol=1e-5)
+        # The tensors agree as a whole to float precision; single elements may not: Adam divides by
+        # sqrt(v), so summation-order noise in a near-zero gradient can move one update by ~1e-5.
+        relative = float((adapters[2][name] - tensor).norm() / tensor.norm().clamp_min(1e-12))
+        assert relative < 1e-5, f"{name}: 2 processes differ from 1 by {relative:.2e} (relative norm)"
+        torch.testing.assert_close(adapters[2][name], tensor, rtol=1e-4, atol=1e-4)
 
 
 def test_several_nodes_need_the_kubernetes_executor(stack, dataset, tiny_model_dir):
