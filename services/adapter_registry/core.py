@@ -49,6 +49,8 @@ class ManifestIn:
     description: str = ""
     project: str = ""
     """Empty: the artifact's project if it exists, else the caller's default project."""
+    idempotency_key: str = ""
+    """A publish with a key already used under this name returns that version (see the proto)."""
 
 
 class PublishSession:
@@ -116,8 +118,9 @@ class PublishSession:
             lora_alpha=facts.alpha if facts else 0.0,
             target_modules=facts.target_modules if facts else (),
             project=m.project,
+            idempotency_key=m.idempotency_key,
         )
-        existing = self.registry.metadata.find_by_content(m.name, new.content_sha256)
+        existing = self.registry.metadata.find_existing(m.name, new.content_sha256, m.idempotency_key)
         if existing is not None:
             return existing, False
         # Held against delete_version's blob removal: a blob this publish relies on must not
@@ -178,6 +181,8 @@ class Registry:
             project = existing
         manifest = ManifestIn(**{**manifest.__dict__, "project": project})
         check_manifest(manifest.kind, manifest.files, self.max_artifact_bytes, self.max_files)
+        if len(manifest.idempotency_key) > 200:
+            raise InvalidArgument(f"idempotency_key is {len(manifest.idempotency_key)} characters; at most 200")
         for key in manifest.labels:
             if not key or len(key) > 128 or len(manifest.labels[key]) > 512:
                 raise InvalidArgument(f"label {key!r}: keys must be 1-128 characters, values at most 512")

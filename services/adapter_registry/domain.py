@@ -28,6 +28,7 @@ class NewVersion:
     lora_alpha: float = 0.0
     target_modules: tuple[str, ...] = ()
     project: str = "default"
+    idempotency_key: str = ""
 
     @property
     def content_sha256(self) -> str:

@@ -14,7 +14,6 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from importlib import resources
 
 from sqlalchemy import exists, func, select, text
 from sqlalchemy.exc import OperationalError
@@ -24,6 +23,7 @@ from services.adapter_registry.domain import Artifact, Event, NewVersion, Page, 
 from services.adapter_registry.models import AliasRow, ArtifactRow, EventRow, FileRow, LabelRow, VersionRow
 from services.adapter_registry.refs import LATEST, MAX_VERSION, Ref, parse_decimal
 from services.common.db import is_sqlite, open_engine
+from services.common.db import migrate as migrate_store
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 _WRITE_LOCK_KEY = 0x7D0C_4E61  # advisory lock id for registry writes (PostgreSQL)
@@ -40,13 +40,7 @@ def _aware(value: datetime) -> datetime:
 
 def migrate(url: str) -> None:
     """Bring the schema to the newest Alembic revision."""
-    from alembic import command
-    from alembic.config import Config
-
-    config = Config()
-    config.set_main_option("script_location", str(resources.files("services.adapter_registry") / "migrations"))
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    command.upgrade(config, "head")
+    migrate_store(url, "services.adapter_registry")
 
 
 class MetadataStore:
@@ -80,29 +74,36 @@ class MetadataStore:
 
     # ---- publish -------------------------------------------------------------------------
 
-    def find_by_content(self, name: str, content_sha256: str) -> Version | None:
+    def find_existing(self, name: str, content_sha256: str, idempotency_key: str = "") -> Version | None:
+        """The version a publish would return instead of creating one: same key, else same content."""
         with self._read() as s:
-            row = s.scalars(
-                select(VersionRow)
-                .where(VersionRow.name == name, VersionRow.content_sha256 == content_sha256)
-                .order_by(VersionRow.version.desc())
-                .limit(1)
-            ).first()
+            row = self._existing_row(s, name, content_sha256, idempotency_key)
             return self._version(s, row) if row else None
+
+    @staticmethod
+    def _existing_row(s: Session, name: str, content_sha256: str, idempotency_key: str) -> VersionRow | None:
+        if idempotency_key:
+            row = s.scalars(
+                select(VersionRow).where(VersionRow.name == name, VersionRow.idempotency_key == idempotency_key)
+            ).first()
+            if row is not None:
+                return row
+        return s.scalars(
+            select(VersionRow)
+            .where(VersionRow.name == name, VersionRow.content_sha256 == content_sha256)
+            .order_by(VersionRow.version.desc())
+            .limit(1)
+        ).first()
 
     def add_version(self, new: NewVersion) -> tuple[Version, bool]:
         """Commit a version (number = last + 1) and move `latest`; returns (version, created).
 
-        Identical content under the same name returns the existing version (created False).
+        Identical content, or an idempotency key used before, under the same name returns the
+        existing version (created False).
         """
         now = _now()
         with self._write() as s:
-            existing = s.scalars(
-                select(VersionRow)
-                .where(VersionRow.name == new.name, VersionRow.content_sha256 == new.content_sha256)
-                .order_by(VersionRow.version.desc())
-                .limit(1)
-            ).first()
+            existing = self._existing_row(s, new.name, new.content_sha256, new.idempotency_key)
             if existing is not None:
                 return self._version(s, existing), False
             artifact = s.get(ArtifactRow, new.name)
@@ -133,6 +134,7 @@ class MetadataStore:
                 lora_alpha=new.lora_alpha,
                 target_modules=list(new.target_modules),
                 created_at=now,
+                idempotency_key=new.idempotency_key or None,
                 files=[FileRow(path=f.path, size=f.size, sha256=f.sha256) for f in new.files],
             )
             s.add(row)

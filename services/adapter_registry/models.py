@@ -31,6 +31,7 @@ class VersionRow(Base):
         UniqueConstraint("name", "version", name="uq_versions_name_version"),
         Index("ix_versions_name_content", "name", "content_sha256"),
         Index("ix_versions_base_model", "base_model"),
+        UniqueConstraint("name", "idempotency_key", name="uq_versions_name_idempotency_key"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -47,6 +48,8 @@ class VersionRow(Base):
     lora_alpha: Mapped[float] = mapped_column(Float, default=0.0)
     target_modules: Mapped[list] = mapped_column(JSON, default=list)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # NULL when the publisher gave no key (NULLs never collide in the unique constraint).
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True, default=None)
 
     files: Mapped[list[FileRow]] = relationship(
         back_populates="version", cascade="all, delete-orphan", order_by="FileRow.path", lazy="selectin"

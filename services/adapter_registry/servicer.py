@@ -113,6 +113,7 @@ class AdapterRegistryServicer(adapter_registry_pb2_grpc.AdapterRegistryServiceSe
             labels=labels_to_dict(m.labels),
             description=m.description,
             project=m.project,
+            idempotency_key=m.idempotency_key,
         )
         session = await asyncio.to_thread(self.registry.begin_publish, manifest)
         try:

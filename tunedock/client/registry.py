@@ -70,10 +70,12 @@ class RegistryClient(ServiceClient):
         description: str = "",
         timeout: float | None = None,
         project: str = "",
+        idempotency_key: str = "",
     ) -> pb.PublishResponse:
         """Publish every file under `directory` as a new version of `name` (atomic).
 
         `project`: where a new artifact goes (empty: the caller's default project).
+        `idempotency_key`: a second publish of `name` with the same key returns the first's version.
         """
         files = scan_directory(Path(directory))
         manifest = pb.Manifest(
@@ -81,6 +83,7 @@ class RegistryClient(ServiceClient):
             kind=KINDS[kind],
             description=description,
             project=project,
+            idempotency_key=idempotency_key,
             files=[pb.FileEntry(path=f.path, size=f.size, sha256=f.sha256) for f in files],
             labels=[common_pb2.Label(key=k, value=v) for k, v in (labels or {}).items()],
         )

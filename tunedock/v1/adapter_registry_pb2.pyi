@@ -67,7 +67,7 @@ class Lineage(_message.Message):
     def __init__(self, base_model: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., method: _Optional[_Union[_common_pb2.Method, str]] = ..., method_config: _Optional[_Union[_common_pb2.MethodConfig, _Mapping]] = ..., job_id: _Optional[str] = ..., dataset_ids: _Optional[_Iterable[str]] = ..., hyperparameters: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., metrics: _Optional[_Iterable[_Union[_common_pb2.Metric, _Mapping]]] = ...) -> None: ...
 
 class Manifest(_message.Message):
-    __slots__ = ("name", "kind", "files", "lineage", "labels", "description", "project")
+    __slots__ = ("name", "kind", "files", "lineage", "labels", "description", "project", "idempotency_key")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class Manifest(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     PROJECT_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: ArtifactKind
     files: _containers.RepeatedCompositeFieldContainer[FileEntry]
@@ -82,7 +83,8 @@ class Manifest(_message.Message):
     labels: _containers.RepeatedCompositeFieldContainer[_common_pb2.Label]
     description: str
     project: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ArtifactKind, str]] = ..., files: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ..., labels: _Optional[_Iterable[_Union[_common_pb2.Label, _Mapping]]] = ..., description: _Optional[str] = ..., project: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ArtifactKind, str]] = ..., files: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ..., labels: _Optional[_Iterable[_Union[_common_pb2.Label, _Mapping]]] = ..., description: _Optional[str] = ..., project: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class FileChunk(_message.Message):
     __slots__ = ("path", "offset", "data")
