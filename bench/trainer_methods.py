@@ -28,10 +28,20 @@ from bench._common import ROOT, print_table, write_json
 METHODS = ("full", "freeze", "lora", "qlora")
 SHAPES = {  # random-init Llama shapes, as in shared/anchors/methods_baseline.py
     "llama-1.1b": dict(
-        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
     ),
     "llama-8b": dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
     ),
 }
 
@@ -48,7 +58,6 @@ def make_base(shape: str, cache: Path) -> Path:
         return target
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_model())
     config = LlamaConfig(
-        vocab_size=32000,
         max_position_embeddings=4096,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
@@ -99,7 +108,10 @@ def one_run(args) -> dict:
     work = Path(args.work) / f"{args.impl}-{args.method}"
     started = time.perf_counter()
     if args.impl == "tunedock":
-        steps: list[dict] = []
+        from services.trainer.training.distributed import Dist
+        from services.trainer.training.events import Progress
+
+        steps: list[Progress] = []
         result = recipe.train(
             cfg,
             examples,
@@ -107,13 +119,13 @@ def one_run(args) -> dict:
             recipe.RunContext(
                 work / "ckpt",
                 work / "out",
-                report=lambda kind, f: steps.append(f) if kind == "progress" else None,
-                device=device,
+                report=lambda event: steps.append(event) if isinstance(event, Progress) else None,
+                dist=Dist(device=device),
             ),
         )
         # tokens/s after the first (warm-up) step, from the per-step reports
         timed = steps[1:] or steps
-        rate = sum(s["tokens_per_second"] for s in timed) / len(timed)
+        rate = sum(s.tokens_per_second for s in timed) / len(timed)
         return {
             "trainable": int(result.metrics["trainable_params"]),
             "peak_bytes": int(result.metrics["peak_memory_bytes"]),
@@ -131,7 +143,8 @@ def raw_loop(cfg, examples, evals, device, work: Path, started: float) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from services.trainer.training.recipe import make_batches, peak_memory_bytes
+    from services.trainer.training.batches import BatchPlan
+    from services.trainer.training.recipe import peak_memory_bytes, tokenize_examples
 
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
@@ -174,7 +187,14 @@ def raw_loop(cfg, examples, evals, device, work: Path, started: float) -> dict:
             model.enable_input_require_grads()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, fused=device == "cuda")
-    batches = make_batches(examples, tokenizer, cfg)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def plan(items, name):
+        store, _ = tokenize_examples(items, tokenizer, cfg.max_seq_length, work / name, lambda message: None)
+        return BatchPlan.build(store, cfg.batch_size, cfg.max_seq_length, cfg.packing, pad)
+
+    train_plan = plan(examples, "raw-train")
+    batches = [train_plan.batch(i) for i in range(len(train_plan))]
     model.train()
     tokens, timed_s, loss = 0, 0.0, None
     for step in range(cfg.max_steps):
@@ -193,7 +213,8 @@ def raw_loop(cfg, examples, evals, device, work: Path, started: float) -> dict:
             timed_s += time.perf_counter() - t
             tokens += batch.real_tokens
     model.eval()
-    eval_batches = make_batches(evals, tokenizer, cfg)
+    eval_plan = plan(evals, "raw-eval")
+    eval_batches = [eval_plan.batch(i) for i in range(len(eval_plan))]
     with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
         eval_loss = sum(float(model(**b.to(device).model_inputs()).loss) for b in eval_batches) / len(eval_batches)
     out = work / "raw-out"

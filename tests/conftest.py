@@ -36,12 +36,15 @@ def tiny_model_dir() -> Path:
     return build_tiny_model(cache_dir=MODEL_CACHE)
 
 
+MAX_LORAS = 3
+
+
 class InferenceStack:
-    """A registry and an inference server (with THE session's one vLLM engine) on port 0."""
+    """A registry and an inference server (with its own vLLM engine) on port 0; `inference_stack` is the session's."""
 
-    MAX_LORAS = 3
+    MAX_LORAS = MAX_LORAS
 
-    def __init__(self, data_dir: Path, base: Path) -> None:
+    def __init__(self, data_dir: Path, base: Path, max_loras: int = MAX_LORAS) -> None:
         from services.adapter_registry.server import build_server as build_registry
         from services.adapter_registry.settings import RegistrySettings
         from services.common.server_thread import ServerThread
@@ -57,7 +60,7 @@ class InferenceStack:
             data_dir=data_dir,
             base_model=str(base),
             registry_address=self.registry.address,
-            max_loras=self.MAX_LORAS,
+            max_loras=max_loras,
             max_cpu_loras=8,
             max_lora_rank=16,
             max_model_len=512,

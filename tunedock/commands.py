@@ -498,6 +498,11 @@ def plan(
     r: int = typer.Option(16, help="LoRA rank"),
     layers: int = typer.Option(2, help="Freeze: trainable layers"),
     grad_ckpt: bool = typer.Option(False),
+    engine_share: float = typer.Option(
+        0.0,
+        help="share of the GPU's memory an inference engine on the same GPU takes (its --gpu-memory-utilization); "
+        "0 when training has GPUs of its own",
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Estimate peak memory per method before training, and which fit a budget."""
@@ -506,7 +511,11 @@ def plan(
     path = Path(base)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{base} is not a model directory with config.json")
+    if not 0.0 <= engine_share < 1.0:
+        raise ValueError(f"--engine-share must be in [0, 1), got {engine_share}")
     budget = planner.parse_bytes(memory_budget) if memory_budget else None
+    if budget is not None and engine_share:
+        budget = int(budget * (1.0 - engine_share))  # what the engine leaves for training
     shape = planner.read_shape(path)
     overhead = planner.runtime_overhead(device)
     estimates = [

@@ -13,7 +13,10 @@ from pathlib import Path
 
 
 def fingerprint_model_dir(path: Path) -> str:
+    """The fingerprint, or "" when `path` is not a model directory (unknown is not the hash of nothing)."""
     path = Path(path)
+    if not (path / "config.json").is_file():
+        return ""
     digest = hashlib.sha256()
     config = path / "config.json"
     if config.is_file():

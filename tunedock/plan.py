@@ -144,14 +144,21 @@ def estimate(
         trainable = sum(lora_r * (s[0] + s[1]) for s in linears)
 
     lin_params = sum(s[0] * s[1] for s in linears)
-    if method in ("full", "freeze"):
-        weights = 4 * total
+    cuda = device == "cuda"
+    # On CUDA, weights that do not train are bf16 and trainable ones fp32 masters, except a
+    # single-GPU Full run: bf16 weights and gradients with an 8-bit AdamW (2 bytes of state).
+    # On the CPU everything is fp32. (services/trainer/training/model.py)
+    grads, optimizer = 4 * trainable, 8 * trainable
+    if method == "full":
+        weights = (2 if cuda else 4) * total
+        if cuda:
+            grads, optimizer = 2 * trainable, 2 * trainable
+    elif method == "freeze":
+        weights = 2 * total + 2 * trainable if cuda else 4 * total
     elif method == "lora":
-        weights = (2 if device == "cuda" else 4) * total + 4 * trainable
-    else:  # NF4 linears (+ absmax constants, double-quantized), everything else upcast to fp32
-        weights = int(0.53 * lin_params) + 4 * (total - lin_params) + 4 * trainable
-    grads = 4 * trainable
-    optimizer = 8 * trainable
+        weights = (2 if cuda else 4) * total + 4 * trainable
+    else:  # NF4 linears (+ absmax constants, double-quantized); the rest bf16 on CUDA, fp32 on the CPU
+        weights = int(0.53 * lin_params) + (2 if cuda else 4) * (total - lin_params) + 4 * trainable
 
     tokens = batch * seq
     act_bytes = 2 if device == "cuda" else 4
@@ -163,7 +170,11 @@ def estimate(
     per_layer += batch * shape.heads * seq * seq * act_bytes
     # With checkpointing only each layer's input is kept, plus one layer recomputed at a time.
     activations = grad_layers * tokens * shape.hidden * act_bytes + per_layer if grad_ckpt else grad_layers * per_layer
-    logits = 2 * tokens * shape.vocab * 4  # fp32 logits and their log-softmax
+    # The loss (services/trainer/training/loss.py) keeps only the hidden states of the positions it covers
+    # and computes their logits a chunk at a time (about 2**26 logits): on a GPU one chunk's fp32
+    # logits and log-softmax exist at once; nothing of them is saved for backward.
+    chunk = min(tokens, max(256, 2**26 // shape.vocab))
+    logits = tokens * shape.hidden * 4 + (2 * chunk * shape.vocab * 4 if device == "cuda" else 0)
     parts = {
         "runtime": overhead,
         "weights": weights,

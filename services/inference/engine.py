@@ -70,6 +70,7 @@ class Engine:
         work_dir: Path,
         isolate_base: bool = True,
         seed: int = 0,
+        gpu_memory_utilization: float = 0.9,
     ) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
         from vllm import AsyncEngineArgs
@@ -86,6 +87,7 @@ class Engine:
             dtype=dtype,
             seed=seed,
             disable_log_stats=True,
+            gpu_memory_utilization=gpu_memory_utilization,
         )
         self.llm = AsyncLLM.from_engine_args(args)
         self.tokenizer = self.llm.get_tokenizer()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.auth import method_roles
+from services.common.basemodels import base_fingerprint
 from services.common.server import GrpcServer, ServiceBinding
 from services.inference.adapters import AdapterCache, AdapterResolver
 from services.inference.core import InferenceCore, Limits
@@ -17,7 +17,6 @@ from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
 from tunedock.client import RegistryClient
 from tunedock.client.channel import read_token
-from tunedock.fingerprint import fingerprint_model_dir
 from tunedock.v1 import inference_pb2, inference_pb2_grpc
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -101,19 +100,19 @@ async def build_server(settings: InferenceSettings, engine=None) -> GrpcServer:
             settings.kv_cache_gib,
             work,
             settings.isolate_base,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
         )
     service = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
     server = GrpcServer(settings, [], roles=method_roles(service, ROLES))
     metrics = InferenceMetrics.create(server.metrics.registry)
     registry = RegistryClient(settings.registry_address, timeout=30, token=read_token(settings.registry_token_file))
     resolver = AdapterResolver(registry, ttl_s=settings.resolve_ttl_s)
-    base_path = Path(base_model)
     cache = AdapterCache(
         work / "adapters",
         registry,
         settings.adapter_cache_mb * 1024 * 1024,
         settings.max_lora_rank,
-        fingerprint_model_dir(base_path) if base_path.is_dir() else "",
+        await asyncio.to_thread(base_fingerprint, base_model),
         base_model,
         metrics,
     )

@@ -30,6 +30,11 @@ class InferenceSettings(ServerSettings):
     max_model_len: int = setting(1024, "longest prompt + completion in tokens")
     dtype: str = setting("auto", "engine dtype: auto, float32, bfloat16 or float16")
     kv_cache_gib: float = setting(1.0, "KV cache size on the CPU backend, GiB (VLLM_CPU_KVCACHE_SPACE)")
+    gpu_memory_utilization: float = setting(
+        0.9,
+        "share of the GPU's memory the engine takes for weights and KV cache (vLLM's gpu_memory_utilization); "
+        "lower it when training workers share the GPU (tunedock plan --engine-share)",
+    )
     adapter_cache_mb: int = setting(2048, "bound of the local adapter cache on disk, MiB")
     isolate_base: bool = setting(
         True,
@@ -55,5 +60,7 @@ class InferenceSettings(ServerSettings):
             raise InvalidArgument(
                 f"max_lora_rank must be one of 8, 16, 32, 64, 128, 256, 320, 512 (vLLM), got {self.max_lora_rank}"
             )
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise InvalidArgument(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_gib <= 0 or self.max_model_len <= 0 or self.adapter_cache_mb <= 0:
             raise InvalidArgument("kv_cache_gib, max_model_len and adapter_cache_mb must be > 0")

@@ -51,7 +51,7 @@ class TrainConfig:
     double_quant: bool = True
     """QLoRA: quantize the quantization constants too."""
     compute_dtype: str = "bfloat16"
-    """QLoRA compute dtype."""
+    """Matmul dtype on GPUs (bfloat16, float16 with loss scaling, float32); also QLoRA's 4-bit compute dtype."""
     paged_optimizer: bool = True
     """QLoRA: paged optimizer where CUDA exists."""
     # Freeze

@@ -27,12 +27,13 @@ from services.adapter_registry.blobs import CHUNK, BlobStore
 from services.adapter_registry.refs import Ref, check_name
 from services.common.audit import audit
 from services.common.auth import WorkerTokens, principal
+from services.common.basemodels import resolve_local_base
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.trainer.config import TrainConfig, config_from_spec
 from services.trainer.data.records import parse_dataset
-from services.trainer.executor import Executor, Launch
+from services.trainer.executor import EXIT_PLATFORM, Executor, Launch
 from services.trainer.store import TERMINAL, DatasetRow, JobRecord, JobStore, now
-from services.trainer.validation import check_against_base, inspect_base, resolve_local_base
+from services.trainer.validation import check_against_base, inspect_base
 from tunedock.v1 import trainer_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ STATE_ENUM = {
     "cancelled": pb.JOB_STATE_CANCELLED,
 }
 STATE_NAME = {v: k for k, v in STATE_ENUM.items()}
+MAX_PLATFORM_RETRIES = 10
+"""Attempts a job may restart because our infrastructure failed it (beyond max_attempts of its own)."""
 FORMAT_ENUM = {"alpaca": pb.DATASET_FORMAT_ALPACA, "chat": pb.DATASET_FORMAT_CHAT, "text": pb.DATASET_FORMAT_TEXT}
 
 
@@ -112,6 +115,7 @@ class TrainerCore:
             sha256=sha,
             created_at=now(),
             project=project,
+            ignored_columns=list(parsed.ignored_columns),
         )
         stored = self.store.add_dataset(row)
         audit("trainer.upload_dataset", stored.id, project, sha256=sha, records=stored.num_records)
@@ -158,6 +162,12 @@ class TrainerCore:
         for dataset_id in (*cfg.dataset_ids, *cfg.eval_dataset_ids):
             if self.get_dataset(dataset_id).project != spec.project:
                 raise FailedPrecondition(f"dataset {dataset_id!r} belongs to another project than the job's")
+        gpus = getattr(self.executor, "gpus", None)
+        if gpus is not None and gpus.total and gpus.needed(launch_for(spec)) > gpus.total:
+            raise FailedPrecondition(
+                f"the job needs {gpus.needed(launch_for(spec))} GPUs (processes_per_node x gpus per process); "
+                f"this node has {gpus.total}: lower processes_per_node"
+            )
         if cfg.nodes > 1 and not getattr(self.executor, "multi_node", False):
             raise FailedPrecondition(
                 f"nodes={cfg.nodes} needs the Kubernetes executor (--executor kubernetes); "
@@ -221,6 +231,8 @@ class TrainerCore:
             running = await asyncio.to_thread(self.store.count_state, "running")
             queued = await asyncio.to_thread(self.store.jobs_in_state, "queued")
             for job in queued[: max(0, self.max_concurrent - running)]:
+                if not self.executor.can_start(launch_for(pb.JobSpec.FromString(job.spec))):
+                    break  # oldest first: a job waiting for GPUs is not overtaken by smaller ones
                 attempt = job.attempt + 1
                 message = "started" if attempt == 1 else f"attempt {attempt}: resuming from the last checkpoint"
                 await asyncio.to_thread(
@@ -265,16 +277,33 @@ class TrainerCore:
         return job
 
     async def worker_exited(self, job_id: str, attempt: int, code: int, tail: str) -> None:
+        """An attempt's worker ended without finishing the job: retry it, or fail the job.
+
+        Only attempts that ended for the job's own reasons (a crash, an OOM kill) count against
+        max_attempts; a worker that gave up on our infrastructure (EXIT_PLATFORM: the registry
+        stayed unreachable) is retried without counting, up to MAX_PLATFORM_RETRIES times.
+        """
         job = await asyncio.to_thread(self.store.get_job, job_id)
         if job.terminal or job.attempt != attempt:
             await self.schedule()
             return
-        reason = f"worker exited with code {code}" if code >= 0 else f"worker killed by signal {-code}"
+        platform = code == EXIT_PLATFORM
+        if platform:
+            reason = "the worker could not reach TuneDock's services (see its log)"
+        else:
+            reason = f"worker exited with code {code}" if code >= 0 else f"worker killed by signal {-code}"
         if code == -9:
             reason += " (SIGKILL: out of memory, or killed)"
-        if job.attempt < self.max_attempts:
+        failures = job.failures + (0 if platform else 1)
+        platform_retries = job.attempt - failures
+        if failures < self.max_attempts and platform_retries <= MAX_PLATFORM_RETRIES:
+            note = "; will resume (not counted against max_attempts)" if platform else "; will resume"
             await asyncio.to_thread(
-                self.store.update, job_id, [state_event("queued", f"{reason}; will resume")], state="queued"
+                self.store.update,
+                job_id,
+                [state_event("queued", reason + note)],
+                state="queued",
+                failures=failures,
             )
         else:
             detail = f"{reason} after {job.attempt} attempt(s)"
@@ -288,7 +317,14 @@ class TrainerCore:
         await self.schedule()
 
     async def recover(self) -> None:
-        """After a trainer restart: jobs that were running lost their worker; queue them again."""
+        """After a trainer restart: jobs that were running lost their worker; queue them again.
+
+        The restart is the platform's doing, so it costs the job none of its attempts; workers the
+        previous trainer left running are stopped first (a GPU must not serve two attempts).
+        """
+        reap = getattr(self.executor, "reap", None)
+        if reap is not None:
+            await reap()
         for job in await asyncio.to_thread(self.store.jobs_in_state, "running"):
             await asyncio.to_thread(
                 self.store.update, job.id, [state_event("queued", "trainer restarted; will resume")], state="queued"
@@ -297,15 +333,25 @@ class TrainerCore:
 
     # ------------------------------------------------------------------------------- reports
 
-    async def report(self, job_id: str, attempt: int, event: pb.JobEvent) -> bool:
-        """Record a worker's event; returns whether the worker should stop."""
-        job = await asyncio.to_thread(self.get_job, job_id)
+    def _live_attempt(self, job_id: str, attempt: int) -> JobRecord:
+        """The job, if `attempt` is its current one and it has not ended (cancelled jobs pass: the worker must hear)."""
+        job = self.get_job(job_id)
         if attempt != job.attempt:
             raise FailedPrecondition(f"attempt {attempt} of {job_id} was superseded by attempt {job.attempt}; stop")
+        if job.terminal and job.state != "cancelled":
+            raise FailedPrecondition(f"job {job_id} already ended ({job.state})")
+        return job
+
+    async def heartbeat(self, job_id: str, attempt: int) -> bool:
+        """The worker is alive; returns whether it should stop (cancelled)."""
+        job = await asyncio.to_thread(self._live_attempt, job_id, attempt)
+        return job.state == "cancelled"
+
+    async def report(self, job_id: str, attempt: int, event: pb.JobEvent) -> bool:
+        """Record a worker's event; returns whether the worker should stop."""
+        job = await asyncio.to_thread(self._live_attempt, job_id, attempt)
         if job.state == "cancelled":
             return True
-        if job.terminal:
-            raise FailedPrecondition(f"job {job_id} already ended ({job.state})")
         fields: dict = {}
         kind = event.WhichOneof("event")
         if kind == "progress":

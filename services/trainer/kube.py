@@ -273,6 +273,9 @@ class KubernetesExecutor:
     def namespace(self) -> str:
         return self.settings.namespace
 
+    def can_start(self, launch: Launch) -> bool:
+        return True  # the Kubernetes scheduler queues pods until GPUs are free
+
     async def start(self, job_id: str, attempt: int, launch: Launch = ONE_PROCESS) -> None:
         await self._delete_attempts(job_id)  # a previous attempt's Job (e.g. before a trainer restart)
         body = build_job(job_id, attempt, launch, self.settings)

@@ -27,6 +27,7 @@ ROLES = {
     "GetAssignment": "trainer.worker",
     "ReportEvent": "trainer.worker",
     "DownloadDataset": "trainer.worker",
+    "Heartbeat": "trainer.worker",
 }
 
 
@@ -35,7 +36,14 @@ def build_executor(settings: TrainerSettings, worker_address, core: TrainerCore)
         from services.trainer.kube import KubernetesExecutor, settings_from
 
         return KubernetesExecutor(settings_from(settings), core.worker_exited, poll_s=settings.k8s_poll_s)
-    return LocalExecutor(worker_address, settings.data_dir / "trainer" / "logs", core.worker_exited)
+    gpus = None if settings.gpus == "auto" else [g for g in settings.gpus.split(",") if g and settings.gpus != "none"]
+    return LocalExecutor(
+        worker_address,
+        settings.data_dir / "trainer" / "logs",
+        core.worker_exited,
+        gpus=gpus,
+        gpus_per_process=settings.gpus_per_process,
+    )
 
 
 async def build_server(settings: TrainerSettings) -> GrpcServer:

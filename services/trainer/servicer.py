@@ -23,6 +23,7 @@ def job_to_proto(job: JobRecord) -> pb.Job:
         step=job.step,
         total_steps=job.total_steps,
         attempt=job.attempt,
+        failures=job.failures,
         output_ref=job.output_ref,
         metrics=[common_pb2.Metric(name=k, value=v) for k, v in sorted(job.metrics.items())],
     )
@@ -43,6 +44,7 @@ def dataset_to_proto(row: DatasetRow) -> pb.Dataset:
         size=row.size,
         sha256=row.sha256,
         project=row.project,
+        ignored_columns=row.ignored_columns or [],
     )
     msg.create_time.FromDatetime(row.created_at)
     return msg
@@ -123,6 +125,9 @@ class TrainerWorkerServicer(trainer_pb2_grpc.TrainerWorkerServiceServicer):
         return pb.GetAssignmentResponse(
             job=job_to_proto(job), checkpoint_dir=str(checkpoint_dir), registry_address=self.core.registry_address
         )
+
+    async def Heartbeat(self, request, context):
+        return pb.HeartbeatResponse(cancel_requested=await self.core.heartbeat(request.job_id, request.attempt))
 
     async def ReportEvent(self, request, context):
         stop = await self.core.report(request.job_id, request.attempt, request.event)

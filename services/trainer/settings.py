@@ -31,6 +31,12 @@ class TrainerSettings(ServerSettings):
         50054, "port of the worker API (TrainerWorkerService), apart so a NetworkPolicy can admit workers only"
     )
     executor: str = setting("local", "where workers run: local (subprocesses) or kubernetes (a batch/v1 Job each)")
+    gpus: str = setting(
+        "auto",
+        "GPUs local workers may use, each attempt its own: auto (CUDA_VISIBLE_DEVICES, else nvidia-smi), none, "
+        "or ids like 0,1,2 (leave the inference engine's GPUs out)",
+    )
+    gpus_per_process: int = setting(1, "GPUs each local training process gets")
     k8s_namespace: str = setting("", "namespace of worker Jobs; empty: the trainer pod's own namespace")
     k8s_image: str = setting("tunedock/tunedock:0.1.0-cuda", "container image of worker Jobs")
     k8s_worker_trainer_address: str = setting(
@@ -74,6 +80,10 @@ class TrainerSettings(ServerSettings):
         bad = [item for item in self.k8s_node_selector if "=" not in item]
         if bad:
             raise InvalidArgument(f"k8s_node_selector entries must be key=value, got {bad}")
+        if self.gpus not in ("auto", "none") and not all(g.strip().isdigit() for g in self.gpus.split(",")):
+            raise InvalidArgument(f"gpus must be auto, none or comma-separated GPU ids, got {self.gpus!r}")
+        if self.gpus_per_process < 1:
+            raise InvalidArgument(f"gpus_per_process must be >= 1, got {self.gpus_per_process}")
         if self.max_attempts < 1:
             raise InvalidArgument(f"max_attempts must be >= 1, got {self.max_attempts}")
         if not self.database_url:

@@ -11,11 +11,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, Boolean, DateTime, Integer, LargeBinary, String, Text, func, inspect, select, text
+from sqlalchemy import JSON, Boolean, DateTime, Integer, LargeBinary, String, Text, func, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from services.common.db import open_engine
-from services.common.errors import NotFound
+from services.common.db import migrate, open_engine
+from services.common.errors import NotFound, Unavailable
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -34,6 +35,7 @@ class DatasetRow(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     project: Mapped[str] = mapped_column(String(64), default="default", server_default="default", index=True)
+    ignored_columns: Mapped[list | None] = mapped_column(JSON, nullable=True, default=list)
 
 
 class JobRow(Base):
@@ -53,6 +55,9 @@ class JobRow(Base):
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
     project: Mapped[str] = mapped_column(String(64), default="default", server_default="default", index=True)
+    # Attempts that ended for the job's own reasons (what max_attempts bounds); `attempt` also
+    # counts restarts caused by the platform (a trainer restart, a registry outage).
+    failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class JobEventRow(Base):
@@ -78,6 +83,7 @@ class JobRecord:
     started_at: datetime | None
     ended_at: datetime | None
     project: str = "default"
+    failures: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -108,6 +114,7 @@ def _record(row: JobRow) -> JobRecord:
         _aware(row.started_at),
         _aware(row.ended_at),
         row.project,
+        row.failures or 0,
     )
 
 
@@ -116,8 +123,10 @@ class JobStore:
 
     def __init__(self, url: str) -> None:
         self.engine = open_engine(url)
-        Base.metadata.create_all(self.engine)
-        _add_project_columns(self.engine)
+        try:
+            migrate(url, "services.trainer")
+        except OperationalError as exc:
+            raise Unavailable(f"cannot reach the job store {self.engine.url!r}: {exc.orig}") from None
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._lock = threading.Lock()
 
@@ -206,12 +215,3 @@ class JobStore:
         with self._sessions() as s:
             query = select(JobEventRow).where(JobEventRow.job_id == job_id, JobEventRow.seq > after)
             return [(e.seq, e.data) for e in s.scalars(query.order_by(JobEventRow.seq))]
-
-
-def _add_project_columns(engine) -> None:
-    """Stores made before projects existed gain the column; their items land in "default"."""
-    inspector = inspect(engine)
-    for table in ("datasets", "jobs"):
-        if "project" not in {c["name"] for c in inspector.get_columns(table)}:
-            with engine.begin() as conn:
-                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN project VARCHAR(64) NOT NULL DEFAULT 'default'"))

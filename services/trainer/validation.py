@@ -1,8 +1,10 @@
 """Checks of a job against its base model, without loading it (no torch).
 
 Reads config.json and the safetensors headers: enough to know the layer count, the
-parameter names and which modules are linear, so bad freeze ranges and unknown LoRA
-target modules are refused at submit time with a message that says what would work.
+parameter names and which modules are linear, so bad freeze ranges, unknown LoRA target
+modules and a tied `lm_head` are refused at submit time with a message that says what
+would work. Multimodal checkpoints (Gemma3ForConditionalGeneration) are judged by their
+language model: its layer count and its decoder layers, never the vision tower's.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from services.adapter_registry.validation import read_safetensors_header
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.trainer.config import TrainConfig
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_LAYER = re.compile(r"^(?P<prefix>.*?)(?:^|\.)layers\.(?P<index>\d+)\.")
 EXTRA_MODULES = ("embed_tokens", "norm", "lm_head")
+_NOT_TEXT = ("vision", "audio", "encoder", "projector")
 
 
 @dataclass(frozen=True)
@@ -25,44 +28,59 @@ class BaseInfo:
     path: Path
     num_layers: int
     params: dict[str, list[int]]  # name -> shape
+    tied_embeddings: bool = False
+
+    @property
+    def layer_prefix(self) -> str:
+        return decoder_layer_prefix(list(self.params))
+
+    def in_decoder_layers(self, name: str) -> bool:
+        return layer_index(name, self.layer_prefix) is not None
 
     @property
     def linear_modules(self) -> list[str]:
-        """Short names of 2-D weights inside decoder layers (what LoRA can target)."""
+        """Short names of 2-D weights inside the decoder's layers (what LoRA can target)."""
         names = {
             n.rsplit(".", 2)[-2]
             for n, shape in self.params.items()
-            if n.endswith(".weight") and len(shape) == 2 and _LAYER.search(n)
+            if n.endswith(".weight") and len(shape) == 2 and self.in_decoder_layers(n)
         }
         return sorted(names)
 
 
-def resolve_local_base(base_model: str) -> Path | None:
-    """A local directory with config.json, or a model in the local Hugging Face cache; None if neither."""
-    path = Path(base_model).expanduser()
-    if (path / "config.json").is_file():
-        return path
-    if "/" in base_model and not base_model.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import snapshot_download
+def decoder_layer_prefix(names: list[str]) -> str:
+    """The prefix of the language model's decoder layers ("model.layers.", "model.language_model.layers.")."""
+    found = sorted({m.group("prefix") for n in names if (m := _LAYER.match(n))})
+    prefixes = [p + ("." if p else "") + "layers." for p in found]
+    if not prefixes:
+        return "model.layers."
+    for p in prefixes:
+        if "language_model" in p:
+            return p
+    text = [p for p in prefixes if not any(word in p for word in _NOT_TEXT)]
+    return min(text or prefixes, key=len)
 
-            cached = Path(snapshot_download(base_model, local_files_only=True))
-            return cached if (cached / "config.json").is_file() else None
-        except Exception:
-            return None
-    return None
+
+def layer_index(name: str, prefix: str) -> int | None:
+    if not name.startswith(prefix):
+        return None
+    head = name[len(prefix) :].split(".", 1)[0]
+    return int(head) if head.isascii() and head.isdigit() else None
 
 
 def inspect_base(path: Path) -> BaseInfo:
     config = json.loads((path / "config.json").read_text())
-    config = config.get("text_config", config)
+    text = config.get("text_config") or config
     params: dict[str, list[int]] = {}
     for file in sorted(path.glob("*.safetensors")):
         for name, info in read_safetensors_header(file, file.name).items():
             params[name] = info["shape"]
     if not params:
         raise FailedPrecondition(f"base model {path} has no *.safetensors weights")
-    return BaseInfo(path, int(config.get("num_hidden_layers", 0)), params)
+    tied = bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))) or not any(
+        n.endswith("lm_head.weight") for n in params
+    )
+    return BaseInfo(path, int(text.get("num_hidden_layers", 0)), params, tied)
 
 
 def freeze_layer_indices(num_layers: int, cfg: TrainConfig) -> list[int]:
@@ -81,17 +99,18 @@ def freeze_layer_indices(num_layers: int, cfg: TrainConfig) -> list[int]:
     return list(range(num_layers - n, num_layers)) if n >= 0 else list(range(0, -n))
 
 
-def freeze_selection(param_names: list[str], num_layers: int, cfg: TrainConfig) -> set[str]:
-    """Names of the parameters a Freeze run trains."""
+def freeze_selection(param_names: list[str], num_layers: int, cfg: TrainConfig, prefix: str = "") -> set[str]:
+    """Names of the parameters a Freeze run trains (decoder layers and extra modules of the language model)."""
+    prefix = prefix or decoder_layer_prefix(param_names)
     layers = set(freeze_layer_indices(num_layers, cfg))
     chosen = set()
     for name in param_names:
-        match = _LAYER.search(name)
         parts = name.split(".")
-        if match:
-            if int(match.group(1)) in layers and (
-                not cfg.trainable_modules or any(m in parts for m in cfg.trainable_modules)
-            ):
+        if any(word in part for part in parts for word in _NOT_TEXT):
+            continue  # the vision tower and its projector never train
+        index = layer_index(name, prefix)
+        if index is not None:
+            if index in layers and (not cfg.trainable_modules or any(m in parts for m in cfg.trainable_modules)):
                 chosen.add(name)
         elif any(m in parts for m in cfg.extra_modules):
             chosen.add(name)
@@ -104,15 +123,20 @@ def check_against_base(cfg: TrainConfig, info: BaseInfo) -> None:
         unknown = [m for m in cfg.extra_modules if m not in EXTRA_MODULES]
         if unknown:
             raise InvalidArgument(f"freeze: unknown extra module(s) {unknown}; choose from {list(EXTRA_MODULES)}")
+        if "lm_head" in cfg.extra_modules and info.tied_embeddings:
+            raise InvalidArgument(
+                "freeze: lm_head is tied to embed_tokens in this model (one weight serves both), so it cannot "
+                "train on its own; use extra_modules=['embed_tokens'], which trains the shared weight"
+            )
         names = list(info.params)
-        layer_parts = {p for n in names if _LAYER.search(n) for p in n.split(".")}
+        layer_parts = {p for n in names if info.in_decoder_layers(n) for p in n.split(".")}
         missing = [m for m in cfg.trainable_modules if m not in layer_parts]
         if missing:
             raise InvalidArgument(
                 f"freeze: trainable module(s) {missing} do not exist in this model's layers; "
                 f"try e.g. 'mlp', 'self_attn' or one of {info.linear_modules}"
             )
-        if not freeze_selection(names, info.num_layers, cfg):
+        if not freeze_selection(names, info.num_layers, cfg, info.layer_prefix):
             raise InvalidArgument("freeze: the selection trains no parameter; widen the layers or modules")
     if cfg.is_lora and cfg.target_modules != ["all-linear"]:
         unknown = [m for m in cfg.target_modules if m not in info.linear_modules]

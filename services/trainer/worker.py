@@ -3,23 +3,36 @@
 Runs one attempt of one job, the same way under the local executor and in a Kubernetes
 pod: fetch the assignment and datasets from the trainer, train, publish the output to
 the registry, and report every event over gRPC. Exit codes: 0 done (or cancelled),
-1 the job failed (reported), 2 the trainer refused this attempt.
+1 the job failed (reported), 2 the trainer stopped this attempt (superseded or ended),
+75 (EXIT_PLATFORM) TuneDock's own services stayed unreachable: the trainer retries the
+attempt without counting it against the job's max_attempts.
+
+Exactly one version per job, whatever dies when: the finished output is kept beside the
+checkpoints until it is published (a retried attempt publishes it without training again),
+the publish carries the idempotency key "job:<id>:<output>" (a second publish returns the
+first's version), and a registry outage is waited out with backoff, said in the job's events.
 
 Under torchrun (several processes) every rank fetches the assignment and trains on its
-share of each global batch; rank 0 alone reports, checkpoints and publishes.
+share of each global batch; rank 0 alone reports, heartbeats, checkpoints and publishes.
+A heartbeat every few seconds stops a superseded worker at once (the trainer restarted and
+moved on), instead of at its next report.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
+import os
 import random
 import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -27,20 +40,81 @@ from google.protobuf import duration_pb2, struct_pb2
 
 from services.trainer.config import TrainConfig, config_from_spec
 from services.trainer.data.records import Example, parse_dataset
+from services.trainer.executor import EXIT_PLATFORM
 from tunedock.client.channel import connect
 from tunedock.v1 import adapter_registry_pb2, common_pb2, trainer_pb2, trainer_pb2_grpc
 
 log = logging.getLogger("tunedock.worker")
+
+HEARTBEAT_S = 3.0
+PLATFORM_PATIENCE_S = float(os.environ.get("TUNEDOCK_WORKER_PATIENCE_S", "600"))
+"""How long a worker waits out an unreachable trainer or registry before giving up the attempt
+(TUNEDOCK_WORKER_PATIENCE_S; the trainer then starts a new attempt, which costs the job nothing)."""
+TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class AttemptSuperseded(Exception):
     """The trainer no longer accepts this attempt (cancelled, superseded or ended): stop quietly."""
 
 
+class PlatformUnavailable(Exception):
+    """The trainer or the registry stayed unreachable: the attempt ends without counting as a failure."""
+
+
+def event_fields(event) -> dict:
+    """A training event as the JobEvent field that carries it (the one place records meet protos)."""
+    from services.trainer.training.events import Checkpoint, Eval, Log, Progress
+
+    if isinstance(event, Progress):
+        eta = duration_pb2.Duration()
+        eta.FromNanoseconds(int(event.eta_s * 1e9))
+        return {
+            "progress": trainer_pb2.ProgressEvent(
+                step=event.step,
+                total_steps=event.total_steps,
+                epoch=event.epoch,
+                loss=event.loss,
+                learning_rate=event.learning_rate,
+                grad_norm=event.grad_norm,
+                tokens_per_second=event.tokens_per_second,
+                peak_memory_bytes=event.peak_memory_bytes,
+                eta=eta,
+            )
+        }
+    if isinstance(event, Eval):
+        return {"eval": trainer_pb2.EvalEvent(step=event.step, eval_loss=event.eval_loss)}
+    if isinstance(event, Checkpoint):
+        return {"checkpoint": trainer_pb2.CheckpointEvent(step=event.step, path=event.path)}
+    if isinstance(event, Log):
+        return {"log": trainer_pb2.LogEvent(message=event.message)}
+    raise TypeError(f"not a training event: {event!r}")
+
+
+def with_patience(call: Callable, what: str, notice: Callable[[str], None] = lambda m: None):
+    """Run `call`, retrying with backoff while the other side is unavailable, for up to PLATFORM_PATIENCE_S."""
+    deadline = time.monotonic() + PLATFORM_PATIENCE_S
+    delay = 1.0
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as exc:
+            if exc.code() not in TRANSIENT:
+                raise
+            if time.monotonic() + delay > deadline:
+                notice(f"{what}: unavailable ({exc.code().name}) for {PLATFORM_PATIENCE_S:.0f}s; ending this attempt")
+                raise PlatformUnavailable(
+                    f"{what}: unreachable for {PLATFORM_PATIENCE_S:.0f}s ({exc.code().name})"
+                ) from None
+            notice(f"{what}: unavailable ({exc.code().name}); trying again in {delay:.0f}s")
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
 class Reporter:
     """Sends events to the trainer; remembers whether the job was cancelled.
 
-    Ranks other than 0 of a multi-process run are silent (`enabled=False`).
+    Ranks other than 0 of a multi-process run are silent (`enabled=False`). Progress and log
+    events are best effort while the trainer is unreachable; results and states are retried.
     """
 
     def __init__(self, stub, job_id: str, attempt: int, enabled: bool = True) -> None:
@@ -54,36 +128,60 @@ class Reporter:
             job_id=self.job_id, attempt=self.attempt, event=trainer_pb2.JobEvent(**event)
         )
         request.event.time.GetCurrentTime()
+        essential = "published" in event or "state" in event
         try:
-            reply = self.stub.ReportEvent(request, timeout=60)
+            if essential:
+                reply = with_patience(lambda: self.stub.ReportEvent(request, timeout=60), "the trainer")
+            else:
+                reply = self.stub.ReportEvent(request, timeout=60)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 raise AttemptSuperseded(exc.details()) from None
+            if exc.code() in TRANSIENT:
+                log.warning("trainer unreachable; event dropped: %s", exc.code().name)
+                return
             raise
         self.cancelled = self.cancelled or reply.cancel_requested
 
-    def __call__(self, kind: str, fields: dict) -> None:
-        if kind == "progress":
-            eta = duration_pb2.Duration()
-            eta.FromNanoseconds(int(fields.pop("eta_s") * 1e9))
-            self.send(progress=trainer_pb2.ProgressEvent(eta=eta, **fields))
-        elif kind == "eval":
-            self.send(eval=trainer_pb2.EvalEvent(**fields))
-        elif kind == "checkpoint":
-            self.send(checkpoint=trainer_pb2.CheckpointEvent(**fields))
-        else:
-            print(fields["message"], flush=True)
-            self.send(log=trainer_pb2.LogEvent(message=fields["message"]))
+    def __call__(self, event) -> None:
+        from services.trainer.training.events import Log
+
+        if isinstance(event, Log):
+            print(event.message, flush=True)
+        self.send(**event_fields(event))
+
+    def notice(self, message: str) -> None:
+        print(message, flush=True)
+        self.send(log=trainer_pb2.LogEvent(message=message))
+
+
+class Heartbeat(threading.Thread):
+    """Every HEARTBEAT_S: tells the trainer the attempt lives; exits the process once it is superseded."""
+
+    def __init__(self, stub, reporter: Reporter) -> None:
+        super().__init__(daemon=True, name="heartbeat")
+        self.stub, self.reporter = stub, reporter
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        request = trainer_pb2.HeartbeatRequest(job_id=self.reporter.job_id, attempt=self.reporter.attempt)
+        while not self.stopped.wait(HEARTBEAT_S):
+            try:
+                reply = self.stub.Heartbeat(request, timeout=10)
+                self.reporter.cancelled = self.reporter.cancelled or reply.cancel_requested
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    print(f"trainer stopped this attempt: {exc.details()}", file=sys.stderr, flush=True)
+                    os._exit(2)  # superseded: another attempt owns the job (and the GPU) now
+                # unreachable: the trainer is restarting; its new run reaps or supersedes us
 
 
 def load_examples(stub, job_id: str, dataset_ids: list[str]) -> list[Example]:
     examples: list[Example] = []
     for dataset_id in dataset_ids:
-        data = b"".join(
-            r.data
-            for r in stub.DownloadDataset(
-                trainer_pb2.DownloadDatasetRequest(job_id=job_id, dataset_id=dataset_id), timeout=600
-            )
+        request = trainer_pb2.DownloadDatasetRequest(job_id=job_id, dataset_id=dataset_id)
+        data = with_patience(
+            lambda r=request: b"".join(c.data for c in stub.DownloadDataset(r, timeout=600)), "the trainer"
         )
         examples.extend(parse_dataset(data).examples)
     return examples
@@ -105,41 +203,37 @@ def resolve_base(cfg: TrainConfig, registry_address: str, cache: Path) -> str:
     from tunedock.client import RegistryClient
 
     with RegistryClient(registry_address) as registry:
-        resolved = registry.resolve(cfg.base_model.removeprefix("registry://"))
+        resolved = with_patience(lambda: registry.resolve(cfg.base_model.removeprefix("registry://")), "the registry")
         if resolved.kind != adapter_registry_pb2.ARTIFACT_KIND_MODEL:
             raise ValueError(f"{cfg.base_model} is not a model artifact")
         target = cache / resolved.content_sha256
         if not (target / "config.json").exists():
-            registry.download(f"{resolved.name}:{resolved.version}", target)
+            with_patience(lambda: registry.download(f"{resolved.name}:{resolved.version}", target), "the registry")
     return str(target)
 
 
+HYPERPARAMETERS = (
+    "epochs",
+    "max_steps",
+    "learning_rate",
+    "lr_schedule",
+    "warmup_steps",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "max_seq_length",
+    "seed",
+    "packing",
+    "gradient_checkpointing",
+    "weight_decay",
+    "max_grad_norm",
+)
+
+
 def lineage_for(job: trainer_pb2.Job, cfg: TrainConfig, metrics: dict[str, float]) -> adapter_registry_pb2.Lineage:
-    from tunedock.fingerprint import fingerprint_model_dir
+    from services.common.basemodels import base_fingerprint
 
     hyper = struct_pb2.Struct()
-    hyper.update(
-        {
-            k: v
-            for k, v in cfg.to_dict().items()
-            if k
-            in (
-                "epochs",
-                "max_steps",
-                "learning_rate",
-                "lr_schedule",
-                "warmup_steps",
-                "batch_size",
-                "gradient_accumulation_steps",
-                "max_seq_length",
-                "seed",
-                "packing",
-                "gradient_checkpointing",
-                "weight_decay",
-                "max_grad_norm",
-            )
-        }
-    )
+    hyper.update({k: v for k, v in cfg.to_dict().items() if k in HYPERPARAMETERS})
     spec = job.spec
     method = {
         "full": common_pb2.METHOD_FULL,
@@ -149,7 +243,7 @@ def lineage_for(job: trainer_pb2.Job, cfg: TrainConfig, metrics: dict[str, float
     }[cfg.method]
     return adapter_registry_pb2.Lineage(
         base_model=spec.base_model,
-        base_fingerprint=fingerprint_model_dir(Path(cfg.base_model)),
+        base_fingerprint=base_fingerprint(cfg.base_model),
         method=method,
         method_config=spec.method,
         job_id=job.id,
@@ -159,79 +253,83 @@ def lineage_for(job: trainer_pb2.Job, cfg: TrainConfig, metrics: dict[str, float
     )
 
 
+# ------------------------------------------------------------------------------ the output
+
+
+def keep_output(final: Path, output_dir: Path, kind: str, metrics: dict, expanded: Path | None) -> None:
+    """Move the finished output beside the checkpoints (complete once `result.json` exists)."""
+    if final.exists():
+        shutil.rmtree(final)
+    final.mkdir(parents=True)
+    shutil.move(str(output_dir), final / "output")
+    if expanded is not None:
+        shutil.move(str(expanded), final / "expanded")
+    (final / "result.json").write_text(json.dumps({"kind": kind, "metrics": metrics}))
+
+
+def kept_output(final: Path) -> tuple[str, dict] | None:
+    result = final / "result.json"
+    if not result.exists():
+        return None
+    data = json.loads(result.read_text())
+    return data["kind"], data["metrics"]
+
+
+def publish(
+    registry_address: str,
+    directory: Path,
+    name: str,
+    kind: str,
+    key: str,
+    lineage,
+    labels: dict,
+    notice: Callable[[str], None],
+):
+    """Publish with the job's idempotency key, waiting out a registry outage."""
+    from tunedock.client import RegistryClient
+
+    def attempt():
+        with RegistryClient(registry_address, timeout=120) as registry:
+            return registry.publish_dir(directory, name, kind=kind, lineage=lineage, labels=labels, idempotency_key=key)
+
+    return with_patience(attempt, "the registry", notice)
+
+
+# ---------------------------------------------------------------------------------------- run
+
+
 def run(job_id: str, attempt: int, trainer: str) -> int:
     from services.trainer.training.distributed import Dist
-    from services.trainer.training.recipe import RunContext, train
 
     dist = Dist.from_env()
-    device = dist.device()
     channel = connect(trainer)
     stub = trainer_pb2_grpc.TrainerWorkerServiceStub(channel)
     try:
-        assignment = stub.GetAssignment(trainer_pb2.GetAssignmentRequest(job_id=job_id), timeout=60)
+        assignment = with_patience(
+            lambda: stub.GetAssignment(trainer_pb2.GetAssignmentRequest(job_id=job_id), timeout=60), "the trainer"
+        )
+    except PlatformUnavailable as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_PLATFORM
     except grpc.RpcError as exc:
         print(f"trainer refused the assignment: {exc.details()}", file=sys.stderr)
         return 2
     job = assignment.job
     reporter = Reporter(stub, job_id, attempt, enabled=dist.is_primary)
+    heartbeat = Heartbeat(stub, reporter)
+    if dist.is_primary:
+        heartbeat.start()
     work = Path(tempfile.mkdtemp(prefix=f"{job_id}-"))
     try:
         if job.spec.merge_adapter:
             return run_merge(job, reporter, assignment.registry_address, work) if dist.is_primary else 0
-        cfg = config_from_spec(job.spec)
-        dist.init(device)
-        if dist.enabled:
-            log.info("rank %d of %d on %s", dist.rank, dist.world_size, device)
-        if not dist.is_primary:
-            dist.barrier()  # rank 0 downloads a registry base once; the others then find it in the cache
-        cfg.base_model = resolve_base(
-            cfg, assignment.registry_address, Path(assignment.checkpoint_dir).parent / "bases"
-        )
-        if dist.is_primary:
-            dist.barrier()
-        train_examples, eval_examples = split(
-            cfg, load_examples(stub, job_id, cfg.dataset_ids), load_examples(stub, job_id, cfg.eval_dataset_ids)
-        )
-        result = train(
-            cfg,
-            train_examples,
-            eval_examples,
-            RunContext(
-                checkpoint_dir=Path(assignment.checkpoint_dir),
-                output_dir=work / "output",
-                report=reporter,
-                should_stop=lambda: reporter.cancelled,
-                device=device,
-                dist=dist,
-            ),
-        )
-        if result.stopped or not dist.is_primary:
-            return 0
-        from tunedock.client import RegistryClient
-
-        with RegistryClient(assignment.registry_address, timeout=120) as registry:
-            labels = {label.key: label.value for label in job.spec.labels}
-            lineage = lineage_for(job, cfg, result.metrics)
-            published = registry.publish_dir(
-                result.output_dir, job.spec.output_name, kind=result.kind, lineage=lineage, labels=labels
-            )
-            ref = f"{published.version.name}:{published.version.version}"
-            if result.expanded_dir is not None:
-                registry.publish_dir(
-                    result.expanded_dir, f"{job.spec.output_name}-full", kind="model", lineage=lineage, labels=labels
-                )
-        reporter.send(
-            published=trainer_pb2.PublishedEvent(
-                ref=ref,
-                content_sha256=published.version.content_sha256,
-                metrics=[common_pb2.Metric(name=k, value=v) for k, v in sorted(result.metrics.items())],
-            )
-        )
-        reporter.send(state=trainer_pb2.StateEvent(state=trainer_pb2.JOB_STATE_SUCCEEDED, message=f"published {ref}"))
-        return 0
+        return run_training(job, assignment, reporter, dist, work)
     except AttemptSuperseded as exc:
         print(f"trainer stopped this attempt: {exc}", file=sys.stderr)
         return 2
+    except PlatformUnavailable as exc:
+        print(f"{exc}; the trainer will retry this attempt", file=sys.stderr)
+        return EXIT_PLATFORM
     except grpc.RpcError as exc:
         _report_failure(reporter, f"{exc.code().name}: {exc.details()}")
         return 1
@@ -240,35 +338,115 @@ def run(job_id: str, attempt: int, trainer: str) -> int:
         _report_failure(reporter, f"{type(exc).__name__}: {exc}")
         return 1
     finally:
+        heartbeat.stopped.set()
         shutil.rmtree(work, ignore_errors=True)
         channel.close()
         dist.close()
 
 
+def run_training(job, assignment, reporter: Reporter, dist, work: Path) -> int:
+    from services.trainer.training.recipe import RunContext, train
+
+    cfg = config_from_spec(job.spec)
+    checkpoints = Path(assignment.checkpoint_dir)
+    final = checkpoints / "final"
+    kept = kept_output(final)
+    if kept is not None and not dist.is_primary:
+        return 0
+    if kept is not None:
+        kind, metrics = kept
+        reporter.notice("the training finished in an earlier attempt; publishing its output")
+    else:
+        dist.init()
+        if dist.enabled:
+            log.info("rank %d of %d on %s", dist.rank, dist.world_size, dist.device)
+        if not dist.is_primary:
+            dist.barrier()  # rank 0 downloads a registry base once; the others then find it in the cache
+        cfg.base_model = resolve_base(cfg, assignment.registry_address, checkpoints.parent / "bases")
+        if dist.is_primary:
+            dist.barrier()
+        train_examples, eval_examples = split(
+            cfg,
+            load_examples(reporter.stub, job.id, cfg.dataset_ids),
+            load_examples(reporter.stub, job.id, cfg.eval_dataset_ids),
+        )
+        result = train(
+            cfg,
+            train_examples,
+            eval_examples,
+            RunContext(
+                checkpoint_dir=checkpoints,
+                output_dir=work / "output",
+                report=reporter,
+                should_stop=lambda: reporter.cancelled,
+                dist=dist,
+            ),
+        )
+        if result.stopped or not dist.is_primary:
+            return 0
+        kind, metrics = result.kind, result.metrics
+        keep_output(final, result.output_dir, kind, metrics, result.expanded_dir)
+    labels = {label.key: label.value for label in job.spec.labels}
+    lineage = lineage_for(job, cfg, metrics)
+    name = job.spec.output_name
+    published = publish(
+        assignment.registry_address,
+        final / "output",
+        name,
+        kind,
+        f"job:{job.id}:output",
+        lineage,
+        labels,
+        reporter.notice,
+    )
+    if (final / "expanded").exists():
+        publish(
+            assignment.registry_address,
+            final / "expanded",
+            f"{name}-full",
+            "model",
+            f"job:{job.id}:expanded",
+            lineage,
+            labels,
+            reporter.notice,
+        )
+    ref = f"{published.version.name}:{published.version.version}"
+    reporter.send(
+        published=trainer_pb2.PublishedEvent(
+            ref=ref,
+            content_sha256=published.version.content_sha256,
+            metrics=[common_pb2.Metric(name=k, value=v) for k, v in sorted(metrics.items())],
+        )
+    )
+    reporter.send(state=trainer_pb2.StateEvent(state=trainer_pb2.JOB_STATE_SUCCEEDED, message=f"published {ref}"))
+    shutil.rmtree(final, ignore_errors=True)
+    return 0
+
+
 def run_merge(job: trainer_pb2.Job, reporter: Reporter, registry_address: str, work: Path) -> int:
     """A merge job: adapter + its full-precision base -> a `model` artifact."""
+    from services.common.basemodels import base_fingerprint
     from services.trainer.training.merge import merge_adapter
     from tunedock.client import RegistryClient
-    from tunedock.fingerprint import fingerprint_model_dir
 
     spec = job.spec
     with RegistryClient(registry_address, timeout=120) as registry:
-        adapter = registry.download(spec.merge_adapter, work / "adapter")
-        base = spec.base_model or adapter.lineage.base_model
-        reporter("log", {"message": f"merging {adapter.name}:{adapter.version} into {base}"})
-        started = time.time()
-        out = merge_adapter(base, work / "adapter", work / "merged")
-        lineage = adapter_registry_pb2.Lineage()
-        lineage.CopyFrom(adapter.lineage)
-        lineage.base_model = base
-        lineage.base_fingerprint = fingerprint_model_dir(Path(base))
-        lineage.job_id = job.id
-        del lineage.metrics[:]
-        lineage.metrics.add(name="merge_time_s", value=time.time() - started)
-        labels = {label.key: label.value for label in spec.labels} | {
-            "merged_from": f"{adapter.name}:{adapter.version}"
-        }
-        published = registry.publish_dir(out, spec.output_name, kind="model", lineage=lineage, labels=labels)
+        adapter = with_patience(lambda: registry.download(spec.merge_adapter, work / "adapter"), "the registry")
+    base = spec.base_model or adapter.lineage.base_model
+    reporter.notice(f"merging {adapter.name}:{adapter.version} into {base}")
+    started = time.time()
+    out = merge_adapter(base, work / "adapter", work / "merged")
+    lineage = adapter_registry_pb2.Lineage()
+    lineage.CopyFrom(adapter.lineage)
+    lineage.base_model = base
+    lineage.base_fingerprint = base_fingerprint(base)
+    lineage.job_id = job.id
+    del lineage.metrics[:]
+    lineage.metrics.add(name="merge_time_s", value=time.time() - started)
+    labels = {label.key: label.value for label in spec.labels} | {"merged_from": f"{adapter.name}:{adapter.version}"}
+    published = publish(
+        registry_address, out, spec.output_name, "model", f"job:{job.id}:output", lineage, labels, reporter.notice
+    )
     ref = f"{published.version.name}:{published.version.version}"
     reporter.send(
         published=trainer_pb2.PublishedEvent(
@@ -280,7 +458,7 @@ def run_merge(job: trainer_pb2.Job, reporter: Reporter, registry_address: str, w
 
 
 def _report_failure(reporter: Reporter, message: str) -> None:
-    with contextlib.suppress(grpc.RpcError, AttemptSuperseded):
+    with contextlib.suppress(grpc.RpcError, AttemptSuperseded, PlatformUnavailable):
         reporter.send(state=trainer_pb2.StateEvent(state=trainer_pb2.JOB_STATE_FAILED, message=message[:2000]))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -21,12 +22,12 @@ from tunedock.v1 import trainer_pb2 as pb
 
 
 class Stack:
-    def __init__(self, data_dir, max_concurrent=2):
+    def __init__(self, data_dir, max_concurrent=2, **trainer_settings):
         self.data_dir = data_dir
         self.max_concurrent = max_concurrent
-        self.registry = ServerThread(
-            lambda: build_registry(RegistrySettings(port=0, metrics_port=-1, data_dir=data_dir))
-        )
+        self.trainer_settings = trainer_settings
+        self.registry_settings = RegistrySettings(port=0, metrics_port=-1, data_dir=data_dir / "registry")
+        self.registry = ServerThread(lambda: build_registry(self.registry_settings))
         self.start_trainer()
 
     def start_trainer(self):
@@ -38,9 +39,15 @@ class Stack:
             max_attempts=3,
             registry_address=self.registry.address,
             max_concurrent_jobs=self.max_concurrent,
+            **self.trainer_settings,
         )
         self.trainer = ServerThread(lambda: build_trainer(settings))
         self.client = TrainerClient(self.trainer.address, timeout=30)
+
+    def restart_registry(self):
+        """The registry again, on the same port and data (after `registry.stop()`)."""
+        self.registry_settings.port = int(self.registry.address.rsplit(":", 1)[1])
+        self.registry = ServerThread(lambda: build_registry(self.registry_settings))
 
     @property
     def core(self):
@@ -280,6 +287,7 @@ def test_trainer_restart_mid_queue_loses_nothing(tmp_path, dataset, tiny_model_d
             assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
         assert {j.id for j in local.client.list()} == {first.id, second.id}
         assert local.client.get(first.id).attempt == 2
+        assert local.client.get(first.id).failures == 0  # the restart was ours, not the job's
     finally:
         local.stop()
 
@@ -395,3 +403,188 @@ def test_several_nodes_need_the_kubernetes_executor(stack, dataset, tiny_model_d
         stack.client.submit(spec)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "nodes=2 needs the Kubernetes executor" in info.value.details()
+
+
+def _messages(events) -> list[str]:
+    events = list(events)  # a watch is a stream: read it once
+    return [e.state.message for e in events if e.HasField("state")] + [
+        e.log.message for e in events if e.HasField("log")
+    ]
+
+
+@pytest.mark.slow
+def test_a_registry_outage_while_publishing_is_waited_out(tmp_path, tiny_model_dir, monkeypatch):
+    """The registry goes away as the job finishes: the attempt gives up (without counting against the job),
+    the next attempt publishes the kept output without training again, and exactly one version exists."""
+    monkeypatch.setenv("TUNEDOCK_WORKER_PATIENCE_S", "4")  # workers inherit the trainer's environment
+    local = Stack(tmp_path, max_concurrent=1)
+    try:
+        path = tmp_path / "d.jsonl"
+        path.write_bytes(memorization_jsonl())
+        ds = local.client.upload_dataset(path)
+        job = local.client.submit(_spec(tiny_model_dir, ds.id, "outage", METHODS["lora"], max_steps=30))
+        _wait_for(local.client.watch(job.id, timeout=120), lambda e: e.HasField("progress") and e.progress.step >= 16)
+        local.registry.stop()
+        _wait_for(
+            local.client.watch(job.id, timeout=120),
+            lambda e: e.HasField("state") and "not counted against max_attempts" in e.state.message,
+        )
+        time.sleep(2)
+        local.restart_registry()
+        done = local.client.wait(job.id, timeout=300)
+        assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+        assert done.attempt >= 2 and done.failures == 0
+        messages = _messages(local.client.watch(job.id))
+        assert any("the registry: unavailable" in m for m in messages)
+        assert any("finished in an earlier attempt; publishing its output" in m for m in messages)
+        assert sum("resumed from checkpoint" in m for m in messages) == 0  # no training the second time
+        with RegistryClient(local.registry.address) as registry:
+            assert [v.version for v in registry.list_versions("outage")] == [1]
+            assert registry.get("outage:1").lineage.job_id == job.id
+    finally:
+        local.stop()
+
+
+@pytest.mark.slow
+def test_a_job_publishes_one_version_whatever_attempt_publishes(stack, dataset, tiny_model_dir, tmp_path):
+    """The worker publishes under the key "job:<id>:output": a version published earlier under that key
+    (by an attempt that died before reporting it) is the job's result, and no second one appears."""
+    job = stack.client.submit(_spec(tiny_model_dir, dataset.id, "once", METHODS["lora"], max_steps=20))
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "config.json").write_text("{}")
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(earlier / "model.safetensors"))
+    with RegistryClient(stack.registry.address) as registry:
+        first = registry.publish_dir(earlier, "once", kind="model", idempotency_key=f"job:{job.id}:output")
+        done = stack.client.wait(job.id, timeout=300)
+        assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+        assert done.output_ref == "once:1" and first.version.version == 1
+        assert [v.version for v in registry.list_versions("once")] == [1]
+
+
+@pytest.mark.slow
+def test_a_superseded_worker_stops_within_seconds(tmp_path, dataset, tiny_model_dir):
+    """The trainer moves a job on to a new attempt while the old worker still runs: its next heartbeat is
+    refused and it exits at once, instead of training beside the new attempt until its next report."""
+    local = Stack(tmp_path, max_concurrent=1)
+    try:
+        path = tmp_path / "d.jsonl"
+        path.write_bytes(memorization_jsonl())
+        ds = local.client.upload_dataset(path)
+        spec = _spec(tiny_model_dir, ds.id, "superseded", METHODS["lora"], max_steps=4000, log_every_steps=1000)
+        job = local.client.submit(spec)
+        _wait_for(
+            local.client.watch(job.id, timeout=120), lambda e: e.HasField("log") and "parameters train" in e.log.message
+        )
+        old = local.core.executor.processes[job.id]
+        local.trainer.run(local.core.worker_exited(job.id, 1, 1, ""))  # as if attempt 1 had died
+        started = time.monotonic()
+        while old.returncode is None and time.monotonic() - started < 15:
+            time.sleep(0.2)
+        assert old.returncode is not None, "the superseded worker is still running"
+        assert time.monotonic() - started < 10
+        assert local.client.get(job.id).attempt == 2
+        local.client.cancel(job.id)
+    finally:
+        local.stop()
+
+
+@pytest.mark.slow
+def test_a_restarted_trainer_stops_the_workers_it_left_and_charges_no_attempt(tmp_path, tiny_model_dir):
+    """A crashed trainer leaves its workers running; the next one stops them before starting new attempts."""
+    local = Stack(tmp_path, max_concurrent=1)
+    try:
+        path = tmp_path / "d.jsonl"
+        path.write_bytes(memorization_jsonl())
+        ds = local.client.upload_dataset(path)
+        job = local.client.submit(_spec(tiny_model_dir, ds.id, "orphan", METHODS["lora"], max_steps=60))
+        _wait_for(local.client.watch(job.id, timeout=120), lambda e: e.HasField("progress"))
+        executor = local.core.executor
+        orphan = executor.processes.pop(job.id)  # a crash: nothing stops the worker on the way down
+        for task in list(executor._monitors):
+            task.cancel()
+        local.client.close()
+        local.trainer.stop(grace=1)
+        assert orphan.returncode is None  # still training, with no trainer
+        local.start_trainer()
+        deadline = time.monotonic() + 10
+        while _alive(orphan.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(orphan.pid), "the previous trainer's worker kept running"
+        done = local.client.wait(job.id, timeout=300)
+        assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+        assert done.attempt == 2 and done.failures == 0
+    finally:
+        local.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except OSError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie (exited, not yet reaped by its parent) is gone
+        return stat.read().split()[2] != "Z"
+
+
+@pytest.mark.slow
+def test_workers_get_their_own_gpus_and_wait_for_free_ones(tmp_path, tiny_model_dir):
+    """A trainer with a pool of one GPU id runs one job at a time on it, each worker seeing only its device."""
+    local = Stack(tmp_path, max_concurrent=2, gpus="7")
+    try:
+        path = tmp_path / "d.jsonl"
+        path.write_bytes(memorization_jsonl())
+        ds = local.client.upload_dataset(path)
+        first = local.client.submit(_spec(tiny_model_dir, ds.id, "gpu-a", METHODS["lora"], max_steps=30))
+        second = local.client.submit(_spec(tiny_model_dir, ds.id, "gpu-b", METHODS["lora"], max_steps=4))
+        _wait_for(local.client.watch(first.id, timeout=120), lambda e: e.HasField("progress"))
+        proc = local.core.executor.processes[first.id]
+        raw = Path(f"/proc/{proc.pid}/environ").read_text()
+        environ = dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+        assert environ["CUDA_VISIBLE_DEVICES"] == "7"
+        assert local.client.get(second.id).state == pb.JOB_STATE_QUEUED  # a slot is free, the GPU is not
+        for job in (first, second):
+            assert local.client.wait(job.id, timeout=300).state == pb.JOB_STATE_SUCCEEDED
+        a, b = local.client.get(first.id), local.client.get(second.id)
+        assert b.start_time.ToDatetime() >= a.end_time.ToDatetime()
+        spec = _spec(tiny_model_dir, ds.id, "gpu-c", METHODS["lora"], processes_per_node=2)
+        with pytest.raises(grpc.RpcError) as info:
+            local.client.submit(spec)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "this node has 1" in info.value.details()
+    finally:
+        local.stop()
+
+
+@pytest.mark.slow
+def test_a_sharded_full_run_resumes_from_its_distributed_checkpoint(
+    stack, dataset, tiny_model_dir, tmp_path, monkeypatch
+):
+    """Full under FSDP (2 gloo processes) writes torch.distributed.checkpoint shards; killed after one, the next
+    attempt resumes there and ends at the weights of a run that never stopped."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("TUNEDOCK_FSDP_ON_CPU", "1")
+    hyper = dict(max_steps=6, log_every_steps=1, checkpoint_every_steps=2, batch_size=2, processes_per_node=2)
+    weights = {}
+    for name, kill in (("fsdp-whole", False), ("fsdp-killed", True)):
+        spec = _spec(tiny_model_dir, dataset.id, name, METHODS["full"], **hyper)
+        spec.validation_split = 0.0
+        job = stack.client.submit(spec)
+        if kill:
+            _wait_for(stack.client.watch(job.id, timeout=120), lambda e: e.HasField("checkpoint"))
+            os.killpg(stack.core.executor.processes[job.id].pid, signal.SIGKILL)
+        done = stack.client.wait(job.id, timeout=600)
+        assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+        if kill:
+            assert done.attempt == 2
+            logs = [e.log.message for e in stack.client.watch(job.id) if e.HasField("log")]
+            assert any(m.startswith("resumed from checkpoint at step") for m in logs), logs
+        with RegistryClient(stack.registry.address) as registry:
+            registry.download(done.output_ref, tmp_path / name)
+        weights[name] = load_file(str(tmp_path / name / "model.safetensors"))
+    for key, tensor in weights["fsdp-whole"].items():
+        relative = float((weights["fsdp-killed"][key] - tensor).norm() / tensor.norm().clamp_min(1e-12))
+        assert relative < 1e-4, (key, relative)

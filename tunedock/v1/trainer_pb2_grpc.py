@@ -434,6 +434,11 @@ class TrainerWorkerServiceStub:
                 request_serializer=tunedock_dot_v1_dot_trainer__pb2.DownloadDatasetRequest.SerializeToString,
                 response_deserializer=tunedock_dot_v1_dot_trainer__pb2.DownloadDatasetResponse.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/tunedock.v1.TrainerWorkerService/Heartbeat',
+                request_serializer=tunedock_dot_v1_dot_trainer__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=tunedock_dot_v1_dot_trainer__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerWorkerServiceServicer:
@@ -461,6 +466,14 @@ class TrainerWorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heartbeat(self, request, context):
+        """Says the attempt is alive; stores nothing. Workers call it every few seconds and stop at
+        once when it answers FAILED_PRECONDITION (their attempt was superseded or the job ended).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerWorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -478,6 +491,11 @@ def add_TrainerWorkerServiceServicer_to_server(servicer, server):
                     servicer.DownloadDataset,
                     request_deserializer=tunedock_dot_v1_dot_trainer__pb2.DownloadDatasetRequest.FromString,
                     response_serializer=tunedock_dot_v1_dot_trainer__pb2.DownloadDatasetResponse.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=tunedock_dot_v1_dot_trainer__pb2.HeartbeatRequest.FromString,
+                    response_serializer=tunedock_dot_v1_dot_trainer__pb2.HeartbeatResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -562,6 +580,33 @@ class TrainerWorkerService:
             '/tunedock.v1.TrainerWorkerService/DownloadDataset',
             tunedock_dot_v1_dot_trainer__pb2.DownloadDatasetRequest.SerializeToString,
             tunedock_dot_v1_dot_trainer__pb2.DownloadDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunedock.v1.TrainerWorkerService/Heartbeat',
+            tunedock_dot_v1_dot_trainer__pb2.HeartbeatRequest.SerializeToString,
+            tunedock_dot_v1_dot_trainer__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,

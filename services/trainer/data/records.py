@@ -1,21 +1,35 @@
-"""Parse and validate dataset files: JSONL or a JSON array of alpaca, chat (openai/sharegpt) or text records.
+"""Parse and validate dataset files: JSONL or a JSON array of alpaca, chat or text records.
 
-Every record is normalised to a list of chat messages (`{"role", "content"}`) or to plain
-text, so the trainer has two shapes to handle, not five. A malformed record is refused
-with its line number (JSONL) or index (JSON array) and what is wrong. No torch here: the
-trainer service validates uploads with this module.
+Formats (LLaMA-Factory's and OpenAI's):
+- alpaca: `instruction`, `input`, `output`, optional `system` and `history` ([[prompt, answer], ...]);
+- chat, OpenAI style: `messages` of `{role, content}` (roles system/developer, user, assistant, tool),
+  assistant `tool_calls` and `weight` (0: no loss on that turn), top-level `tools` (or `functions`);
+- chat, ShareGPT style: `conversations` of `{from, value}` (human, gpt, system, function_call,
+  observation), top-level `system` and `tools` (a JSON string or list);
+- text: `text` (loss on every token).
+
+Every record becomes a list of chat messages (with tool calls where there are any) or plain
+text, so the trainer has two shapes to handle, not five. Every column is used or refused by
+name: preference data (DPO `chosen`/`rejected`, KTO `label`/`kto_tag`) and multimodal data
+(`images`, `videos`, `audios`) are refused with the format named, since TuneDock trains
+supervised fine-tuning on text; a few conventional metadata columns (`id`, `source`, ...)
+are accepted and reported as ignored. A malformed record is refused with its line number
+(JSONL) or index (JSON array). Files that are not datasets (LLaMA-Factory's
+`dataset_info.json`, CSV, Parquet) are recognised and refused with what to do instead.
+No torch here: the trainer service validates uploads with this module.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.common.errors import InvalidArgument
 
 FORMATS = ("alpaca", "chat", "text")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
@@ -23,32 +37,126 @@ SHAREGPT_ROLES = {
     "gpt": "assistant",
     "assistant": "assistant",
     "model": "assistant",
+    "function_call": "assistant",  # a tool call (the value is {"name", "arguments"} as JSON)
+    "observation": "tool",  # a tool's result
+    "tool": "tool",
+}
+# Columns whose data TuneDock cannot train on, and why: refused by name.
+UNSUPPORTED = {
+    "chosen": "preference data (DPO: chosen/rejected)",
+    "rejected": "preference data (DPO: chosen/rejected)",
+    "label": "preference data (KTO: a desirable/undesirable label)",
+    "kto_tag": "preference data (KTO: a desirable/undesirable tag)",
+    "images": "multimodal data (images)",
+    "videos": "multimodal data (videos)",
+    "audios": "multimodal data (audios)",
+}
+# Metadata columns accepted and reported as ignored (they carry nothing to train on).
+METADATA = ("id", "uuid", "source", "category", "meta", "metadata", "dataset", "lang", "language")
+USED = {
+    "alpaca": {"instruction", "input", "output", "system", "history"},
+    "openai": {"messages", "tools", "functions", "parallel_tool_calls"},
+    "sharegpt": {"conversations", "system", "tools"},
+    "text": {"text"},
 }
 
 
 @dataclass(frozen=True)
-class Example:
-    """One training example: chat messages, or plain text (loss on every token)."""
+class Message:
+    """One chat turn. `tool_calls` is a JSON list in the transformers convention (assistant turns only)."""
 
-    messages: tuple[tuple[str, str], ...] = ()
+    role: str
+    content: str
+    tool_calls: str = ""
+    learn: bool = True
+    """Assistant turns only: whether the loss covers this turn (OpenAI's `weight`)."""
+
+    def to_template(self) -> dict:
+        """The dict a chat template reads."""
+        message: dict = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = json.loads(self.tool_calls)
+        return message
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: chat messages (and the tools they may call), or plain text (loss on every token)."""
+
+    messages: tuple[Message, ...] = ()
     text: str | None = None
+    tools: str = ""
+    """JSON list of tool specs ({"type": "function", "function": {...}}), for templates that render tools."""
+    where: str = field(default="", compare=False)
+    """Where the record came from ("line 3"), for error messages at training time."""
+
+    def template_messages(self) -> list[dict]:
+        return [m.to_template() for m in self.messages]
+
+    def template_tools(self) -> list[dict] | None:
+        return json.loads(self.tools) if self.tools else None
 
 
 @dataclass(frozen=True)
 class ParsedDataset:
     format: str
     examples: list[Example]
+    ignored_columns: tuple[str, ...] = ()
 
 
 def _where(index: int, jsonl: bool) -> str:
     return f"line {index}" if jsonl else f"record {index}"
 
 
+def _not_a_dataset(text: str) -> str | None:
+    """Why a file that parses as something else is not a dataset, or None."""
+    head = text.lstrip()[:2000]
+    if head.startswith("{"):
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            return None
+        if (
+            isinstance(whole, dict)
+            and whole
+            and all(
+                isinstance(v, dict) and {"file_name", "hf_hub_url", "ms_hub_url", "script_url"} & set(v)
+                for v in whole.values()
+            )
+        ):
+            names = sorted({v.get("file_name", "") for v in whole.values() if v.get("file_name")})[:5]
+            return (
+                "this is LLaMA-Factory's dataset_info.json, a list of datasets, not a dataset; upload the files it "
+                f"names instead (e.g. {', '.join(names) or 'the file_name entries'})"
+            )
+        if isinstance(whole, dict) and "\n" in text.strip():
+            return (
+                "the file is one JSON object spread over several lines; put one record per line (JSONL) "
+                "or wrap the records in a JSON array"
+            )
+        return None
+    first = head.splitlines()[0] if head else ""
+    if first and not first.startswith(("{", "[")) and "," in first:
+        return (
+            f"this looks like CSV (first line {first[:80]!r}); TuneDock reads JSONL or a JSON array: "
+            "convert it, e.g. with pandas.read_csv(...).to_json('data.jsonl', orient='records', lines=True)"
+        )
+    return None
+
+
 def _records(data: bytes) -> Iterator[tuple[int, object, bool]]:
+    if data.startswith(b"PAR1"):
+        raise InvalidArgument(
+            "this is a Parquet file; TuneDock reads JSONL or a JSON array: convert it, e.g. with "
+            "pandas.read_parquet(...).to_json('data.jsonl', orient='records', lines=True)"
+        )
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise InvalidArgument(f"the file is not UTF-8 text (byte {exc.start})") from None
+    why = _not_a_dataset(text)
+    if why:
+        raise InvalidArgument(why)
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -86,41 +194,140 @@ def _string(record: dict, key: str, where: str, required: bool = True) -> str:
     return value
 
 
-def to_example(record: object, fmt: str, where: str) -> Example:
-    if not isinstance(record, dict):
-        raise InvalidArgument(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if fmt == "text":
-        return Example(text=_string(record, "text", where))
-    if fmt == "alpaca":
-        instruction = _string(record, "instruction", where)
-        extra = _string(record, "input", where, required=False)
-        output = _string(record, "output", where)
-        system = _string(record, "system", where, required=False)
-        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        messages = ((("system", system),) if system else ()) + (("user", user), ("assistant", output))
-        return Example(messages=messages)
-    if "messages" in record:
-        raw, role_key, content_key, roles = record["messages"], "role", "content", {r: r for r in ROLES}
+def _check_columns(record: dict, used: set[str], where: str, ignored: set[str]) -> None:
+    for key in record:
+        if key in used:
+            continue
+        if key in UNSUPPORTED:
+            raise InvalidArgument(
+                f"{where}: column {key!r} holds {UNSUPPORTED[key]}, which TuneDock does not train (it trains "
+                "supervised fine-tuning on text); remove the column, or keep only the desirable answers as "
+                "ordinary records"
+            )
+        if key in METADATA:
+            ignored.add(key)
+            continue
+        raise InvalidArgument(
+            f"{where}: column {key!r} is not part of any format TuneDock reads; remove it "
+            f"(columns used here: {', '.join(sorted(used))}; metadata columns accepted and ignored: "
+            f"{', '.join(METADATA)})"
+        )
+
+
+def _json_value(value: object, where: str, what: str) -> object:
+    """A JSON-encoded string (LLaMA-Factory's habit) or the value itself."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise InvalidArgument(f"{where}: {what} is a string that is not valid JSON") from None
+    return value
+
+
+def _tools(value: object, where: str) -> str:
+    """Tool specs, normalised to OpenAI's [{"type": "function", "function": {...}}]."""
+    tools = _json_value(value, where, "'tools'")
+    if tools in (None, "", []):
+        return ""
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise InvalidArgument(f"{where}: 'tools' must be a list of tool specs (objects)")
+    normalised = []
+    for tool in tools:
+        spec = tool.get("function", tool) if tool.get("type", "function") == "function" else None
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise InvalidArgument(f"{where}: every tool needs a function with a 'name' (got {json.dumps(tool)[:80]})")
+        normalised.append({"type": "function", "function": spec})
+    return json.dumps(normalised, sort_keys=True)
+
+
+def _tool_calls(calls: object, where: str, i: int) -> str:
+    """Tool calls in the transformers convention: [{"type": "function", "function": {"name", "arguments": {...}}}]."""
+    if isinstance(calls, dict):
+        calls = [calls]
+    if not isinstance(calls, list) or not calls:
+        raise InvalidArgument(f"{where}: message {i}: tool calls must be an object or a non-empty list")
+    normalised = []
+    for call in calls:
+        function = call.get("function", call) if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument(f"{where}: message {i}: a tool call needs a function 'name'")
+        arguments = _json_value(function.get("arguments", {}), where, f"message {i}'s tool call arguments")
+        if not isinstance(arguments, dict):
+            raise InvalidArgument(f"{where}: message {i}: tool call arguments must be a JSON object")
+        normalised.append({"type": "function", "function": {"name": name, "arguments": arguments}})
+    return json.dumps(normalised, sort_keys=True)
+
+
+def _alpaca(record: dict, where: str) -> Example:
+    instruction = _string(record, "instruction", where)
+    extra = _string(record, "input", where, required=False)
+    output = _string(record, "output", where)
+    system = _string(record, "system", where, required=False)
+    messages = [Message("system", system)] if system else []
+    history = record.get("history") or []
+    if not isinstance(history, list) or not all(
+        isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn) for turn in history
+    ):
+        raise InvalidArgument(f"{where}: 'history' must be a list of [prompt, answer] string pairs")
+    for prompt, answer in history:
+        messages += [Message("user", prompt), Message("assistant", answer)]
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    messages += [Message("user", user), Message("assistant", output)]
+    return Example(messages=tuple(messages), where=where)
+
+
+def _chat(record: dict, where: str, openai: bool) -> Example:
+    if openai:
+        raw, role_key, content_key, roles = record["messages"], "role", "content", OPENAI_ROLES
+        tools = _tools(record.get("tools") or record.get("functions"), where)
+        system = ""
     else:
         raw, role_key, content_key, roles = record.get("conversations"), "from", "value", SHAREGPT_ROLES
+        tools = _tools(record.get("tools"), where)
+        system = _string(record, "system", where, required=False)
     if not isinstance(raw, list) or not raw:
         raise InvalidArgument(f"{where}: 'messages'/'conversations' must be a non-empty list")
-    messages = []
+    messages = [Message("system", system)] if system else []
     for i, message in enumerate(raw):
         if not isinstance(message, dict):
             raise InvalidArgument(f"{where}: message {i} must be an object with {role_key!r} and {content_key!r}")
-        role = roles.get(message.get(role_key))
+        given = message.get(role_key)
+        role = roles.get(given) if isinstance(given, str) else None
         if role is None:
-            raise InvalidArgument(
-                f"{where}: message {i} has {role_key} {message.get(role_key)!r}; expected one of {sorted(roles)}"
-            )
+            raise InvalidArgument(f"{where}: message {i} has {role_key} {given!r}; expected one of {sorted(roles)}")
         content = message.get(content_key)
+        calls = ""
+        if given == "function_call":
+            calls, content = _tool_calls(_json_value(content, where, f"message {i}"), where, i), ""
+        elif openai and role == "assistant" and message.get("tool_calls"):
+            calls, content = _tool_calls(message["tool_calls"], where, i), content or ""
         if not isinstance(content, str):
             raise InvalidArgument(f"{where}: message {i} needs a string {content_key!r}")
-        messages.append((role, content))
-    if not any(role == "assistant" for role, _ in messages):
+        weight = message.get("weight", 1)
+        if weight not in (0, 1):
+            raise InvalidArgument(f"{where}: message {i}: weight must be 0 or 1, got {weight!r}")
+        messages.append(Message(role, content, calls, learn=bool(weight)))
+    if not tools and any(m.tool_calls for m in messages):
+        raise InvalidArgument(f"{where}: the conversation calls tools but the record lists no 'tools' to call")
+    if not any(m.role == "assistant" and m.learn for m in messages):
         raise InvalidArgument(f"{where}: the conversation has no assistant message to learn from")
-    return Example(messages=tuple(messages))
+    return Example(messages=tuple(messages), tools=tools, where=where)
+
+
+def to_example(record: object, fmt: str, where: str, ignored: set[str] | None = None) -> Example:
+    if not isinstance(record, dict):
+        raise InvalidArgument(f"{where}: expected a JSON object, got {type(record).__name__}")
+    ignored = set() if ignored is None else ignored
+    if fmt == "text":
+        _check_columns(record, USED["text"], where, ignored)
+        return Example(text=_string(record, "text", where), where=where)
+    if fmt == "alpaca":
+        _check_columns(record, USED["alpaca"], where, ignored)
+        return _alpaca(record, where)
+    openai = "messages" in record
+    _check_columns(record, USED["openai" if openai else "sharegpt"], where, ignored)
+    return _chat(record, where, openai)
 
 
 def parse_dataset(data: bytes, fmt: str = "") -> ParsedDataset:
@@ -128,6 +335,7 @@ def parse_dataset(data: bytes, fmt: str = "") -> ParsedDataset:
     if fmt and fmt not in FORMATS:
         raise InvalidArgument(f"format must be one of {', '.join(FORMATS)}")
     examples: list[Example] = []
+    ignored: set[str] = set()
     for index, record, jsonl in _records(data):
         where = _where(index, jsonl)
         if not fmt:
@@ -137,7 +345,7 @@ def parse_dataset(data: bytes, fmt: str = "") -> ParsedDataset:
                     f"{where}: cannot tell the format; use alpaca (instruction/input/output), chat (messages or "
                     "conversations) or text (text) fields"
                 )
-        examples.append(to_example(record, fmt, where))
+        examples.append(to_example(record, fmt, where, ignored))
     if not examples:
         raise InvalidArgument("the dataset holds no records")
-    return ParsedDataset(fmt, examples)
+    return ParsedDataset(fmt, examples, tuple(sorted(ignored)))

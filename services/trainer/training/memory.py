@@ -15,7 +15,7 @@ import torch
 class TensorMemory:
     def __init__(self, model) -> None:
         self.model = model
-        self.param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.param_storages = {_local(p).untyped_storage().data_ptr() for p in model.parameters()}
         self.max_saved = 0
         self._seen: set[int] = set()
         self._saved = 0

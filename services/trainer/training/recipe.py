@@ -1,15 +1,20 @@
 """One training flow for Full, Freeze, LoRA and QLoRA; the method is a switch, not a subclass.
 
-Read top to bottom: seed -> tokenizer and data -> model for the method -> optimizer and
-schedule -> (resume) -> loop with accumulation, clipping, logging, eval, checkpoints ->
-output artifact. QLoRA is LoRA on a 4-bit base; Freeze is Full with most parameters frozen.
+    recipe = Recipe(cfg, ctx)
+    recipe.setup(train_examples, eval_examples)   # precision, tokenizer, data, model, optimizer, resume
+    finished = recipe.train()                      # steps until done or stopped; evals and checkpoints
+    result = recipe.save()                         # the method's artifact and the run's metrics
+
+QLoRA is LoRA on a 4-bit base; Freeze is Full with most parameters frozen. The pieces each step
+uses live beside this file: `formatting` (chat templates, loss masks), `batches` (token storage,
+padding-free packing), `model` (precision, attention, families, sharding), `loss` (chunked
+linear cross-entropy), `checkpoint`, `distributed`, `memory`, `events`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import random
@@ -22,15 +27,33 @@ from pathlib import Path
 
 import torch
 
+from services.common.basemodels import base_fingerprint
 from services.trainer.config import TrainConfig
 from services.trainer.data.records import Example
-from services.trainer.training.distributed import Dist, unwrap, wrap
+from services.trainer.training import checkpoint
+from services.trainer.training.batches import BatchPlan, TokenStore, epoch_order
+from services.trainer.training.distributed import Dist
+from services.trainer.training.events import Checkpoint, Eval, Event, Log, Progress
+from services.trainer.training.formatting import ChatFormatter, FormattingError
+from services.trainer.training.loss import CausalLMLoss
 from services.trainer.training.memory import TensorMemory
-from services.trainer.training.tokenize import Batch, pack_rows, packed_batch, pad_batch, tokenize_example
-from services.trainer.validation import freeze_selection
-from tunedock.fingerprint import fingerprint_model_dir
-
-log = logging.getLogger(__name__)
+from services.trainer.training.model import (
+    DTYPES,
+    LoraSpec,
+    Precision,
+    QuantSpec,
+    add_lora,
+    apply_fused_kernels,
+    attention_for,
+    choose_precision,
+    data_parallel,
+    enable_gradient_checkpointing,
+    load_base,
+    prepare_4bit,
+    sharded_full_model,
+    upcast_trainable,
+)
+from services.trainer.validation import decoder_layer_prefix, freeze_selection
 
 
 @dataclass
@@ -39,11 +62,14 @@ class RunContext:
 
     checkpoint_dir: Path
     output_dir: Path
-    report: Callable[[str, dict], None] = lambda kind, fields: None
+    report: Callable[[Event], None] = lambda event: None
     should_stop: Callable[[], bool] = lambda: False
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dist: Dist = field(default_factory=Dist)
-    """This process's rank among torchrun's processes; only rank 0 reports, checkpoints and saves."""
+    dist: Dist = field(default_factory=lambda: Dist(device="cuda" if torch.cuda.is_available() else "cpu"))
+    """This process's place among torchrun's processes and its device; only rank 0 reports and saves."""
+
+    @property
+    def device(self) -> str:
+        return self.dist.device
 
 
 @dataclass
@@ -56,147 +82,59 @@ class RunResult:
     stopped: bool = False
 
 
-# ---------------------------------------------------------------------------------------- model
+# ------------------------------------------------------------------------------- builders
 
 
-def load_model(cfg: TrainConfig, device: str):
-    """The base model prepared for the method; returns (model, trainable parameter names)."""
-    from transformers import AutoModelForCausalLM
-
-    on_cuda = device.startswith("cuda")
-    if cfg.method == "qlora":
-        from peft import prepare_model_for_kbit_training
-        from transformers import BitsAndBytesConfig
-
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=cfg.quant_type,
-            bnb_4bit_use_double_quant=cfg.double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, cfg.compute_dtype),
-        )
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.base_model,
-            quantization_config=quant,
-            dtype=getattr(torch, cfg.compute_dtype),
-            device_map={"": torch.device(device)} if on_cuda else "cpu",
-        )
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-        keep_4bit_training_layout(model)
-    else:
-        # fp32 master weights (bf16 autocast on CUDA); LoRA's frozen base can be bf16 on CUDA.
-        dtype = torch.bfloat16 if (cfg.method == "lora" and on_cuda) else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=dtype).to(device)
-
-    if cfg.is_lora:
-        from peft import LoraConfig, get_peft_model
-
-        targets = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=cfg.lora_r,
-                lora_alpha=cfg.lora_alpha,
-                lora_dropout=cfg.lora_dropout,
-                target_modules=targets,
-                use_rslora=cfg.use_rslora,
-                task_type="CAUSAL_LM",
-                bias="none",
-            ),
-        )
-    elif cfg.method == "freeze":
-        names = [n for n, _ in model.named_parameters()]
-        chosen = freeze_selection(names, model.config.num_hidden_layers, cfg)
-        for name, param in model.named_parameters():
-            param.requires_grad_(name in chosen)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-    return model, [n for n, p in model.named_parameters() if p.requires_grad]
+def build_precision(cfg: TrainConfig, device: str, notice) -> Precision:
+    return choose_precision(cfg.compute_dtype, device, notice)
 
 
-def keep_4bit_training_layout(model) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; returns the 4-bit modules.
-
-    On CPUs with AVX512-BF16, `Linear4bit.forward` in eval mode converts its weight, once and in
-    place, to an inference layout: double quantization is undone and matmuls go through
-    `gemv_4bit`, which has no backward. After a mid-run eval, gradients would silently stop
-    flowing through the frozen base, and the base would no longer be what the job says it is.
-    """
-    count = 0
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-            count += 1
-    return count
-
-
-def build_optimizer(cfg: TrainConfig, params, device: str, report) -> torch.optim.Optimizer:
-    name = cfg.optimizer or ("paged_adamw_8bit" if cfg.method == "qlora" and cfg.paged_optimizer else "adamw")
+def build_optimizer(name: str, params, lr: float, weight_decay: float, device: str, notice) -> torch.optim.Optimizer:
     if name.startswith("paged") and not device.startswith("cuda"):
-        report("log", {"message": f"{name} needs CUDA; using torch AdamW on {device}"})
+        notice(f"{name} needs CUDA; using torch AdamW on {device}")
         name = "adamw"
-    kwargs = {"lr": cfg.learning_rate, "weight_decay": cfg.weight_decay}
     if name == "sgd":
-        return torch.optim.SGD(params, momentum=0.9, **kwargs)
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=0.9)
     if name == "adamw":
-        return torch.optim.AdamW(params, fused=device.startswith("cuda"), **kwargs)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.startswith("cuda"))
     import bitsandbytes as bnb
 
-    return {
+    optimizers = {
         "adamw_8bit": bnb.optim.AdamW8bit,
         "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
         "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
-    }[name](params, **kwargs)
+    }
+    return optimizers[name](params, lr=lr, weight_decay=weight_decay)
 
 
-def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        progress = min(max(progress, 0.0), 1.0)
-        if cfg.lr_schedule == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
+def default_optimizer(cfg: TrainConfig, device: str, sharded: bool) -> str:
+    if cfg.optimizer:
+        return cfg.optimizer
+    if cfg.method == "qlora" and cfg.paged_optimizer:
+        return "paged_adamw_8bit"
+    if cfg.method == "full" and device.startswith("cuda") and not sharded:
+        return "adamw_8bit"  # bf16 weights on one GPU: 8-bit moments (see training.model)
+    return "adamw"
 
 
-# ------------------------------------------------------------------------------------------ data
+def build_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.lr_schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
 
 
-def make_batches(examples: list[Example], tokenizer, cfg: TrainConfig, dist: Dist | None = None) -> list[Batch]:
-    """Global batches of `batch_size x world size` rows, each cut to this process's share of rows.
-
-    Every rank builds the same global batches, so the split is the same whatever the
-    number of processes; a final global batch with fewer rows than processes is dropped
-    (every process must take part in every step).
-    """
-    dist = dist or Dist()
-    size = cfg.batch_size * dist.world_size
-    tokenized = [tokenize_example(tokenizer, e, cfg.max_seq_length) for e in examples]
-    tokenized = [t for t in tokenized if t.loss_tokens > 0]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if cfg.packing:
-        rows = pack_rows(tokenized, cfg.max_seq_length)
-        batches = [packed_batch(rows[i : i + size], pad_id) for i in range(0, len(rows), size)]
-    else:
-        batches = [pad_batch(tokenized[i : i + size], pad_id) for i in range(0, len(tokenized), size)]
-    if not dist.enabled:
-        return batches
-    return [b.select(dist.rows(b.rows)) for b in batches if b.rows >= dist.world_size]
-
-
-def epoch_order(n_batches: int, seed: int, epoch: int) -> list[int]:
-    order = list(range(n_batches))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
-
-
-# ------------------------------------------------------------------------------------------ run
+def tokenize_examples(
+    examples: list[Example], tokenizer, max_len: int, directory: Path, notice
+) -> tuple[TokenStore, int]:
+    """Token storage for the examples that keep a token to learn from; returns (store, dropped)."""
+    formatter = ChatFormatter(tokenizer, notice)
+    kept = []
+    for example in examples:
+        tokenized = formatter(example, max_len)
+        if tokenized.loss_tokens:
+            kept.append(tokenized)
+    return TokenStore.build(kept, directory), len(examples) - len(kept)
 
 
 def peak_memory_bytes(device: str) -> int:
@@ -205,212 +143,360 @@ def peak_memory_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def evaluate(model, batches: list[Batch], device: str, autocast, dist: Dist) -> float:
-    """Mean loss per token over all processes' eval rows."""
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad(), autocast():
-        for batch in batches:
-            n = batch.loss_tokens
-            total += float(model(**batch.to(device).model_inputs()).loss) * n
-            count += n
-    model.train()
-    return dist.sum(total) / max(dist.sum(count), 1)
+# ---------------------------------------------------------------------------------- recipe
+
+
+class Recipe:
+    """A training run of one method (see the module doc for the order of calls)."""
+
+    def __init__(self, cfg: TrainConfig, ctx: RunContext) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.dist = ctx.dist
+        self.device = ctx.device
+        self.on_cuda = self.device.startswith("cuda")
+        self.report = ctx.report if self.dist.is_primary else (lambda event: None)
+        self.started = time.perf_counter()
+        self.step = 0
+        self.eval_loss: float | None = None
+        self.last_loss = float("nan")
+
+    def notice(self, message: str) -> None:
+        self.report(Log(message))
+
+    # ---------------------------------------------------------------------------- setup
+
+    def setup(self, train_examples: list[Example], eval_examples: list[Example]) -> None:
+        cfg = self.cfg
+        import peft  # noqa: F401
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+        # What the process holds before any model byte (the Python/torch/transformers/peft runtime, as
+        # `tunedock plan` measures it); 0 on CUDA, whose allocator peak excludes it.
+        self.runtime_bytes = 0 if self.on_cuda else peak_memory_bytes(self.device)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        if self.on_cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.precision = build_precision(cfg, self.device, self.notice)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
+        self.config = AutoConfig.from_pretrained(cfg.base_model)
+        self._setup_data(train_examples, eval_examples)
+        self._setup_model()
+        self._setup_optimizer()
+        resumed = checkpoint.resume(self.ctx.checkpoint_dir, self.module, self.optimizer, self.dist, self.sharded)
+        if resumed is not None:
+            self.step, extra = resumed
+            self.scheduler.load_state_dict(extra["scheduler"])
+            if self.scaler is not None and "scaler" in extra:
+                self.scaler.load_state_dict(extra["scaler"])
+            self.notice(f"resumed from checkpoint at step {self.step}")
+
+    def _setup_data(self, train_examples: list[Example], eval_examples: list[Example]) -> None:
+        cfg, dist = self.cfg, self.dist
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        work = self.ctx.output_dir.parent / f"tokens-{dist.rank}"
+        try:
+            train_store, dropped = tokenize_examples(
+                train_examples, self.tokenizer, cfg.max_seq_length, work / "train", self.notice
+            )
+            eval_store, _ = tokenize_examples(
+                eval_examples, self.tokenizer, cfg.max_seq_length, work / "eval", self.notice
+            )
+        except FormattingError as exc:
+            raise ValueError(str(exc)) from None
+        if dropped:
+            self.notice(
+                f"{dropped} of {len(train_examples)} training examples have no assistant token within "
+                f"max_seq_length={cfg.max_seq_length} and are left out"
+            )
+        plan = lambda store: BatchPlan.build(  # noqa: E731
+            store, cfg.batch_size, cfg.max_seq_length, cfg.packing, pad_id, dist.world_size, dist.rows
+        )
+        self.train_plan = plan(train_store)
+        self.eval_plan = plan(eval_store) if len(eval_store) else None
+        if not len(self.train_plan):
+            raise ValueError(
+                "no training example has a token to learn from after truncation (raise max_seq_length), "
+                "or fewer examples than processes"
+            )
+        per_epoch = max(1, len(self.train_plan) // cfg.gradient_accumulation_steps)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
+        if cfg.packing:
+            self.notice("packing: examples end to end in one row per micro-batch, positions restart per example")
+
+    def _setup_model(self) -> None:
+        cfg, dist = self.cfg, self.dist
+        attention, why = attention_for(self.config, self.device)
+        self.notice(f"attention: {why}; precision: {self.precision.describe()}")
+        # FSDP shards a Full fine-tune's parameters, gradients and optimizer state over GPUs; else DDP.
+        # (TUNEDOCK_FSDP_ON_CPU=1 takes the FSDP path on CPUs too, which is how tests cover it.)
+        self.sharded = (
+            dist.enabled
+            and dist.world_size > 1
+            and cfg.method == "full"
+            and (self.on_cuda or os.environ.get("TUNEDOCK_FSDP_ON_CPU") == "1")
+        )
+        if self.sharded:
+            self.module = sharded_full_model(cfg.base_model, dist, attention, self.precision)
+            model = self.module.model
+            if cfg.gradient_checkpointing:
+                enable_gradient_checkpointing(model)
+        else:
+            model = self._load_for_method(attention)
+            self.module = CausalLMLoss(model)
+        self.model = model
+        self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.n_total = sum(p.numel() for p in model.parameters())
+        self.notice(f"{cfg.method}: {self.n_trainable:,} of {self.n_total:,} parameters train")
+        if dist.enabled:
+            self.notice(f"{dist.world_size} processes; global batch {cfg.batch_size * dist.world_size} rows")
+        self.tensor_memory = None if self.on_cuda else TensorMemory(model)
+        if dist.enabled and not self.sharded:
+            self.module = data_parallel(self.module, dist)
+        self.trainable = [p for p in self.module.parameters() if p.requires_grad]
+
+    def _load_for_method(self, attention: str):
+        cfg = self.cfg
+        quant = None
+        if cfg.method == "qlora":
+            quant = QuantSpec(cfg.quant_type, cfg.double_quant, DTYPES[cfg.compute_dtype])
+        # Weights that will not train are stored in the compute dtype on CUDA; a single-GPU Full run too.
+        dtype = self.precision.frozen if cfg.method in ("lora", "freeze", "full") else torch.float32
+        model = load_base(cfg.base_model, self.device, dtype, attention, quant)
+        if self.on_cuda:
+            apply_fused_kernels(model, self.notice)
+        if quant is not None:
+            model = prepare_4bit(model, cfg.gradient_checkpointing, autocast=self.precision.compute is not None)
+        if cfg.is_lora:
+            model = add_lora(
+                model,
+                LoraSpec(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.target_modules), cfg.use_rslora),
+            )
+        elif cfg.method == "freeze":
+            names = [n for n, _ in model.named_parameters()]
+            text = self.config.get_text_config()
+            chosen = freeze_selection(names, text.num_hidden_layers, cfg, decoder_layer_prefix(names))
+            for name, param in model.named_parameters():
+                param.requires_grad_(name in chosen)
+        if cfg.method != "full":
+            upcast_trainable(model)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        return model
+
+    def _setup_optimizer(self) -> None:
+        cfg = self.cfg
+        name = default_optimizer(cfg, self.device, self.sharded)
+        self.optimizer = build_optimizer(
+            name, self.trainable, cfg.learning_rate, cfg.weight_decay, self.device, self.notice
+        )
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision.scaler else None
+
+    # ---------------------------------------------------------------------------- train
+
+    def train(self) -> bool:
+        """Steps until the planned total (True) or until a stop request (False)."""
+        cfg = self.cfg
+        self.module.train()
+        window = _Window(self.device)
+        while self.step < self.total_steps:
+            if self._stop_requested():
+                return False
+            loss, grad_norm, tokens = self._train_step()
+            self.step += 1
+            window.add(loss, grad_norm, tokens)
+            if self.step % cfg.log_every_steps == 0 or self.step == self.total_steps:
+                self._report_progress(window)
+                window = _Window(self.device)
+            if self._due(cfg.eval_every_steps) and self.eval_plan is not None:
+                self.eval_loss = self.evaluate()
+                self.report(Eval(self.step, self.eval_loss))
+            if self._due(cfg.checkpoint_every_steps):
+                self._save_checkpoint()
+        return True
+
+    def _due(self, every: int) -> bool:
+        return bool(every) and self.step % every == 0 and self.step < self.total_steps
+
+    def _stop_requested(self) -> bool:
+        # One collective every 10 steps under several processes (cancel waits at most 10 steps).
+        if self.dist.enabled and self.step % 10:
+            return False
+        return self.dist.any(self.ctx.should_stop())
+
+    def _step_batches(self):
+        accumulation = self.cfg.gradient_accumulation_steps
+        n = len(self.train_plan)
+        for micro in range(accumulation):
+            epoch, position = divmod(self.step * accumulation + micro, n)
+            yield self.train_plan.batch(epoch_order(n, self.cfg.seed, epoch)[position])
+
+    def _train_step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One optimizer step; returns (loss, grad norm) as device tensors (no host sync) and tokens seen."""
+        batches = list(self._step_batches())
+        # The loss is a sum over the step's tokens divided by their count over all micro-batches and
+        # processes: the same objective whatever the accumulation and the number of processes.
+        step_tokens = self.dist.sum_(
+            torch.tensor(float(sum(b.loss_tokens for b in batches)), device=self.device)
+        ).clamp_min(1.0)
+        step_loss = torch.zeros((), device=self.device)
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            with self._no_sync(last), self.precision.autocast(self.device), self._saving():
+                loss = self.module(**batch.to(self.device).model_inputs()) / step_tokens
+            if self.tensor_memory is not None:
+                self.tensor_memory.end_forward()
+            scaled = loss * self.dist.loss_scale
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            step_loss += loss.detach()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.zeros((), device=self.device)
+        if self.cfg.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return step_loss, grad_norm.detach().float(), sum(b.real_tokens for b in batches)
+
+    def _no_sync(self, last: bool):
+        # DDP all-reduces gradients in backward; only the last micro-batch of a step needs to.
+        if last or not hasattr(self.module, "no_sync"):
+            return contextlib.nullcontext()
+        return self.module.no_sync()
+
+    def _saving(self):
+        return self.tensor_memory.saving() if self.tensor_memory is not None else contextlib.nullcontext()
+
+    def _report_progress(self, window: _Window) -> None:
+        loss, grad_norm, tokens = window.reduce(self.dist)  # the one host sync of a logging window
+        self.last_loss = loss
+        elapsed = time.perf_counter() - window.started
+        steps_per_s = window.steps / elapsed if elapsed > 0 else 0.0
+        self.report(
+            Progress(
+                step=self.step,
+                total_steps=self.total_steps,
+                epoch=self.step * self.cfg.gradient_accumulation_steps / len(self.train_plan),
+                loss=loss,
+                learning_rate=self.scheduler.get_last_lr()[0],
+                grad_norm=grad_norm,
+                tokens_per_second=tokens / elapsed if elapsed > 0 else 0.0,
+                peak_memory_bytes=peak_memory_bytes(self.device),
+                eta_s=(self.total_steps - self.step) / steps_per_s if steps_per_s else 0.0,
+            )
+        )
+
+    def _save_checkpoint(self) -> None:
+        extra = {"scheduler": self.scheduler.state_dict()}
+        if self.scaler is not None:
+            extra["scaler"] = self.scaler.state_dict()
+        target = checkpoint.save(
+            self.ctx.checkpoint_dir, self.step, self.module, self.optimizer, extra, self.dist, self.sharded
+        )
+        self.report(Checkpoint(self.step, str(target)))
+
+    # ------------------------------------------------------------------------- evaluate
+
+    def evaluate(self) -> float:
+        """Mean loss per token over all processes' eval rows."""
+        module = getattr(self.module, "module", self.module)  # DDP's forward syncs buffers: not needed here
+        module.eval()
+        total = torch.zeros((), device=self.device)
+        count = 0
+        with torch.no_grad(), self.precision.autocast(self.device):
+            for index in range(len(self.eval_plan)):
+                batch = self.eval_plan.batch(index)
+                total += module(**batch.to(self.device).model_inputs()).float()
+                count += batch.loss_tokens
+        module.train()
+        total_sum, count_sum = self.dist.sum(float(total), float(count))
+        return total_sum / max(count_sum, 1.0)
+
+    # ----------------------------------------------------------------------------- save
+
+    def save(self) -> RunResult:
+        """The final eval, the metrics, and (rank 0) the method's artifact in `ctx.output_dir`."""
+        if self.eval_plan is not None:
+            self.eval_loss = self.evaluate()
+            self.report(Eval(self.step, self.eval_loss))
+        metrics = {
+            "train_loss": self.last_loss,
+            "trainable_params": float(self.n_trainable),
+            "total_params": float(self.n_total),
+            "peak_memory_bytes": float(peak_memory_bytes(self.device)),
+            # CUDA: the allocator's peak; CPU: tensors counted exactly (RSS is mostly the runtime there).
+            "training_memory_bytes": float(
+                peak_memory_bytes(self.device)
+                if self.tensor_memory is None
+                else self.tensor_memory.peak_bytes(self.optimizer)
+            ),
+            "runtime_memory_bytes": float(self.runtime_bytes),
+            "wall_time_s": time.perf_counter() - self.started,
+            "steps": float(self.step),
+        }
+        if self.eval_loss is not None:
+            metrics["eval_loss"] = self.eval_loss
+        if self.dist.enabled:
+            metrics["processes"] = float(self.dist.world_size)
+        state = _full_state_dict(self.module) if self.sharded else None  # a collective: every rank gathers
+        if not self.dist.is_primary:
+            return RunResult(self.ctx.output_dir, "", metrics, model=self.model)
+        kind, expanded = save_output(
+            self.cfg, self.model, self.tokenizer, self.trainable_names, self.ctx.output_dir, state
+        )
+        return RunResult(self.ctx.output_dir, kind, metrics, expanded, model=self.model)
+
+    def stopped(self) -> RunResult:
+        return RunResult(self.ctx.output_dir, "", stopped=True, model=self.model)
 
 
 def train(cfg: TrainConfig, train_examples: list[Example], eval_examples: list[Example], ctx: RunContext) -> RunResult:
-    from transformers import AutoTokenizer
-
-    started = time.perf_counter()
-    device, dist = ctx.device, ctx.dist
-    on_cuda = device.startswith("cuda")
-    report = ctx.report if dist.is_primary else (lambda kind, fields: None)
-    # What the process holds before any model byte (the Python/torch runtime); 0 on CUDA.
-    runtime_bytes = 0 if on_cuda else peak_memory_bytes(device)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats()
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
-    model, trainable_names = load_model(cfg, device)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
-    report("log", {"message": f"{cfg.method}: {n_trainable:,} of {n_total:,} parameters train"})
-    if dist.enabled:
-        report("log", {"message": f"{dist.world_size} processes; global batch {cfg.batch_size * dist.world_size}"})
-
-    train_batches = make_batches(train_examples, tokenizer, cfg, dist)
-    eval_batches = make_batches(eval_examples, tokenizer, cfg, dist) if eval_examples else []
-    if not train_batches:
-        raise ValueError(
-            "no training example has a token to learn from after truncation (raise max_seq_length), "
-            "or fewer examples than processes"
-        )
-    per_epoch = max(1, len(train_batches) // cfg.gradient_accumulation_steps)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
-
-    tensor_memory = TensorMemory(model)
-    # FSDP shards a Full fine-tune's parameters, gradients and optimizer state over GPUs; else DDP.
-    # (TUNEDOCK_FSDP_ON_CPU=1 takes the FSDP path on CPUs too, which is how tests cover it.)
-    sharded = dist.enabled and cfg.method == "full" and (on_cuda or os.environ.get("TUNEDOCK_FSDP_ON_CPU") == "1")
-    model = wrap(model, dist, device, full_sharded=sharded)
-    if sharded and cfg.checkpoint_every_steps:
-        report("log", {"message": "FSDP: intermediate checkpoints are not written; a new attempt starts over"})
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(cfg, trainable, device, report)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    step = _resume(ctx.checkpoint_dir, unwrap(model), optimizer, scheduler, report)
-
-    def autocast():
-        if on_cuda:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
-
-    def no_sync(last: bool):
-        # DDP all-reduces gradients in backward; only the last micro-batch of a step needs to.
-        return contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-
-    model.train()
-    window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-    last_loss = float("nan")
-    eval_loss = None
-    stopped = False
-    while step < total_steps:
-        if dist.any(ctx.should_stop()):
-            stopped = True
-            break
-        grad_norm = 0.0
-        step_batches = []
-        for micro in range(cfg.gradient_accumulation_steps):
-            epoch, position = divmod(step * cfg.gradient_accumulation_steps + micro, len(train_batches))
-            step_batches.append(train_batches[epoch_order(len(train_batches), cfg.seed, epoch)[position]])
-        # The loss is a sum over the step's tokens divided by their count over all micro-batches
-        # and processes: the same objective whatever the accumulation and number of processes.
-        step_tokens = torch.tensor(dist.sum(sum(b.loss_tokens for b in step_batches)), device=device)
-        step_loss = 0.0
-        for i, batch in enumerate(step_batches):
-            batch = batch.to(device)
-            with no_sync(i == len(step_batches) - 1):
-                with autocast(), tensor_memory.saving():
-                    loss = model(**batch.model_inputs(), num_items_in_batch=step_tokens).loss
-                tensor_memory.end_forward()
-                (loss * dist.loss_scale).backward()
-            step_loss += float(loss.detach())
-            window_tokens += batch.real_tokens
-        if cfg.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        last_loss = dist.sum(step_loss)
-        window_loss += last_loss
-        window_steps += 1
-
-        if step % cfg.log_every_steps == 0 or step == total_steps:
-            elapsed = time.perf_counter() - window_start
-            rate = dist.sum(window_tokens) / elapsed if elapsed > 0 else 0.0
-            steps_per_s = window_steps / elapsed if elapsed > 0 else 0.0
-            report(
-                "progress",
-                {
-                    "step": step,
-                    "total_steps": total_steps,
-                    "epoch": step * cfg.gradient_accumulation_steps / len(train_batches),
-                    "loss": window_loss / window_steps,
-                    "learning_rate": scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm,
-                    "tokens_per_second": rate,
-                    "peak_memory_bytes": peak_memory_bytes(device),
-                    "eta_s": (total_steps - step) / steps_per_s if steps_per_s else 0.0,
-                },
-            )
-            window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-        if eval_batches and cfg.eval_every_steps and step % cfg.eval_every_steps == 0 and step < total_steps:
-            eval_loss = evaluate(eval_model(model), eval_batches, device, autocast, dist)
-            report("eval", {"step": step, "eval_loss": eval_loss})
-        if not sharded and cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step < total_steps:
-            if dist.is_primary:
-                path = _save_checkpoint(ctx.checkpoint_dir, step, unwrap(model), optimizer, scheduler)
-                report("checkpoint", {"step": step, "path": str(path)})
-            dist.barrier()
-
-    if stopped:
-        return RunResult(ctx.output_dir, "", stopped=True, model=unwrap(model))
-    if eval_batches:
-        eval_loss = evaluate(eval_model(model), eval_batches, device, autocast, dist)
-        report("eval", {"step": step, "eval_loss": eval_loss})
-
-    metrics = {
-        "train_loss": last_loss,
-        "trainable_params": float(n_trainable),
-        "total_params": float(n_total),
-        "peak_memory_bytes": float(peak_memory_bytes(device)),
-        # CUDA: the allocator's peak; CPU: tensors counted exactly (RSS is mostly the runtime there).
-        "training_memory_bytes": float(peak_memory_bytes(device) if on_cuda else tensor_memory.peak_bytes(optimizer)),
-        "runtime_memory_bytes": float(runtime_bytes),
-        "wall_time_s": time.perf_counter() - started,
-        "steps": float(step),
-    }
-    if eval_loss is not None:
-        metrics["eval_loss"] = eval_loss
-    if dist.enabled:
-        metrics["processes"] = float(dist.world_size)
-    state = full_state_dict(model) if sharded else None
-    if not dist.is_primary:
-        return RunResult(ctx.output_dir, "", metrics, model=unwrap(model))
-    kind, expanded = save_output(cfg, unwrap(model), tokenizer, trainable_names, ctx.output_dir, state)
-    return RunResult(ctx.output_dir, kind, metrics, expanded, model=unwrap(model))
+    """The whole run: setup, train, save (or stop when asked)."""
+    recipe = Recipe(cfg, ctx)
+    recipe.setup(train_examples, eval_examples)
+    if not recipe.train():
+        return recipe.stopped()
+    return recipe.save()
 
 
-def eval_model(model):
-    """DDP's forward syncs buffers (every rank must call it equally often); eval needs none of that."""
-    return unwrap(model) if hasattr(model, "module") else model
+class _Window:
+    """Loss, gradient norm and tokens over the steps since the last progress report, kept on the device."""
+
+    def __init__(self, device: str) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.grad_norm = torch.zeros((), device=device)
+        self.tokens = 0
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, tokens: int) -> None:
+        self.loss += loss
+        self.grad_norm = grad_norm
+        self.tokens += tokens
+        self.steps += 1
+
+    def reduce(self, dist: Dist) -> tuple[float, float, float]:
+        """(mean loss per step over all processes, last grad norm, tokens of all processes)."""
+        tokens = torch.tensor(float(self.tokens), device=self.loss.device)
+        loss, tokens = dist.sum_(torch.stack([self.loss.float(), tokens])).tolist()
+        return loss / max(self.steps, 1), float(self.grad_norm), tokens
 
 
-def full_state_dict(model) -> dict[str, torch.Tensor]:
-    """FSDP: gather the sharded parameters into full tensors on the CPU (a collective: all ranks call it)."""
+def _full_state_dict(module) -> dict[str, torch.Tensor]:
+    """FSDP: the sharded parameters gathered into full CPU tensors (a collective), named as the model names them."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-# ------------------------------------------------------------------------------- checkpoints
-
-
-def _save_checkpoint(directory: Path, step: int, model, optimizer, scheduler) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {
-        "step": step,
-        "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-    }
-    target = directory / f"step-{step:08d}.pt"
-    tmp = target.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, target)  # a worker killed mid-save leaves the previous checkpoint intact
-    for old in sorted(directory.glob("step-*.pt"))[:-2]:
-        old.unlink()
-    return target
-
-
-def _resume(directory: Path, model, optimizer, scheduler, report) -> int:
-    checkpoints = sorted(directory.glob("step-*.pt")) if directory.exists() else []
-    if not checkpoints:
-        return 0
-    state = torch.load(checkpoints[-1], map_location="cpu", weights_only=False)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in state["trainable"].items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    report("log", {"message": f"resumed from checkpoint at step {state['step']}"})
-    return int(state["step"])
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k.removeprefix("model."): v for k, v in state.items()}
 
 
 # ------------------------------------------------------------------------------------ output
@@ -428,11 +514,7 @@ def save_output(
     out.mkdir(parents=True)
     if cfg.is_lora:
         model.save_pretrained(out)
-        # QLoRA trains on a 4-bit view of the base, but serves on the full-precision base it came from.
-        config_path = out / "adapter_config.json"
-        config = json.loads(config_path.read_text())
-        config["base_model_name_or_path"] = cfg.base_model
-        config_path.write_text(json.dumps(config, indent=2))
+        write_canonical_adapter_config(out / "adapter_config.json", cfg.base_model)
         return "lora_adapter", None
     if cfg.method == "full":
         model.save_pretrained(out, state_dict=state)
@@ -442,18 +524,19 @@ def save_output(
 
     params = dict(model.named_parameters())
     save_file(
-        {n: params[n].detach().contiguous().cpu() for n in sorted(trainable_names)}, str(out / "delta.safetensors")
+        {n: params[n].detach().float().contiguous().cpu() for n in sorted(trainable_names)},
+        str(out / "delta.safetensors"),
     )
-    base = Path(cfg.base_model)
     (out / "delta_config.json").write_text(
         json.dumps(
             {
                 "format": "tunedock-delta-v1",
                 "base_model": cfg.base_model,
-                "base_fingerprint": fingerprint_model_dir(base) if base.is_dir() else "",
+                "base_fingerprint": base_fingerprint(cfg.base_model),
                 "tensors": sorted(trainable_names),
             },
             indent=2,
+            sort_keys=True,
         )
     )
     expanded = None
@@ -461,9 +544,22 @@ def save_output(
         expanded = out.parent / (out.name + "-expanded")
         if expanded.exists():
             shutil.rmtree(expanded)
-        model.save_pretrained(expanded)
-        tokenizer.save_pretrained(expanded)
+        expand_delta(out, cfg.base_model, expanded)
     return "delta", expanded
+
+
+def write_canonical_adapter_config(path: Path, base_model: str) -> None:
+    """Same adapter, same bytes: sorted keys and module lists (peft writes sets in hash order).
+
+    QLoRA trains on a 4-bit view of the base but serves on the full-precision base it came from,
+    which `base_model_name_or_path` names.
+    """
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = base_model
+    for key in ("target_modules", "modules_to_save", "exclude_modules", "layers_to_transform"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def expand_delta(delta_dir: Path, base_model: str, out: Path) -> Path:
