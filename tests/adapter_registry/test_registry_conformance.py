@@ -83,6 +83,21 @@ def test_identical_content_returns_the_existing_version(client, adapter_dir):
     assert [v.version for v in client.list_versions("dup")] == [1]
 
 
+def test_an_idempotency_key_returns_the_first_publishs_version(client, adapter_dir):
+    """A retried publish (a job's second attempt) returns the first version even if its bytes differ."""
+    first = client.publish_dir(adapter_dir, "keyed", idempotency_key="job:j1:output")
+    _second_version(adapter_dir)
+    again = client.publish_dir(adapter_dir, "keyed", idempotency_key="job:j1:output")
+    assert again.deduplicated and again.version.version == first.version.version == 1
+    assert again.version.content_sha256 == first.version.content_sha256
+    other = client.publish_dir(adapter_dir, "keyed", idempotency_key="job:j2:output")
+    assert not other.deduplicated and other.version.version == 2
+    assert [v.version for v in client.list_versions("keyed")] == [2, 1]
+    with pytest.raises(grpc.RpcError) as info:
+        client.publish_dir(adapter_dir, "keyed", idempotency_key="k" * 201)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "idempotency_key" in info.value.details()
+
+
 def test_full_model_artifact_round_trip(client, tiny_model_dir, tmp_path):
     reply = client.publish_dir(tiny_model_dir, "tiny-base", kind="model")
     assert reply.version.kind == pb.ARTIFACT_KIND_MODEL
