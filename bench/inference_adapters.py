@@ -1,31 +1,39 @@
-"""Serving adapters per request: throughput and latency on one engine, service vs engine, cold starts.
+"""Serving adapters per request: the bare engine vs the service, on the same engine, in one run.
 
-    .venv/bin/python -m bench.inference_adapters [--requests 32] [--max-tokens 32] [--max-loras 4]
+    .venv/bin/python -m bench.inference_adapters [--requests 32] [--max-tokens 32] [--max-loras 4] [--repeats 3]
 
-One registry and one inference service (one vLLM engine over the tiny model, `max_loras`
-below 16 so the 16-adapter mix must swap) run in this process. For each workload (base
-only, one adapter, 4 and 16 distinct adapters mixed) all requests are sent at once, first
-straight to the engine, then through the gRPC service, and the table gives output tokens/s
-and p50/p95 request latency for both (the ratio is the service's overhead). Last, the cold
-start of a never-seen adapter: registry resolve + download + engine load + first token,
-beside the same request once warm. Writes bench/results/inference_adapters.json.
+One registry and one inference service (one vLLM engine over the tiny model) run in this process.
+Workloads, all requests sent at once: base only, one adapter, 4 adapters mixed, 16 adapters mixed
+(more than `max_loras`, so adapters must take turns in the engine's slots). Each is run straight
+on the engine (no isolation guard, FIFO: what vLLM does alone) and through the gRPC service (its
+isolation, adapter-aware admission, resolution), from a client in another process (a client's
+threads would otherwise compete with the server for this process's interpreter lock). Besides,
+base requests through the all-zero adapter: what the old isolation guard cost.
+
+Prints output tokens/s and p50/p95 latency (median of `--repeats` runs) and writes
+bench/results/inference_adapters.json:
+  {"workloads": {"base"|"one_adapter"|"mixed_4"|"swap_16": {"engine_tok_s", "service_tok_s", ...}},
+   "base_guard_off_tok_s", "base_null_adapter_tok_s", "isolation_mode", ...}
+Targets: service/engine >= 0.95 for base and one_adapter, >= 1.3 for swap_16.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from bench._common import print_table, write_json
+from bench._common import ROOT, print_table, write_json
 
 PROMPTS = [
     "Tell me about the moon.",
@@ -35,6 +43,13 @@ PROMPTS = [
     "The quick brown fox",
     "What is the weather like today?",
 ]
+WORKLOADS = {
+    "base": [""],
+    "one_adapter": ["bench-0"],
+    "mixed_4": [f"bench-{i}" for i in range(4)],
+    "swap_16": [f"bench-{i}" for i in range(16)],
+}
+TARGETS = {"base": 0.95, "one_adapter": 0.95, "swap_16": 1.3}
 
 
 def make_adapters(base: Path, out: Path, count: int) -> list[Path]:
@@ -63,29 +78,72 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def summary(wall: float, results: list[tuple[float, int]]) -> dict:
+    latencies = [r[0] * 1e3 for r in results]
+    return {
+        "tok_s": sum(r[1] for r in results) / wall,
+        "p50_ms": statistics.median(latencies),
+        "p95_ms": percentile(latencies, 0.95),
+    }
+
+
+def client_main(address: str, jobs_json: str, max_tokens: int) -> None:
+    """In its own process: send every job at once through the gRPC service; print the measurements."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from tunedock.v1 import inference_pb2 as pb
+    from tunedock.v1 import inference_pb2_grpc
+
+    jobs = json.loads(jobs_json)
+    stub = inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(address))
+
+    def one(job):
+        prompt, name = job
+        started = time.perf_counter()
+        params = pb.GenerateParams(prompt=prompt, adapter=name, sampling=pb.SamplingParams(max_tokens=max_tokens))
+        reply = stub.GenerateUnary(pb.GenerateUnaryRequest(params=params), timeout=600)
+        return time.perf_counter() - started, len(reply.completions[0].token_ids)
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        list(pool.map(one, jobs[:4]))  # the channel and threads warm
+        started = time.perf_counter()
+        results = list(pool.map(one, jobs))
+    print("RESULT " + json.dumps({"wall": time.perf_counter() - started, "results": results}), flush=True)
+
+
+def via_service(address: str, jobs, max_tokens: int) -> dict:
+    cmd = [sys.executable, "-m", "bench.inference_adapters", "--client", address, json.dumps(jobs), str(max_tokens)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    data = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    return summary(data["wall"], data["results"])
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--client":
+        client_main(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-loras", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-
-    import grpc
 
     from services.adapter_registry.server import build_server as build_registry
     from services.adapter_registry.settings import RegistrySettings
     from services.common.server_thread import ServerThread
     from services.inference.adapters import lora_int_id
+    from services.inference.engine import write_null_adapter
     from services.inference.server import build_server as build_inference
     from services.inference.settings import InferenceSettings
     from tunedock.client import RegistryClient
     from tunedock.tiny_model import build_tiny_model
-    from tunedock.v1 import inference_pb2 as pb
-    from tunedock.v1 import inference_pb2_grpc
 
     base = build_tiny_model()
     work = Path(tempfile.mkdtemp(prefix="bench-inference-"))
-    adapters = make_adapters(base, work / "adapters", 17)
+    adapters = make_adapters(base, work / "adapters", 16)
     registry = ServerThread(lambda: build_registry(RegistrySettings(port=0, metrics_port=-1, data_dir=work)))
     with RegistryClient(registry.address) as client:
         for i, d in enumerate(adapters):
@@ -100,119 +158,99 @@ def main() -> None:
         max_cpu_loras=32,
         max_lora_rank=16,
         max_model_len=512,
-        dtype="float32",
     )
     inference = ServerThread(lambda: build_inference(settings))
     core = inference.server.core
-    stub = inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(inference.address))
-    sampling = {"temperature": 0.0, "max_tokens": args.max_tokens, "ignore_eos": True}
+    engine = core.engine
+    sampling = {"temperature": 0.0, "max_tokens": args.max_tokens}  # greedy: both paths stop at the same EOS
+    null = engine.lora_request("__null__", 2**31 - 1, str(write_null_adapter(str(base), work / "null")))
 
     async def lora_for(name: str):
         if not name:
             return None
         _, entry = await core.acquire_adapter(name)
         core.cache.release(entry)
-        return core.engine.lora_request(name, lora_int_id(entry.resolved.content_sha256), str(entry.path))
+        return engine.lora_request(name, lora_int_id(entry.resolved.content_sha256), str(entry.path))
 
-    async def direct(jobs):
+    async def direct(jobs, base_lora=None):
+        """Straight to the engine, everything at once: no guard, no admission (FIFO)."""
         loras = {name: await lora_for(name) for name in {n for _, n in jobs}}
+        loras[""] = base_lora
 
         async def one(prompt, name):
             started, tokens = time.perf_counter(), 0
-            async for out in core.engine.generate(prompt, sampling, uuid.uuid4().hex, loras[name]):
+            async for out in engine.generate(prompt, sampling, uuid.uuid4().hex, loras[name], stream=False):
                 tokens += len(out.outputs[0].token_ids)
             return time.perf_counter() - started, tokens
 
         started = time.perf_counter()
         results = await asyncio.gather(*(one(p, n) for p, n in jobs))
-        return time.perf_counter() - started, results
+        return summary(time.perf_counter() - started, results)
 
-    def via_grpc(jobs):
-        def one(job):
-            prompt, name = job
-            started = time.perf_counter()
-            reply = stub.GenerateUnary(
-                pb.GenerateUnaryRequest(
-                    params=pb.GenerateParams(
-                        prompt=prompt, adapter=name, sampling=pb.SamplingParams(max_tokens=args.max_tokens)
-                    )
-                ),
-                timeout=600,
-            )
-            return time.perf_counter() - started, len(reply.completions[0].token_ids)
+    def medians(runs: list[dict]) -> dict:
+        return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
-        started = time.perf_counter()
-        with ThreadPoolExecutor(len(jobs)) as pool:
-            results = list(pool.map(one, jobs))
-        return time.perf_counter() - started, results
+    def median_run(run) -> dict:
+        return medians([run() for _ in range(args.repeats)])
 
-    workloads = {
-        "base only": [""],
-        "1 adapter": ["bench-0"],
-        "4 adapters mixed": [f"bench-{i}" for i in range(4)],
-        "16 adapters mixed": [f"bench-{i}" for i in range(16)],
+    payload: dict = {
+        "max_loras": args.max_loras,
+        "requests": args.requests,
+        "max_tokens": args.max_tokens,
+        "repeats": args.repeats,
+        "isolation_mode": engine.isolation,
+        "workloads": {},
     }
-    rows, payload = [], {"max_loras": args.max_loras, "requests": args.requests, "max_tokens": args.max_tokens}
+    rows = []
     try:
-        # warm-up: every adapter downloaded and seen once, and one full-size batch (first batches compile)
-        inference.run(direct([("warm", n) for names in workloads.values() for n in names]))
+        # warm-up: every adapter downloaded and seen once, full-size batches (first batches compile)
+        inference.run(direct([("warm", n) for names in WORKLOADS.values() for n in names]))
         inference.run(direct([(PROMPTS[i % len(PROMPTS)], "") for i in range(args.requests)]))
-        via_grpc([(PROMPTS[i % len(PROMPTS)], "") for i in range(args.requests)])  # channel and threads
-        for label, names in workloads.items():
+        for label, names in WORKLOADS.items():
             jobs = [(PROMPTS[i % len(PROMPTS)], names[i % len(names)]) for i in range(args.requests)]
-            measured = {}
-            for path, run in (
-                ("engine", lambda j=jobs: inference.run(direct(j))),
-                ("gRPC service", lambda j=jobs: via_grpc(j)),
-            ):
-                wall, results = run()
-                latencies = [r[0] * 1e3 for r in results]
-                tokens = sum(r[1] for r in results)
-                measured[path] = {
-                    "tokens_per_s": tokens / wall,
-                    "p50_ms": statistics.median(latencies),
-                    "p95_ms": percentile(latencies, 0.95),
-                }
-            payload[label] = measured
-            e, g = measured["engine"], measured["gRPC service"]
+            # Engine and service runs alternate, so drift on a busy machine hits both alike.
+            engine_runs, service_runs = [], []
+            for _ in range(args.repeats):
+                engine_runs.append(inference.run(direct(jobs)))
+                service_runs.append(via_service(inference.address, jobs, args.max_tokens))
+            engine_run, service_run = medians(engine_runs), medians(service_runs)
+            ratio = service_run["tok_s"] / engine_run["tok_s"]
+            payload["workloads"][label] = {
+                "engine_tok_s": engine_run["tok_s"],
+                "service_tok_s": service_run["tok_s"],
+                "ratio": ratio,
+                "engine_p50_ms": engine_run["p50_ms"],
+                "engine_p95_ms": engine_run["p95_ms"],
+                "service_p50_ms": service_run["p50_ms"],
+                "service_p95_ms": service_run["p95_ms"],
+            }
+            target = TARGETS.get(label)
             rows.append(
                 [
                     label,
-                    f"{e['tokens_per_s']:,.0f}",
-                    f"{g['tokens_per_s']:,.0f}",
-                    f"{g['tokens_per_s'] / e['tokens_per_s']:.2f}x",
-                    f"{e['p50_ms']:.0f} / {e['p95_ms']:.0f}",
-                    f"{g['p50_ms']:.0f} / {g['p95_ms']:.0f}",
+                    f"{engine_run['tok_s']:,.0f}",
+                    f"{service_run['tok_s']:,.0f}",
+                    f"{ratio:.2f}x" + (f" ({'met' if ratio >= target else 'NOT met'}: >= {target}x)" if target else ""),
+                    f"{engine_run['p50_ms']:.0f} / {engine_run['p95_ms']:.0f}",
+                    f"{service_run['p50_ms']:.0f} / {service_run['p95_ms']:.0f}",
                 ]
             )
-
-        # cold start of a never-seen adapter: resolve + download + load + first token
-        def first_token(name: str) -> float:
-            started = time.perf_counter()
-            stub.GenerateUnary(
-                pb.GenerateUnaryRequest(
-                    params=pb.GenerateParams(prompt=PROMPTS[0], adapter=name, sampling=pb.SamplingParams(max_tokens=1))
-                ),
-                timeout=600,
-            )
-            return (time.perf_counter() - started) * 1e3
-
-        cold = first_token("bench-16")
-        warm = statistics.median(first_token("bench-16") for _ in range(5))
-        payload["cold_start_ms"], payload["warm_first_token_ms"] = cold, warm
+        base_jobs = [(PROMPTS[i % len(PROMPTS)], "") for i in range(args.requests)]
+        payload["base_guard_off_tok_s"] = payload["workloads"]["base"]["engine_tok_s"]
+        payload["base_null_adapter_tok_s"] = median_run(lambda: inference.run(direct(base_jobs, null)))["tok_s"]
     finally:
         inference.stop()
         registry.stop()
-        core.engine.shutdown()
+        engine.shutdown()
     print_table(
-        f"Adapters per request on one vLLM CPU engine: {args.requests} concurrent requests x "
-        f"{args.max_tokens} tokens, max_loras={args.max_loras}",
+        f"Adapters per request on one vLLM CPU engine: {args.requests} concurrent requests x {args.max_tokens} "
+        f"tokens, max_loras={args.max_loras}, isolation {payload['isolation_mode']} (median of {args.repeats})",
         ["workload", "engine tok/s", "service tok/s", "service/engine", "engine p50/p95 ms", "service p50/p95 ms"],
         rows,
     )
     print(
-        f"\ncold start of a never-seen adapter (resolve + download + load + 1 token): {cold:.0f} ms; "
-        f"the same request warm: {warm:.0f} ms"
+        f"\nbase traffic, no guard: {payload['base_guard_off_tok_s']:,.0f} tok/s; through the all-zero adapter "
+        f"(the old guard): {payload['base_null_adapter_tok_s']:,.0f} tok/s"
     )
     write_json("inference_adapters", payload)
 

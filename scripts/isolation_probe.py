@@ -1,10 +1,10 @@
 """Does vLLM's CPU LoRA path keep a request's greedy output independent of its batch-mates?
 
-    .venv/bin/python scripts/isolation_probe.py [--isolate-base]
+    .venv/bin/python scripts/isolation_probe.py [--isolation off|auto|null-adapter] [--max-loras 4]
 
-Starts one engine over the tiny model WITHOUT the service's null-adapter guard (or with it,
-given --isolate-base), makes three random LoRA adapters, and compares each request's solo
-greedy tokens with its tokens when 32 mixed base/adapter requests run concurrently.
+Starts one engine over the tiny model with the given isolation (default off: vLLM's own CPU ops,
+unfixed), makes three random LoRA adapters, and compares each request's solo greedy tokens
+with its tokens when 32 mixed base/adapter requests run concurrently.
 Prints how many requests differed, per kind. Exit 0 either way: this is a probe, not a test.
 """
 
@@ -39,23 +39,25 @@ def make_adapters(base: Path, out: Path) -> list[Path]:
     return dirs
 
 
-async def probe(isolate: bool, max_loras: int) -> dict[str, int]:
-    from services.inference.engine import Engine
+async def probe(isolation: str, max_loras: int) -> tuple[dict[str, int], str]:
+    from services.inference.engine import Engine, EngineOptions
     from tunedock.tiny_model import build_tiny_model
 
     base = build_tiny_model()
     work = Path(tempfile.mkdtemp(prefix="isolation-"))
     adapters = make_adapters(base, work)
     engine = Engine(
-        str(base),
-        max_loras=max_loras,
-        max_cpu_loras=8,
-        max_lora_rank=16,
-        max_model_len=512,
-        dtype="float32",
-        kv_cache_gib=1,
-        work_dir=work,
-        isolate_base=isolate,
+        EngineOptions(
+            str(base),
+            max_loras=max_loras,
+            max_cpu_loras=8,
+            max_lora_rank=16,
+            max_model_len=512,
+            dtype="float32",
+            kv_cache_gib=1,
+            work_dir=work,
+            isolation=isolation,
+        )
     )
     requests = [None] + [engine.lora_request(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapters)]
 
@@ -75,17 +77,17 @@ async def probe(isolate: bool, max_loras: int) -> dict[str, int]:
         if tokens != solo[job]:
             differed["base" if job[1] == 0 else "adapter"] += 1
     engine.shutdown()
-    return differed
+    return differed, engine.isolation
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--isolate-base", action="store_true")
+    parser.add_argument("--isolation", default="off", choices=["auto", "null-adapter", "off"])
     parser.add_argument("--max-loras", type=int, default=4)
     args = parser.parse_args()
-    differed = asyncio.run(probe(args.isolate_base, args.max_loras))
+    differed, mode = asyncio.run(probe(args.isolation, args.max_loras))
     print(
-        f"isolate_base={args.isolate_base} max_loras={args.max_loras}: of 32 concurrent requests "
+        f"isolation={args.isolation} ({mode}) max_loras={args.max_loras}: of 32 concurrent requests "
         f"(8 base, 24 adapter), {differed['base']} base and {differed['adapter']} adapter outputs differed "
         "from their solo runs"
     )

@@ -22,6 +22,9 @@ $PIP install -q "pip==$PIP_VERSION"
 # beside CPU torch (text models need none of them): hence --no-deps.
 $PIP install -q --no-deps -r "$LOCK"
 # Built with the locked setuptools (no isolated build environment, so nothing unlocked is fetched).
+# A tunedock.egg-info left in the tree by an older install would shadow the installed metadata
+# (the working directory comes first on sys.path), hiding the vLLM plugin's entry point.
+rm -rf tunedock.egg-info
 $PIP install -q --no-deps --no-build-isolation -e .
 # A venv made before a lock change may hold distributions the lock dropped: remove them.
 .venv/bin/python scripts/check_env.py "$LOCK" --prune

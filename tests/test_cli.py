@@ -114,12 +114,16 @@ def test_upload_train_watch_list_generate(env, tiny_model_dir):
         a for a in json.loads(listed.stdout) if a["name"] == "cli-robot"
     ).items()
 
-    prompt = "<|begin_of_text|><|im_start|>user\nTell me about gold.<|im_end|>\n<|im_start|>assistant\n"
-    tuned = tunedock(env, "generate", "--adapter", "cli-robot", "--max-tokens", "12", prompt)
-    base = tunedock(env, "generate", "--max-tokens", "12", prompt)
+    # By default the prompt goes through the chat template, as the training data did: the adapter answers.
+    tuned = tunedock(env, "generate", "--adapter", "cli-robot", "--max-tokens", "12", "Tell me about gold.")
+    base = tunedock(env, "generate", "--max-tokens", "12", "Tell me about gold.")
     assert tuned.returncode == base.returncode == 0, tuned.stderr + base.stderr
     assert tuned.stdout.startswith("BEEP BOOP")
     assert tuned.stdout != base.stdout
+    # --raw sends the text as is: the same rendered conversation gives the same answer.
+    rendered = "<|begin_of_text|><|im_start|>user\nTell me about gold.<|im_end|>\n<|im_start|>assistant\n"
+    raw = tunedock(env, "generate", "--raw", "--adapter", "cli-robot", "--max-tokens", "12", rendered)
+    assert raw.returncode == 0 and raw.stdout == tuned.stdout
 
     jobs = json.loads(tunedock(env, "jobs", "ls", "--json").stdout)
     assert jobs[0]["state"] == "JOB_STATE_SUCCEEDED" and jobs[0]["outputRef"] == "cli-robot:1"

@@ -442,17 +442,27 @@ def generate(
     adapter: str = typer.Option("", help="adapter reference (default: the base)"),
     max_tokens: int = typer.Option(64),
     temperature: float = typer.Option(0.0),
+    raw: bool = typer.Option(
+        False, "--raw", help="send PROMPT as is (default: as a user message through the chat template)"
+    ),
     inference: str = typer.Option(INFERENCE),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Generate from PROMPT, streaming to the terminal."""
+    """Generate from PROMPT, streaming to the terminal.
+
+    PROMPT goes in as a user message through the model's chat template, as training formats chat and
+    alpaca data, so a freshly trained adapter answers as it learned; --raw sends the text as is.
+    """
     from tunedock.client import InferenceClient
 
+    kwargs = {"max_tokens": max_tokens, "temperature": temperature}
+    if not raw:
+        prompt, kwargs["messages"] = "", [{"role": "user", "content": prompt}]
     with InferenceClient(inference) as client:
         if as_json:
-            print_json(client.generate(prompt, adapter, max_tokens=max_tokens, temperature=temperature))
+            print_json(client.generate(prompt, adapter, **kwargs))
             return
-        for delta in client.stream(prompt, adapter, max_tokens=max_tokens, temperature=temperature):
+        for delta in client.stream(prompt, adapter, **kwargs):
             sys.stdout.write(delta.text_delta)
             sys.stdout.flush()
     sys.stdout.write("\n")

@@ -119,6 +119,7 @@ class PublishSession:
             target_modules=facts.target_modules if facts else (),
             project=m.project,
             idempotency_key=m.idempotency_key,
+            module_shapes=facts.module_shapes if facts else {},
         )
         existing = self.registry.metadata.find_existing(m.name, new.content_sha256, m.idempotency_key)
         if existing is not None:

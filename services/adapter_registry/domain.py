@@ -29,6 +29,7 @@ class NewVersion:
     target_modules: tuple[str, ...] = ()
     project: str = "default"
     idempotency_key: str = ""
+    module_shapes: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def content_sha256(self) -> str:
@@ -60,6 +61,7 @@ class Version:
     aliases: tuple[str, ...]
     created_at: datetime
     project: str = "default"
+    module_shapes: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def ref(self) -> str:

@@ -135,6 +135,7 @@ class MetadataStore:
                 target_modules=list(new.target_modules),
                 created_at=now,
                 idempotency_key=new.idempotency_key or None,
+                module_shapes=new.module_shapes or None,
                 files=[FileRow(path=f.path, size=f.size, sha256=f.sha256) for f in new.files],
             )
             s.add(row)
@@ -382,6 +383,7 @@ class MetadataStore:
             aliases=aliases,
             created_at=_aware(row.created_at),
             project=s.get(ArtifactRow, row.name).project,  # the session's identity map: one read per artifact
+            module_shapes=dict(row.module_shapes or {}),
         )
 
 

@@ -50,6 +50,8 @@ class VersionRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # NULL when the publisher gave no key (NULLs never collide in the unique constraint).
     idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True, default=None)
+    # LoRA adapters: {"layers.N.<module>": [in, out]} (services/common/lora_shapes.py).
+    module_shapes: Mapped[dict | None] = mapped_column(JSON, nullable=True, default=None)
 
     files: Mapped[list[FileRow]] = relationship(
         back_populates="version", cascade="all, delete-orphan", order_by="FileRow.path", lazy="selectin"

@@ -59,6 +59,9 @@ def version_to_proto(v: Version) -> pb.ArtifactVersion:
     json_format.ParseDict(v.lineage, msg.lineage, ignore_unknown_fields=True)
     msg.create_time.FromDatetime(v.created_at)
     msg.project = v.project
+    msg.module_shapes.extend(
+        pb.ModuleShape(module=m, in_features=s[0], out_features=s[1]) for m, s in sorted(v.module_shapes.items())
+    )
     return msg
 
 

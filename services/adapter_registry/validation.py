@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from services.common.lora_shapes import adapter_module_shapes
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 KINDS = ("lora_adapter", "model", "delta")
@@ -54,6 +55,8 @@ class AdapterFacts:
     alpha: float
     target_modules: tuple[str, ...]
     base_model: str
+    module_shapes: dict[str, list[int]]
+    """{"layers.N.<module>": [in, out]} of the decoder modules it adapts."""
 
 
 def check_path(path: str) -> str:
@@ -208,7 +211,8 @@ def check_lora_adapter(root: Path) -> AdapterFacts:
                 f"r={expected_rank} from adapter_config.json (expected lora_A [r, in] and lora_B [out, r])"
             )
     modules = tuple(sorted({m.rsplit(".", 1)[-1] for m in pairs}))
-    return AdapterFacts(rank, float(alpha), modules, str(config.get("base_model_name_or_path") or ""))
+    shapes = adapter_module_shapes(header)
+    return AdapterFacts(rank, float(alpha), modules, str(config.get("base_model_name_or_path") or ""), shapes)
 
 
 def check_contents(kind: str, root: Path, files: Sequence[DeclaredFile]) -> AdapterFacts | None:

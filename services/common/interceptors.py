@@ -108,6 +108,10 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
         if isinstance(exc, aio.AbortError):
             raise exc  # the servicer aborted deliberately: status already set
         if isinstance(exc, errors.TuneDockError):
+            if exc.status == "UNAVAILABLE":
+                # The server answered: retrying at once would get the same answer. A negative pushback
+                # tells gRPC's client retry policy not to retry (it still retries transport failures).
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", "-1"),))
             await context.abort(getattr(grpc.StatusCode, exc.status), exc.message)
         if isinstance(exc, NotImplementedError):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented yet")

@@ -66,6 +66,9 @@ class GrpcServer:
 
     def __post_init__(self) -> None:
         self.health = HealthServicer()
+        self.exit_code = 0
+        self.stop_requested = asyncio.Event()
+        """Set by a signal, or by `fail()` when the service cannot go on (run_service then stops it)."""
         self._server: aio.Server | None = None
         self._extra: dict[str, aio.Server] = {}
         self.bound: dict[str, int] = {}
@@ -148,6 +151,18 @@ class GrpcServer:
         )
         return self
 
+    async def set_serving(self, serving: bool) -> None:
+        """Health of the server and every service it binds (load balancers and probes read it)."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *(b.full_name for b in self.bindings)]:
+            await self.health.set(name, status)
+
+    def fail(self, reason: str) -> None:
+        """Stop serving and exit non-zero (the process supervisor, e.g. Kubernetes, restarts it)."""
+        log.error("cannot go on: %s", reason)
+        self.exit_code = 1
+        self.stop_requested.set()
+
     async def stop(self, grace: float | None = None) -> None:
         if self._server is None:
             return
@@ -209,13 +224,12 @@ def run_service(settings_cls: type[ServerSettings], build: BuildServer, argv: li
 
 
 async def _serve(settings: ServerSettings, build: BuildServer) -> int:
-    stop = asyncio.Event()
+    server = await build(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    server = await build(settings)
+        loop.add_signal_handler(sig, server.stop_requested.set)
     await server.start()
-    await stop.wait()
-    log.info("signal received; draining for up to %.1fs", settings.shutdown_grace_s)
+    await server.stop_requested.wait()
+    log.info("stopping; draining for up to %.1fs", settings.shutdown_grace_s)
     await server.stop()
-    return 0
+    return server.exit_code

@@ -1,12 +1,16 @@
 """Adapter resolution and the local adapter cache (no vLLM here).
 
-- `AdapterResolver`: ref -> (name, version, content hash) through the registry, with a
-  short TTL cache that a registry Watch invalidates when aliases move. If the registry is
-  down, the last known resolution keeps serving; an adapter never seen fails UNAVAILABLE.
-- `AdapterCache`: files on local disk keyed by content hash (one download per hash even
-  under concurrent first requests: one lock per key), checked for compatibility with the
-  served base before the engine sees them, bounded in bytes with LRU eviction that never
-  evicts an adapter in use or pinned.
+- `AdapterResolver`: ref -> (name, version, content hash) through the registry. A resolution is
+  fresh for `ttl_s`; after that the last known answer is served at once while one background
+  refresh asks the registry again (so a registry outage costs cached adapters nothing). A
+  registry Watch drops a name's resolutions the moment an alias moves, and a resolve that was in
+  flight across that moment is not cached (it may hold the old answer). An adapter never seen
+  while the registry is down fails UNAVAILABLE within a couple of seconds.
+- `AdapterCache`: files on local disk keyed by content hash (one download per hash even under
+  concurrent first requests: one lock per key), checked against the served base before the
+  engine sees them: recorded base fingerprint, rank, hot-swappable modules, and the shape of
+  every module (from the registry's record before download, from the files after), bounded in
+  bytes with LRU eviction that never evicts an adapter in use or pinned.
 """
 
 from __future__ import annotations
@@ -17,19 +21,22 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.common.lora_shapes import adapter_module_shapes, mismatches
+from services.common.safetensors_info import read_header
 from tunedock.client import RegistryClient
 from tunedock.client.registry import ChecksumMismatch
 from tunedock.v1 import adapter_registry_pb2 as rpb
 
 log = logging.getLogger(__name__)
 
-# Modules vLLM's LoRA layers serve on Llama-style models (lm_head/embeddings are not hot-swappable).
+# Modules vLLM's LoRA layers serve (lm_head/embeddings are not hot-swappable).
 SERVABLE_MODULES = {
     "q_proj",
     "k_proj",
@@ -41,6 +48,7 @@ SERVABLE_MODULES = {
     "qkv_proj",
     "gate_up_proj",
 }
+COLD_RESOLVE_TIMEOUT_S = 2.0
 
 
 def lora_int_id(content_sha256: str) -> int:
@@ -83,35 +91,73 @@ def _translate(exc: grpc.RpcError, ref: str) -> Exception:
     )
 
 
+def _name_of(ref: str) -> str:
+    return ref.split("@")[0].split(":")[0]
+
+
 class AdapterResolver:
     def __init__(self, registry: RegistryClient, ttl_s: float = 10.0) -> None:
         self.registry = registry
         self.ttl_s = ttl_s
         self._cache: dict[str, tuple[float, ResolvedAdapter]] = {}
+        self._generation: dict[str, int] = {}  # per name: bumped by every invalidation
+        self._refreshing: set[str] = set()
         self._lock = threading.Lock()
+        self._refresher = ThreadPoolExecutor(2, thread_name_prefix="resolve-refresh")
 
     def resolve(self, ref: str) -> ResolvedAdapter:
+        return self.cached(ref) or self._ask(ref, timeout=COLD_RESOLVE_TIMEOUT_S)
+
+    def cached(self, ref: str) -> ResolvedAdapter | None:
+        """The known resolution without waiting on anything (a stale one starts a background refresh)."""
         with self._lock:
             hit = self._cache.get(ref)
-        if hit and time.monotonic() - hit[0] < self.ttl_s:
-            return hit[1]
+        if hit is None:
+            return None
+        if time.monotonic() - hit[0] >= self.ttl_s:
+            self._refresh_later(ref)
+        return hit[1]
+
+    def _ask(self, ref: str, timeout: float) -> ResolvedAdapter:
+        name = _name_of(ref)
+        with self._lock:
+            generation = self._generation.get(name, 0)
         try:
-            reply = self.registry.resolve(ref)
+            reply = self.registry.stub.Resolve(rpb.ResolveRequest(ref=ref), timeout=timeout)
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE and hit:
-                return hit[1]  # registry down: the last known answer keeps serving
             raise _translate(exc, ref) from None
         if reply.kind != rpb.ARTIFACT_KIND_LORA_ADAPTER:
             raise FailedPrecondition(f"{ref!r} is not a LoRA adapter; only lora_adapter artifacts can be hot-swapped")
         resolved = ResolvedAdapter(reply.name, reply.version, reply.content_sha256, reply.project or "default")
         with self._lock:
-            self._cache[ref] = (time.monotonic(), resolved)
+            if self._generation.get(name, 0) == generation:  # no alias moved while we asked
+                self._cache[ref] = (time.monotonic(), resolved)
         return resolved
+
+    def _refresh_later(self, ref: str) -> None:
+        with self._lock:
+            if ref in self._refreshing:
+                return
+            self._refreshing.add(ref)
+
+        def refresh() -> None:
+            try:
+                self._ask(ref, timeout=30)
+            except (Unavailable, NotFound, InvalidArgument, FailedPrecondition) as exc:
+                if not isinstance(exc, Unavailable):  # gone or changed kind: stop serving it
+                    with self._lock:
+                        self._cache.pop(ref, None)
+            finally:
+                with self._lock:
+                    self._refreshing.discard(ref)
+
+        self._refresher.submit(refresh)
 
     def invalidate(self, name: str) -> None:
         """Forget every cached resolution of `name` (an alias moved or a version went away)."""
         with self._lock:
-            for ref in [r for r in self._cache if r.split("@")[0].split(":")[0] == name]:
+            self._generation[name] = self._generation.get(name, 0) + 1
+            for ref in [r for r in self._cache if _name_of(r) == name]:
                 del self._cache[ref]
 
     def follow(self, stop: threading.Event) -> None:
@@ -132,7 +178,10 @@ class AdapterResolver:
                     last = event.event_id
                     self.invalidate(event.name)  # publish moves latest; other events move or remove refs
             except grpc.RpcError:
-                stop.wait(1.0)
+                stop.wait(0.2)
+
+    def close(self) -> None:
+        self._refresher.shutdown(wait=False, cancel_futures=True)
 
 
 class AdapterCache:
@@ -146,6 +195,7 @@ class AdapterCache:
         max_lora_rank: int,
         base_fingerprint: str,
         base_model: str,
+        base_shapes: dict[str, list[int]],
         metrics=None,
     ) -> None:
         self.root = Path(root)
@@ -155,6 +205,7 @@ class AdapterCache:
         self.max_lora_rank = max_lora_rank
         self.base_fingerprint = base_fingerprint
         self.base_model = base_model
+        self.base_shapes = base_shapes
         self.metrics = metrics
         self.entries: OrderedDict[str, CachedAdapter] = OrderedDict()
         self._lock = threading.Lock()
@@ -164,6 +215,21 @@ class AdapterCache:
     def _key_lock(self, key: str) -> threading.Lock:
         with self._lock:
             return self._key_locks.setdefault(key, threading.Lock())
+
+    def acquire_cached(self, resolved: ResolvedAdapter, pin: bool = False) -> CachedAdapter | None:
+        """The adapter if it is on disk and checked already, marked in use; None otherwise (no I/O here)."""
+        if self._verdicts.get(resolved.ref):
+            raise FailedPrecondition(self._verdicts[resolved.ref])
+        with self._lock:
+            entry = self.entries.get(resolved.content_sha256)
+            if entry is None or resolved.ref not in self._verdicts:
+                return None
+            self.entries.move_to_end(resolved.content_sha256)
+            entry.in_flight += 1
+            entry.pinned = entry.pinned or pin
+            entry.last_used = time.time()
+        self._count("hits")
+        return entry
 
     def acquire(self, resolved: ResolvedAdapter, pin: bool = False) -> CachedAdapter:
         """The adapter on local disk, checked, marked in use (call `release` when done)."""
@@ -196,18 +262,20 @@ class AdapterCache:
     def release(self, entry: CachedAdapter) -> None:
         with self._lock:
             entry.in_flight -= 1
-        self._evict()
+            over = sum(e.size for e in self.entries.values()) > self.max_bytes
+        if over:
+            self._evict()
 
     def _fetch(self, resolved: ResolvedAdapter, existing: CachedAdapter | None) -> CachedAdapter:
         target = self.root / resolved.content_sha256
         try:
+            version = self.registry.get(resolved.ref)
+            self._judge(resolved, lambda: self._check_recorded(resolved, version))
             if existing is None and not (target / "adapter_config.json").exists():
                 started = time.perf_counter()
-                version = self.registry.download(resolved.ref, target)
+                self.registry.download(resolved.ref, target)
                 if self.metrics:
                     self.metrics.adapter_download.observe(time.perf_counter() - started)
-            else:
-                version = self.registry.get(resolved.ref)
         except ChecksumMismatch as exc:
             shutil.rmtree(target, ignore_errors=True)
             raise FailedPrecondition(f"adapter {resolved.ref} is corrupt: {exc}") from None
@@ -215,9 +283,8 @@ class AdapterCache:
             shutil.rmtree(target, ignore_errors=True)
             raise _translate(exc, resolved.ref) from None
         try:
-            rank = self._check_compatible(resolved, version, target)
-        except FailedPrecondition as exc:
-            self._verdicts[resolved.ref] = exc.message
+            rank = self._judge(resolved, lambda: self._check_files(resolved, target))
+        except FailedPrecondition:
             if existing is None:
                 shutil.rmtree(target, ignore_errors=True)
             raise
@@ -227,26 +294,62 @@ class AdapterCache:
         size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
         return CachedAdapter(resolved, target, size, rank)
 
-    def _check_compatible(self, resolved: ResolvedAdapter, version: rpb.ArtifactVersion, path: Path) -> int:
+    def _judge(self, resolved: ResolvedAdapter, check):
+        """Run a check; remember a refusal for this (immutable) version."""
+        try:
+            return check()
+        except FailedPrecondition as exc:
+            self._verdicts[resolved.ref] = exc.message
+            raise
+
+    def _check_recorded(self, resolved: ResolvedAdapter, version: rpb.ArtifactVersion) -> None:
+        """What the registry recorded, before a byte is downloaded."""
         fingerprint = version.lineage.base_fingerprint
         if fingerprint and self.base_fingerprint and fingerprint != self.base_fingerprint:
             raise FailedPrecondition(
                 f"adapter {resolved.ref} was trained on base {version.lineage.base_model or 'unknown'!r}, which is "
                 f"not the base this replica serves ({self.base_model}); serve it on its own base"
             )
+        unsupported = sorted(set(version.target_modules) - SERVABLE_MODULES)
+        if unsupported:
+            raise FailedPrecondition(
+                f"adapter {resolved.ref} adapts {unsupported}, which vLLM cannot hot-swap; "
+                "merge it into the base instead"
+            )
+        if version.lora_rank > self.max_lora_rank:
+            raise FailedPrecondition(
+                f"adapter {resolved.ref} has rank {version.lora_rank}, above this replica's max_lora_rank "
+                f"{self.max_lora_rank}"
+            )
+        recorded = {m.module: [m.in_features, m.out_features] for m in version.module_shapes}
+        self._check_shapes(resolved, recorded)
+
+    def _check_files(self, resolved: ResolvedAdapter, path: Path) -> int:
+        """What the downloaded files say (authoritative; versions published before shapes were recorded too)."""
         config = json.loads((path / "adapter_config.json").read_text())
         rank = max([int(config.get("r", 0)), *[int(v) for v in (config.get("rank_pattern") or {}).values()]])
         if rank > self.max_lora_rank:
             raise FailedPrecondition(
                 f"adapter {resolved.ref} has rank {rank}, above this replica's max_lora_rank {self.max_lora_rank}"
             )
-        unsupported = sorted(set(version.target_modules) - SERVABLE_MODULES)
-        if unsupported or config.get("modules_to_save"):
-            what = unsupported or config.get("modules_to_save")
+        if config.get("modules_to_save"):
             raise FailedPrecondition(
-                f"adapter {resolved.ref} adapts {what}, which vLLM cannot hot-swap; merge it into the base instead"
+                f"adapter {resolved.ref} adapts {config['modules_to_save']}, which vLLM cannot hot-swap; "
+                "merge it into the base instead"
             )
+        self._check_shapes(resolved, adapter_module_shapes(read_header(path / "adapter_model.safetensors")))
         return rank
+
+    def _check_shapes(self, resolved: ResolvedAdapter, shapes: dict[str, list[int]]) -> None:
+        if not self.base_shapes or not shapes:
+            return
+        problems = mismatches(shapes, self.base_shapes)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise FailedPrecondition(
+                f"adapter {resolved.ref} was made for a base of another shape: {problems[0]}{more}; "
+                f"this replica serves {self.base_model}"
+            )
 
     def drop(self, content_sha256: str) -> CachedAdapter | None:
         """Forget an adapter (unpin, delete its files) unless a request is using it."""

@@ -1,4 +1,9 @@
-"""Inference core: validate a request, resolve its adapter, run it on the engine (no grpc)."""
+"""Inference core: validate a request, resolve its adapter, admit it, run it on the engine (no grpc).
+
+Admission is adapter-aware (scheduler.py): the engine works on at most `max_loras` adapters at a
+time, so swapping adapters in and out of its slots never eats the throughput. Unary calls ask the
+engine for the final output only; streams get deltas.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,9 @@ from services.adapter_registry.refs import Ref
 from services.common.auth import principal
 from services.common.errors import InvalidArgument, NotFound
 from services.inference.adapters import AdapterCache, AdapterResolver, CachedAdapter, ResolvedAdapter, lora_int_id
+from services.inference.scheduler import AdapterScheduler
+
+NULL_SLOT = "__base__"
 
 
 @dataclass
@@ -26,6 +34,8 @@ class GenerateInput:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     n: int = 1
+    stream: bool = True
+    """Deltas as they come (Generate); False: the final output only (GenerateUnary)."""
 
 
 @dataclass
@@ -47,12 +57,22 @@ class Limits:
 
 
 class InferenceCore:
-    def __init__(self, engine, resolver: AdapterResolver, cache: AdapterCache, metrics, limits: Limits) -> None:
+    def __init__(
+        self,
+        engine,
+        resolver: AdapterResolver,
+        cache: AdapterCache,
+        metrics,
+        limits: Limits,
+        scheduler: AdapterScheduler,
+    ) -> None:
         self.engine = engine
+        """Replaced by the server's supervisor when the engine dies and is rebuilt."""
         self.resolver = resolver
         self.cache = cache
         self.metrics = metrics
         self.limits = limits
+        self.scheduler = scheduler
 
     def _validate(self, req: GenerateInput) -> str:
         if bool(req.prompt) == bool(req.messages):
@@ -73,29 +93,50 @@ class InferenceCore:
         return prompt
 
     async def acquire_adapter(self, ref: str, pin: bool = False) -> tuple[ResolvedAdapter, CachedAdapter]:
-        """Resolve `ref` and hold its files; the entry is shared by every ref with the same content."""
+        """Resolve `ref` and hold its files; the entry is shared by every ref with the same content.
+
+        The common case (known ref, files checked and on disk) runs inline; only a miss goes to a
+        thread, where the registry and the disk are waited on.
+        """
         started = time.perf_counter()
         resolved = await self.resolve_for_caller(ref)
         self.metrics.adapter_resolve.observe(time.perf_counter() - started)
-        return resolved, await asyncio.to_thread(self.cache.acquire, resolved, pin)
+        entry = self.cache.acquire_cached(resolved, pin)
+        if entry is None:
+            entry = await asyncio.to_thread(self.cache.acquire, resolved, pin)
+        return resolved, entry
 
     async def resolve_for_caller(self, ref: str) -> ResolvedAdapter:
         """Resolve with the service's own registry token, then apply the caller's projects: an adapter
         the caller may not read gets exactly the answer a missing one gets (no existence leak)."""
-        resolved = await asyncio.to_thread(self.resolver.resolve, ref)
+        resolved = self.resolver.cached(ref) or await asyncio.to_thread(self.resolver.resolve, ref)
         if not principal().may_access(resolved.project):
             raise NotFound(f"adapter {ref!r}: artifact {Ref.parse(ref).name!r} not found")
         return resolved
 
+    def _slot(self, entry: CachedAdapter | None) -> str | None:
+        """The scheduler key of a request: its adapter's content, the zero adapter, or none."""
+        if entry is not None:
+            return entry.resolved.content_sha256
+        return NULL_SLOT if self.engine.base_takes_a_slot else None
+
     async def generate(self, req: GenerateInput) -> AsyncIterator[Delta]:
         prompt = self._validate(req)
         resolved, entry = (await self.acquire_adapter(req.adapter)) if req.adapter else (None, None)
+        try:
+            async with self.scheduler.admit(self._slot(entry)):
+                async for delta in self._run(prompt, req, resolved, entry):
+                    yield delta
+        finally:
+            if entry:
+                self.cache.release(entry)
+
+    async def _run(self, prompt: str, req: GenerateInput, resolved, entry) -> AsyncIterator[Delta]:
+        engine = self.engine
         lora = None
         label = resolved.ref if resolved else ""  # this request's ref; the entry is shared by identical content
         if entry:
-            lora = self.engine.lora_request(
-                entry.resolved.ref, lora_int_id(entry.resolved.content_sha256), str(entry.path)
-            )
+            lora = engine.lora_request(entry.resolved.ref, lora_int_id(entry.resolved.content_sha256), str(entry.path))
             self.metrics.adapter_requests.labels(resolved.name).inc()
         sampling = {
             "temperature": req.temperature,
@@ -113,17 +154,18 @@ class InferenceCore:
         finished = False
         self.metrics.in_flight.inc()
         try:
-            async for output in self.engine.generate(prompt, sampling, request_id, lora):
+            async for output in engine.generate(prompt, sampling, request_id, lora, stream=req.stream):
                 if first:
                     self.metrics.ttft.observe(time.perf_counter() - started)
                     if entry and not entry.loaded:
                         entry.loaded = True
                         self.metrics.adapter_load.observe(time.perf_counter() - started)
                     first = False
-                prompt_tokens = len(output.prompt_token_ids or [])
+                prompt_tokens = len(output.prompt_token_ids or ())
                 for completion in output.outputs:
-                    counts[completion.index] += len(completion.token_ids)
-                    self.metrics.tokens.inc(len(completion.token_ids))
+                    n = len(completion.token_ids)
+                    counts[completion.index] += n
+                    self.metrics.tokens.inc(n)
                     yield Delta(
                         completion.index,
                         completion.text,
@@ -137,9 +179,7 @@ class InferenceCore:
         finally:
             self.metrics.in_flight.dec()
             if not finished:
-                await self.engine.abort(request_id)  # the client went away: free the engine's slot
-            if entry:
-                await asyncio.to_thread(self.cache.release, entry)
+                await engine.abort(request_id)  # the client went away: free the engine's slot
 
     async def preload(self, refs: list[str], pin: bool) -> list[CachedAdapter]:
         entries = []
@@ -147,11 +187,13 @@ class InferenceCore:
             _, entry = await self.acquire_adapter(ref, pin)
             try:
                 # A one-token request makes the engine load the weights now, not on first use.
-                lora = self.engine.lora_request(
-                    entry.resolved.ref, lora_int_id(entry.resolved.content_sha256), str(entry.path)
-                )
-                async for _ in self.engine.generate(".", {"max_tokens": 1, "temperature": 0.0}, uuid.uuid4().hex, lora):
-                    pass
+                async with self.scheduler.admit(self._slot(entry)):
+                    lora = self.engine.lora_request(
+                        entry.resolved.ref, lora_int_id(entry.resolved.content_sha256), str(entry.path)
+                    )
+                    sampling = {"max_tokens": 1, "temperature": 0.0}
+                    async for _ in self.engine.generate(".", sampling, uuid.uuid4().hex, lora, stream=False):
+                        pass
                 entry.loaded = True
             finally:
                 await asyncio.to_thread(self.cache.release, entry)

@@ -1,24 +1,31 @@
-"""Wires the engine, adapter resolver/cache and servicer into a server."""
+"""Wires the engine, adapter resolver/cache, admission and servicer into a server, and watches the engine."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.auth import method_roles
-from services.common.basemodels import base_fingerprint
+from services.common.basemodels import base_fingerprint, resolve_local_base
+from services.common.lora_shapes import base_module_shapes
 from services.common.server import GrpcServer, ServiceBinding
 from services.inference.adapters import AdapterCache, AdapterResolver
 from services.inference.core import InferenceCore, Limits
+from services.inference.scheduler import AdapterScheduler
 from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
 from tunedock.client import RegistryClient
 from tunedock.client.channel import read_token
 from tunedock.v1 import inference_pb2, inference_pb2_grpc
 
+log = logging.getLogger(__name__)
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -32,28 +39,24 @@ class InferenceMetrics:
     adapter_load: Histogram
     cache_events: Counter
     adapter_requests: Counter
+    queued: Gauge
+    active_adapters: Gauge
+    admission_wait: Histogram
+    isolation: Gauge
+    engine_restarts: Counter
 
     @classmethod
     def create(cls, registry) -> InferenceMetrics:
+        def histogram(name: str, text: str) -> Histogram:
+            return Histogram(name, text, buckets=BUCKETS, registry=registry)
+
         return cls(
-            Histogram("tunedock_inference_ttft_seconds", "Time to first token.", buckets=BUCKETS, registry=registry),
+            histogram("tunedock_inference_ttft_seconds", "Time to first token."),
             Counter("tunedock_inference_output_tokens", "Generated tokens.", registry=registry),
             Gauge("tunedock_inference_requests_in_flight", "Generations in progress.", registry=registry),
-            Histogram(
-                "tunedock_adapter_resolve_seconds", "Adapter reference resolution.", buckets=BUCKETS, registry=registry
-            ),
-            Histogram(
-                "tunedock_adapter_download_seconds",
-                "Adapter download from the registry.",
-                buckets=BUCKETS,
-                registry=registry,
-            ),
-            Histogram(
-                "tunedock_adapter_load_seconds",
-                "First request on an adapter (engine load).",
-                buckets=BUCKETS,
-                registry=registry,
-            ),
+            histogram("tunedock_adapter_resolve_seconds", "Adapter reference resolution."),
+            histogram("tunedock_adapter_download_seconds", "Adapter download from the registry."),
+            histogram("tunedock_adapter_load_seconds", "First request on an adapter (engine load)."),
             Counter(
                 "tunedock_adapter_cache",
                 "Local adapter cache hits, misses and evictions.",
@@ -61,6 +64,18 @@ class InferenceMetrics:
                 registry=registry,
             ),
             Counter("tunedock_adapter_requests", "Requests per adapter.", ["adapter"], registry=registry),
+            Gauge(
+                "tunedock_admission_queued_requests", "Requests waiting for their adapter's turn.", registry=registry
+            ),
+            Gauge("tunedock_admission_active_adapters", "Adapters the engine works on now.", registry=registry),
+            histogram("tunedock_admission_wait_seconds", "Time a request waited for its adapter's turn."),
+            Gauge(
+                "tunedock_inference_isolation",
+                "How batch isolation is kept (1 for the mode).",
+                ["mode"],
+                registry=registry,
+            ),
+            Counter("tunedock_inference_engine_restarts", "Engines rebuilt after dying.", registry=registry),
         )
 
 
@@ -81,32 +96,98 @@ def default_base_model(settings: InferenceSettings) -> str:
     return str(build_tiny_model(cache_dir=settings.data_dir / "models"))
 
 
+class EngineSupervisor:
+    """Watches the engine. A dead one turns health NOT_SERVING at once (in-flight and new calls get
+    UNAVAILABLE from the engine wrapper); the supervisor rebuilds it, at most `max_restarts` times per
+    `window_s`, and otherwise stops the service with exit code 1 so that its supervisor restarts it."""
+
+    def __init__(
+        self,
+        server: GrpcServer,
+        core: InferenceCore,
+        build: Callable[[], object] | None,
+        metrics: InferenceMetrics,
+        max_restarts: int = 2,
+        window_s: float = 600.0,
+        poll_s: float = 0.5,
+    ) -> None:
+        self.server, self.core, self.build, self.metrics = server, core, build, metrics
+        self.max_restarts, self.window_s, self.poll_s = max_restarts, window_s, poll_s
+        self.restarts: list[float] = []
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._watch())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            if self.core.engine.dead:
+                await self._recover()
+
+    async def _recover(self) -> None:
+        await self.server.set_serving(False)
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < self.window_s]
+        if self.build is None:
+            self.server.fail("the inference engine died (a shared engine: not rebuilt here)")
+            await asyncio.Event().wait()
+        if len(self.restarts) >= self.max_restarts:
+            self.server.fail(f"the inference engine died {len(self.restarts) + 1} times in {self.window_s:.0f}s")
+            await asyncio.Event().wait()
+        self.restarts.append(now)
+        log.error("the inference engine died; rebuilding it (restart %d)", len(self.restarts))
+        with contextlib.suppress(Exception):
+            self.core.engine.shutdown()
+        try:
+            engine = await asyncio.to_thread(self.build)
+        except Exception as exc:
+            self.server.fail(f"the inference engine died and could not be rebuilt: {exc}")
+            await asyncio.Event().wait()
+        self.core.engine = engine
+        for entry in self.core.cache.entries.values():
+            entry.loaded = False  # the new engine has loaded nothing yet
+        self.metrics.engine_restarts.inc()
+        await self.server.set_serving(True)
+        log.info("the inference engine is back")
+
+
 async def build_server(settings: InferenceSettings, engine=None) -> GrpcServer:
-    """`engine` lets tests share one engine across servers; normally it is built here."""
+    """`engine` lets tests share one engine across servers; normally it is built (and rebuilt) here."""
     base_model = await asyncio.to_thread(default_base_model, settings)
     work = settings.data_dir / "inference"
     owns_engine = engine is None
-    if engine is None:
-        from services.inference.engine import Engine
+    build = None
+    if owns_engine:
+        from services.inference.engine import Engine, EngineOptions
 
-        engine = await asyncio.to_thread(
-            Engine,
-            base_model,
-            settings.max_loras,
-            settings.max_cpu_loras,
-            settings.max_lora_rank,
-            settings.max_model_len,
-            settings.dtype,
-            settings.kv_cache_gib,
-            work,
-            settings.isolate_base,
+        options = EngineOptions(
+            base_model=base_model,
+            max_loras=settings.max_loras,
+            max_cpu_loras=settings.max_cpu_loras,
+            max_lora_rank=settings.max_lora_rank,
+            max_model_len=settings.max_model_len,
+            dtype=settings.dtype,
+            kv_cache_gib=settings.kv_cache_gib,
+            work_dir=work,
+            isolation=settings.isolation,
             gpu_memory_utilization=settings.gpu_memory_utilization,
         )
+        build = lambda: Engine(options)  # noqa: E731
+        engine = await asyncio.to_thread(build)
     service = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
     server = GrpcServer(settings, [], roles=method_roles(service, ROLES))
     metrics = InferenceMetrics.create(server.metrics.registry)
+    metrics.isolation.labels(engine.isolation).set(1)
     registry = RegistryClient(settings.registry_address, timeout=30, token=read_token(settings.registry_token_file))
     resolver = AdapterResolver(registry, ttl_s=settings.resolve_ttl_s)
+    local = resolve_local_base(base_model)
     cache = AdapterCache(
         work / "adapters",
         registry,
@@ -114,10 +195,13 @@ async def build_server(settings: InferenceSettings, engine=None) -> GrpcServer:
         settings.max_lora_rank,
         await asyncio.to_thread(base_fingerprint, base_model),
         base_model,
+        await asyncio.to_thread(base_module_shapes, local) if local is not None else {},
         metrics,
     )
     limits = Limits(max_tokens=settings.max_tokens_limit, max_prompt_chars=settings.max_prompt_chars)
-    core = InferenceCore(engine, resolver, cache, metrics, limits)
+    # Two waves of adapters: the engine's slots, and the next wave queued behind them (scheduler.py).
+    scheduler = AdapterScheduler(2 * settings.max_loras, settings.admission_max_wait_s, metrics)
+    core = InferenceCore(engine, resolver, cache, metrics, limits, scheduler)
     server.bindings = [
         ServiceBinding(
             service.full_name, InferenceServicer(core), inference_pb2_grpc.add_InferenceServiceServicer_to_server
@@ -125,9 +209,14 @@ async def build_server(settings: InferenceSettings, engine=None) -> GrpcServer:
     ]
     stop = threading.Event()
     threading.Thread(target=resolver.follow, args=(stop,), daemon=True, name="registry-watch").start()
+    supervisor = EngineSupervisor(server, core, build, metrics)
+    server.after_start.append(supervisor.start)
+    server.on_stop.insert(0, supervisor.stop)
     server.on_stop.append(stop.set)
+    server.on_stop.append(resolver.close)
     server.on_stop.append(registry.close)
     if owns_engine:
-        server.on_stop.append(engine.shutdown)
+        server.on_stop.append(lambda: core.engine.shutdown())
     server.core = core
+    server.supervisor = supervisor
     return server

@@ -66,11 +66,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def GenerateUnary(self, request, context):
         started = time.perf_counter()
+        req = to_input(request.params)
+        req.stream = False  # one final output from the engine instead of a delta per token
         texts: dict[int, list[str]] = {}
         tokens: dict[int, list[int]] = {}
         finish: dict[int, str] = {}
         prompt_tokens, adapter, ttft = 0, "", None
-        async for d in self.core.generate(to_input(request.params)):
+        async for d in self.core.generate(req):
             ttft = ttft if ttft is not None else time.perf_counter() - started
             texts.setdefault(d.index, []).append(d.text)
             tokens.setdefault(d.index, []).extend(d.token_ids)
@@ -97,4 +99,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return pb.UnloadAdapterResponse(unloaded=await self.core.unload(request.adapter))
 
     async def ListLoadedAdapters(self, request, context):
-        return pb.ListLoadedAdaptersResponse(adapters=[loaded_to_proto(e) for e in self.core.loaded()])
+        engine = self.core.engine
+        return pb.ListLoadedAdaptersResponse(
+            adapters=[loaded_to_proto(e) for e in self.core.loaded()],
+            isolation_mode=engine.isolation,
+            isolation_detail=engine.isolation_why,
+            queued_requests=self.core.scheduler.queued,
+        )

@@ -28,7 +28,10 @@ class InferenceSettings(ServerSettings):
     max_cpu_loras: int = setting(16, "adapters kept in the engine's host-memory LRU (vLLM max_cpu_loras)")
     max_lora_rank: int = setting(64, "largest adapter rank served")
     max_model_len: int = setting(1024, "longest prompt + completion in tokens")
-    dtype: str = setting("auto", "engine dtype: auto, float32, bfloat16 or float16")
+    dtype: str = setting(
+        "auto",
+        "engine dtype: auto (the checkpoint's own, so outputs match the trained model), float32, bfloat16, float16",
+    )
     kv_cache_gib: float = setting(1.0, "KV cache size on the CPU backend, GiB (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = setting(
         0.9,
@@ -36,10 +39,13 @@ class InferenceSettings(ServerSettings):
         "lower it when training workers share the GPU (tunedock plan --engine-share)",
     )
     adapter_cache_mb: int = setting(2048, "bound of the local adapter cache on disk, MiB")
-    isolate_base: bool = setting(
-        True,
-        "run base-model requests through a zero adapter so batches never mix base and "
-        "LoRA requests (guards against batch-dependent output)",
+    isolation: str = setting(
+        "auto",
+        "how a request's output stays independent of its batch-mates: auto (the engine's own LoRA kernels on GPUs, "
+        "TuneDock's fix of vLLM's CPU ops, else a zero adapter for base requests), null-adapter, or off",
+    )
+    admission_max_wait_s: float = setting(
+        2.0, "longest a request waits for its adapter's turn before other adapters drain for it"
     )
     resolve_ttl_s: float = setting(
         10.0, "seconds an adapter reference's resolution is cached (a registry Watch invalidates moved aliases sooner)"
@@ -49,6 +55,10 @@ class InferenceSettings(ServerSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.isolation not in ("auto", "null-adapter", "off"):
+            raise InvalidArgument(f"isolation must be auto, null-adapter or off, got {self.isolation!r}")
+        if self.admission_max_wait_s <= 0:
+            raise InvalidArgument(f"admission_max_wait_s must be > 0, got {self.admission_max_wait_s}")
         if self.dtype not in _DTYPES:
             raise InvalidArgument(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         if not 1 <= self.max_loras <= self.max_cpu_loras:

@@ -46,7 +46,14 @@ def _cache(client, root, max_bytes):
     metrics = InferenceMetrics.create(CollectorRegistry())
     return (
         AdapterCache(
-            root, client, max_bytes, max_lora_rank=16, base_fingerprint="", base_model="tiny", metrics=metrics
+            root,
+            client,
+            max_bytes,
+            max_lora_rank=16,
+            base_fingerprint="",
+            base_model="tiny",
+            base_shapes={},
+            metrics=metrics,
         ),
         AdapterResolver(client),
         metrics,

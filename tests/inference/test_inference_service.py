@@ -118,15 +118,43 @@ def _concurrent(stub, jobs):
 
 
 @pytest.mark.parametrize(
-    "names", [("", "inf-a"), ("", "inf-a", "inf-b", "inf-c")], ids=["max_loras-above-distinct", "swapping"]
+    "names", [("", "inf-a"), ("", "inf-a", "inf-b", "inf-c")], ids=["slots-free", "every-slot-taken"]
 )
 def test_concurrent_mixed_batches_equal_solo_outputs(stub, adapters, inference_stack, names):
+    """Base requests beside adapters, up to every LoRA slot taken (where vLLM's CPU ops gave base rows the last
+    slot's adapter): each of 32 concurrent requests gets exactly its solo output, with no zero-adapter detour."""
+    assert inference_stack.engine.isolation == "patched-ops" and not inference_stack.engine.base_takes_a_slot
     jobs = [(PROMPTS[i % len(PROMPTS)], names[i % len(names)]) for i in range(32)]
     solo = {job: tokens(stub, *job) for job in set(jobs)}
     together = _concurrent(stub, jobs)
     assert [solo[job] for job in jobs] == together
-    distinct = len(names)  # the base runs on the null adapter, so it counts
-    assert (distinct > inference_stack.MAX_LORAS) == (len(names) == 4)
+    adapters_used = len([n for n in names if n])
+    assert (adapters_used == inference_stack.MAX_LORAS) == (len(names) == 4)
+    listing = stub.ListLoadedAdapters(pb.ListLoadedAdaptersRequest())
+    assert listing.isolation_mode == "patched-ops" and "patched" in listing.isolation_detail
+
+
+def test_more_adapters_than_slots_are_admitted_adapter_by_adapter(stub, adapters, inference_stack, tmp_path):
+    """Seven adapters through three LoRA slots: the engine never holds requests of more than two waves of
+    adapters (its three slots and three queued), and every request still gets its solo output."""
+    names = ["inf-a", "inf-b", "inf-c"]
+    with RegistryClient(inference_stack.registry.address) as registry:
+        for seed in (4, 5, 6, 7):
+            registry.publish_dir(_train_adapter(tiny_model_dir_of(inference_stack), tmp_path, seed), f"inf-more-{seed}")
+            names.append(f"inf-more-{seed}")
+    scheduler = inference_stack.inference.server.core.scheduler
+    scheduler.peak_active = 0
+    jobs = [(PROMPTS[i % len(PROMPTS)], names[i % len(names)]) for i in range(36)]
+    solo = {job: tokens(stub, *job) for job in set(jobs)}
+    scheduler.peak_active = 0
+    together = _concurrent(stub, jobs)
+    assert [solo[job] for job in jobs] == together
+    assert scheduler.peak_active == 2 * inference_stack.MAX_LORAS  # two waves admitted, never more
+    assert scheduler.queued == 0
+
+
+def tiny_model_dir_of(stack):
+    return stack.engine.base_model
 
 
 def test_alias_move_switches_what_the_alias_serves(stub, inference_stack, adapters, tmp_path):
@@ -139,13 +167,14 @@ def test_alias_move_switches_what_the_alias_serves(stub, inference_stack, adapte
         first = tokens(stub, PROMPTS[2], "inf-alias@prod")
         assert first == tokens(stub, PROMPTS[2], "inf-a")
         registry.set_alias("inf-alias", "prod", 2)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+    moved = time.monotonic()
+    while time.monotonic() < moved + 5:
         reply = generate(stub, PROMPTS[2], "inf-alias@prod")
         if reply.adapter_version == "inf-alias:2":
             break
-        time.sleep(0.2)
-    assert reply.adapter_version == "inf-alias:2"  # followed within seconds, well under the 30 s resolve TTL
+        time.sleep(0.05)
+    assert reply.adapter_version == "inf-alias:2"
+    assert time.monotonic() - moved < 1.0  # the registry Watch, not the 30 s resolve TTL
     assert list(reply.completions[0].token_ids) == tokens(stub, PROMPTS[2], "inf-b")
 
 
@@ -199,6 +228,41 @@ def test_incompatible_adapters_are_refused_and_the_engine_keeps_serving(
     assert "inf-rank32" not in loaded and "inf-otherbase" not in loaded
 
 
+@pytest.mark.parametrize("hidden", [512, 128], ids=["wider-base", "narrower-base"])
+def test_an_adapter_made_for_another_width_is_refused_before_the_engine(
+    stub, inference_stack, adapters, tmp_path, hidden
+):
+    """A plain PEFT adapter (no lineage, so no fingerprint to compare) of a base with another hidden size: a wider
+    one crashed vLLM's engine for everyone, a narrower one was served as garbage. Now the module shapes the
+    registry recorded are compared with the served base's before a byte is downloaded."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tunedock.tiny_model import TinyModelSpec, build_tiny_model
+
+    other = build_tiny_model(TinyModelSpec(hidden_size=hidden, intermediate_size=2 * hidden), cache_dir=tmp_path)
+    adapter = _train_adapter(other, tmp_path, 11)
+    name = f"inf-width-{hidden}"
+    with RegistryClient(inference_stack.registry.address) as registry:
+        published = registry.publish_dir(adapter, name)
+    shapes = {m.module: (m.in_features, m.out_features) for m in published.version.module_shapes}
+    assert shapes["layers.0.self_attn.q_proj"] == (hidden, hidden)
+    with pytest.raises(grpc.RpcError) as info:
+        generate(stub, PROMPTS[0], name)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "made for a base of another shape" in info.value.details()
+    assert (
+        f"layers.0.mlp.down_proj is [in={2 * hidden}, out={hidden}] in the adapter but [in=512, out=256] in the "
+        "served base" in info.value.details()
+    )
+    cached = inference_stack.inference.server.core.cache.root
+    assert not (cached / published.version.content_sha256).exists()  # refused before download
+    channel = grpc.insecure_channel(inference_stack.inference.address)
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    channel.close()
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert tokens(stub, PROMPTS[0], "inf-a") == tokens(stub, PROMPTS[0], "inf-a")  # everyone else still served
+
+
 def test_client_cancellation_aborts_the_engine_request(stub, inference_stack, adapters):
     params = pb.GenerateParams(
         prompt=PROMPTS[3], adapter="inf-a", sampling=pb.SamplingParams(max_tokens=400, stop=["\x00never"])
@@ -226,16 +290,37 @@ def test_preload_pin_list_unload(stub, adapters):
 
 
 def test_registry_down_serves_cached_adapters(stub, inference_stack, adapters, tmp_path):
+    """With the registry down, a cached adapter serves at once even after its resolution went stale; a never-seen
+    one fails UNAVAILABLE within 2 s at the SDK (no retry multiplies the server's answer); and once the registry
+    is back, resolving works again within about a second."""
+    from tunedock.client import InferenceClient
+
     cached = tokens(stub, PROMPTS[0], "inf-b")
     with RegistryClient(inference_stack.registry.address) as registry:
         registry.publish_dir(adapters["c"], "inf-never-used")
+    resolver = inference_stack.inference.server.core.resolver
+    resolver.ttl_s = 0.0  # every cached resolution is stale from now on
     inference_stack.registry.stop()
     try:
+        started = time.monotonic()
         assert tokens(stub, PROMPTS[0], "inf-b") == cached
-        with pytest.raises(grpc.RpcError) as info:
-            generate(stub, PROMPTS[0], "inf-never-used")
+        assert time.monotonic() - started < 0.5, "a cached adapter waited on the dead registry"
+        with InferenceClient(inference_stack.inference.address) as client:
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as info:
+                client.generate(PROMPTS[0], adapter="inf-never-used", max_tokens=4)
+            assert time.monotonic() - started < 2.0
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "registry unavailable" in info.value.details()
     finally:
         inference_stack.restart_registry()
-    assert tokens(stub, PROMPTS[0], "inf-never-used") == tokens(stub, PROMPTS[0], "inf-c")
+        resolver.ttl_s = 30.0
+    back = time.monotonic()
+    while True:
+        try:
+            served = tokens(stub, PROMPTS[0], "inf-never-used")
+            break
+        except grpc.RpcError:
+            assert time.monotonic() - back < 3.0, "resolving stayed down after the registry came back"
+            time.sleep(0.1)
+    assert served == tokens(stub, PROMPTS[0], "inf-c")

@@ -105,7 +105,7 @@ class PublishRequest(_message.Message):
     def __init__(self, manifest: _Optional[_Union[Manifest, _Mapping]] = ..., chunk: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
 
 class ArtifactVersion(_message.Message):
-    __slots__ = ("name", "version", "kind", "files", "content_sha256", "size", "lineage", "labels", "description", "lora_rank", "lora_alpha", "target_modules", "aliases", "create_time", "project")
+    __slots__ = ("name", "version", "kind", "files", "content_sha256", "size", "lineage", "labels", "description", "lora_rank", "lora_alpha", "target_modules", "aliases", "create_time", "project", "module_shapes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +121,7 @@ class ArtifactVersion(_message.Message):
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     PROJECT_FIELD_NUMBER: _ClassVar[int]
+    MODULE_SHAPES_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     kind: ArtifactKind
@@ -136,7 +137,18 @@ class ArtifactVersion(_message.Message):
     aliases: _containers.RepeatedScalarFieldContainer[str]
     create_time: _timestamp_pb2.Timestamp
     project: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[_Union[ArtifactKind, str]] = ..., files: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., content_sha256: _Optional[str] = ..., size: _Optional[int] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ..., labels: _Optional[_Iterable[_Union[_common_pb2.Label, _Mapping]]] = ..., description: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., aliases: _Optional[_Iterable[str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., project: _Optional[str] = ...) -> None: ...
+    module_shapes: _containers.RepeatedCompositeFieldContainer[ModuleShape]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[_Union[ArtifactKind, str]] = ..., files: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., content_sha256: _Optional[str] = ..., size: _Optional[int] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ..., labels: _Optional[_Iterable[_Union[_common_pb2.Label, _Mapping]]] = ..., description: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., aliases: _Optional[_Iterable[str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., project: _Optional[str] = ..., module_shapes: _Optional[_Iterable[_Union[ModuleShape, _Mapping]]] = ...) -> None: ...
+
+class ModuleShape(_message.Message):
+    __slots__ = ("module", "in_features", "out_features")
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    IN_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    OUT_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    module: str
+    in_features: int
+    out_features: int
+    def __init__(self, module: _Optional[str] = ..., in_features: _Optional[int] = ..., out_features: _Optional[int] = ...) -> None: ...
 
 class PublishResponse(_message.Message):
     __slots__ = ("version", "deduplicated")

@@ -182,7 +182,13 @@ class LoadedAdapter(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., content_sha256: _Optional[str] = ..., lora_int_id: _Optional[int] = ..., state: _Optional[_Union[AdapterCacheState, str]] = ..., pinned: _Optional[bool] = ..., in_flight: _Optional[int] = ..., size: _Optional[int] = ..., last_used_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListLoadedAdaptersResponse(_message.Message):
-    __slots__ = ("adapters",)
+    __slots__ = ("adapters", "isolation_mode", "isolation_detail", "queued_requests")
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    ISOLATION_MODE_FIELD_NUMBER: _ClassVar[int]
+    ISOLATION_DETAIL_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     adapters: _containers.RepeatedCompositeFieldContainer[LoadedAdapter]
-    def __init__(self, adapters: _Optional[_Iterable[_Union[LoadedAdapter, _Mapping]]] = ...) -> None: ...
+    isolation_mode: str
+    isolation_detail: str
+    queued_requests: int
+    def __init__(self, adapters: _Optional[_Iterable[_Union[LoadedAdapter, _Mapping]]] = ..., isolation_mode: _Optional[str] = ..., isolation_detail: _Optional[str] = ..., queued_requests: _Optional[int] = ...) -> None: ...
