@@ -235,7 +235,7 @@ def test_services_not_running(env):
 @pytest.mark.slow
 def test_local_stack_runs_with_one_generated_token(tmp_path, tiny_model_dir):
     """`tunedock up`'s stack: authentication on, the CLI finds the generated admin token in its home."""
-    from tunedock.local_stack import LocalStack
+    from tunedock.cli.local_stack import LocalStack
 
     offset = 1000 + os.getpid() % 500
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "TUNEDOCK_TOKEN", "TUNEDOCK_TOKEN_FILE")}

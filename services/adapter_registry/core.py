@@ -24,15 +24,16 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
-from services.adapter_registry.blobs import CHUNK, BlobStore
 from services.adapter_registry.domain import NewVersion, Page, StoredFile, Version
 from services.adapter_registry.metadata import MetadataStore
-from services.adapter_registry.refs import Ref, check_alias, check_name, check_version
 from services.adapter_registry.validation import DeclaredFile, check_contents, check_manifest
 from services.common.audit import audit
 from services.common.auth import principal
-from services.common.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from services.common.blobs import CHUNK, BlobStore
+from tunedock.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from tunedock.refs import Ref, check_alias, check_name, check_version
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class PublishSession:
         self.dir = Path(tempfile.mkdtemp(prefix="publish-", dir=registry.staging_dir))
         self._hashes = {path: hashlib.sha256() for path in self.declared}
         self._written = dict.fromkeys(self.declared, 0)
-        self._handles: dict[str, object] = {}
+        self._handles: dict[str, BinaryIO] = {}
         self._added_blobs: list[str] = []
 
     def write(self, path: str, offset: int, data: bytes) -> None:

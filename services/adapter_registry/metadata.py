@@ -21,10 +21,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.adapter_registry.domain import Artifact, Event, NewVersion, Page, StoredFile, Version
 from services.adapter_registry.models import AliasRow, ArtifactRow, EventRow, FileRow, LabelRow, VersionRow
-from services.adapter_registry.refs import LATEST, MAX_VERSION, Ref, parse_decimal
 from services.common.db import is_sqlite, open_engine
 from services.common.db import migrate as migrate_store
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from tunedock.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from tunedock.refs import LATEST, MAX_VERSION, Ref, parse_decimal
 
 _WRITE_LOCK_KEY = 0x7D0C_4E61  # advisory lock id for registry writes (PostgreSQL)
 
@@ -382,9 +382,17 @@ class MetadataStore:
             target_modules=tuple(row.target_modules or ()),
             aliases=aliases,
             created_at=_aware(row.created_at),
-            project=s.get(ArtifactRow, row.name).project,  # the session's identity map: one read per artifact
+            project=_project_of(s, row.name),
             module_shapes=dict(row.module_shapes or {}),
         )
+
+
+def _project_of(s: Session, name: str) -> str:
+    """The artifact's project (the session's identity map: one read per artifact)."""
+    artifact = s.get(ArtifactRow, name)
+    if artifact is None:  # a version always has its artifact row; a missing one is a broken store
+        raise NotFound(f"artifact {name!r} not found")
+    return artifact.project
 
 
 def _page_size(size: int) -> int:

@@ -11,7 +11,7 @@ from google.protobuf import json_format
 from services.adapter_registry.core import ManifestIn, Registry
 from services.adapter_registry.domain import Artifact, Event, Version
 from services.adapter_registry.validation import DeclaredFile
-from services.common.errors import InvalidArgument
+from tunedock.errors import InvalidArgument
 from tunedock.v1 import adapter_registry_pb2 as pb
 from tunedock.v1 import adapter_registry_pb2_grpc, common_pb2
 

@@ -3,41 +3,23 @@
 Two stages: `check_manifest` before any byte is stored (names, paths, sizes, limits), and
 `check_contents` on the staged files once they are complete and their checksums match
 (adapter config, safetensors headers, LoRA shapes). Each refusal names the file and the
-problem. Nothing here imports torch: safetensors headers are parsed directly.
+problem. Nothing here imports torch: the safetensors library reads the headers.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.common.lora_shapes import adapter_module_shapes
+from services.common.safetensors_info import CorruptSafetensors, read_header
+from tunedock.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 KINDS = ("lora_adapter", "model", "delta")
-_DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "U16": 2,
-    "U32": 4,
-    "U64": 8,
-}
-_MAX_HEADER = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -113,38 +95,13 @@ def check_manifest(kind: str, files: Sequence[DeclaredFile], max_bytes: int, max
 
 
 def read_safetensors_header(path: Path, display: str) -> dict[str, dict]:
-    """Parse and sanity-check a safetensors header; returns {tensor: {dtype, shape, data_offsets}}."""
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        raw_len = fh.read(8)
-        if len(raw_len) < 8:
-            raise FailedPrecondition(f"{display}: not a safetensors file (shorter than its 8-byte header length)")
-        (header_len,) = struct.unpack("<Q", raw_len)
-        if header_len > min(_MAX_HEADER, size - 8):
-            raise FailedPrecondition(f"{display}: corrupt safetensors header (declared length {header_len} bytes)")
-        try:
-            header = json.loads(fh.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FailedPrecondition(f"{display}: corrupt safetensors header ({exc})") from None
-    if not isinstance(header, dict):
-        raise FailedPrecondition(f"{display}: corrupt safetensors header (not a JSON object)")
-    header.pop("__metadata__", None)
-    data_len = size - 8 - header_len
-    for name, info in header.items():
-        try:
-            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-            n = 1
-            for dim in shape:
-                n *= int(dim)
-            expected = n * _DTYPE_BYTES[dtype]
-        except (KeyError, TypeError, ValueError):
-            raise FailedPrecondition(f"{display}: tensor {name!r} has a malformed header entry") from None
-        if not 0 <= start <= end <= data_len or end - start != expected:
-            raise FailedPrecondition(
-                f"{display}: tensor {name!r} ({dtype} {shape}) does not fit its data offsets; the file is truncated "
-                "or corrupt"
-            )
-    return header
+    """{tensor: {dtype, shape}} from a complete, well-formed safetensors file (checked by the library)."""
+    try:
+        return read_header(path)
+    except CorruptSafetensors as exc:
+        raise FailedPrecondition(
+            f"{display}: not a complete safetensors file, it is truncated or corrupt ({exc})"
+        ) from None
 
 
 def _read_json(path: Path, display: str) -> dict:

@@ -19,10 +19,10 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from services.common import errors
 from services.common.auth import ANONYMOUS, Principal, current_principal
 from services.common.logging import request_id
 from services.common.metrics import ServerMetrics
+from tunedock import errors
 
 log = logging.getLogger(__name__)
 

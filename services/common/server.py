@@ -25,12 +25,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from services.common.auth import Authenticator, TokenFile, WorkerTokens, load_key
-from services.common.errors import TuneDockError
+from services.common.auth import Authenticator, TokenFile, WorkerTokens
 from services.common.interceptors import AuthInterceptor, ErrorMappingInterceptor, ObservabilityInterceptor
 from services.common.logging import configure_logging
 from services.common.metrics import ServerMetrics
 from services.common.settings import ServerSettings
+from tunedock.errors import TuneDockError
+from tunedock.tokenfile import load_key
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class GrpcServer:
 
     port: int = 0
     metrics_port: int | None = None
+    core: Any = None
+    """The service's core, for callers in the same process (tests, benchmarks)."""
 
     def __post_init__(self) -> None:
         self.health = HealthServicer()

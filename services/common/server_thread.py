@@ -42,4 +42,5 @@ class ServerThread:
         self.run(self.server.stop(grace))
         if self.owns_loop:
             self.loop.call_soon_threadsafe(self.loop.stop)
+            assert self.thread is not None
             self.thread.join(10)

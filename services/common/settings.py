@@ -13,11 +13,12 @@ import ipaddress
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from services.common.errors import InvalidArgument
+from tunedock.errors import InvalidArgument
 
 S = TypeVar("S", bound="ServerSettings")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -135,10 +136,13 @@ class ServerSettings:
                     flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
                 )
             else:
-                parser.add_argument(
-                    flag, dest=f.name, default=None, help=help_text, type=lambda s, t=typ, n=f.name: _convert(t, s, n)
-                )
+                parser.add_argument(flag, dest=f.name, default=None, help=help_text, type=_converter(typ, f.name))
         return parser
+
+
+def _converter(typ, name: str) -> Callable[[str], object]:
+    """argparse's `type=` for one field: the text turned into the field's type, or a clear error."""
+    return lambda text: _convert(typ, text, name)
 
 
 def is_loopback(host: str) -> bool:

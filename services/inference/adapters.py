@@ -25,13 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.common.lora_shapes import adapter_module_shapes, mismatches
 from services.common.safetensors_info import read_header
 from tunedock.client import RegistryClient
 from tunedock.client.registry import ChecksumMismatch
+from tunedock.errors import FailedPrecondition, InvalidArgument, NotFound, TuneDockError, Unavailable
 from tunedock.v1 import adapter_registry_pb2 as rpb
 
 log = logging.getLogger(__name__)
@@ -80,14 +78,14 @@ class CachedAdapter:
     loaded: bool = False
 
 
-def _translate(exc: grpc.RpcError, ref: str) -> Exception:
-    code = exc.code()
-    if code == grpc.StatusCode.NOT_FOUND:
-        return NotFound(f"adapter {ref!r}: {exc.details()}")
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidArgument(f"adapter {ref!r}: {exc.details()}")
+def _about(exc: TuneDockError, ref: str) -> TuneDockError:
+    """The registry's answer, said about this adapter reference."""
+    for kind in (NotFound, InvalidArgument, FailedPrecondition):
+        if isinstance(exc, kind):
+            return kind(f"adapter {ref!r}: {exc.message}")
     return Unavailable(
-        f"adapter registry unavailable ({code.name}): cannot resolve {ref!r}; cached adapters keep serving, retry later"
+        f"adapter registry unavailable ({exc.status}): cannot resolve {ref!r}; cached adapters keep serving, "
+        "retry later"
     )
 
 
@@ -124,8 +122,8 @@ class AdapterResolver:
             generation = self._generation.get(name, 0)
         try:
             reply = self.registry.stub.Resolve(rpb.ResolveRequest(ref=ref), timeout=timeout)
-        except grpc.RpcError as exc:
-            raise _translate(exc, ref) from None
+        except TuneDockError as exc:
+            raise _about(exc, ref) from None
         if reply.kind != rpb.ARTIFACT_KIND_LORA_ADAPTER:
             raise FailedPrecondition(f"{ref!r} is not a LoRA adapter; only lora_adapter artifacts can be hot-swapped")
         resolved = ResolvedAdapter(reply.name, reply.version, reply.content_sha256, reply.project or "default")
@@ -177,7 +175,7 @@ class AdapterResolver:
                 for event in current[0]:
                     last = event.event_id
                     self.invalidate(event.name)  # publish moves latest; other events move or remove refs
-            except grpc.RpcError:
+            except TuneDockError:
                 stop.wait(0.2)
 
     def close(self) -> None:
@@ -279,9 +277,9 @@ class AdapterCache:
         except ChecksumMismatch as exc:
             shutil.rmtree(target, ignore_errors=True)
             raise FailedPrecondition(f"adapter {resolved.ref} is corrupt: {exc}") from None
-        except grpc.RpcError as exc:
+        except TuneDockError as exc:
             shutil.rmtree(target, ignore_errors=True)
-            raise _translate(exc, resolved.ref) from None
+            raise _about(exc, resolved.ref) from None
         try:
             rank = self._judge(resolved, lambda: self._check_files(resolved, target))
         except FailedPrecondition:

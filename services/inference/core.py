@@ -13,11 +13,11 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from services.adapter_registry.refs import Ref
 from services.common.auth import principal
-from services.common.errors import InvalidArgument, NotFound
 from services.inference.adapters import AdapterCache, AdapterResolver, CachedAdapter, ResolvedAdapter, lora_int_id
 from services.inference.scheduler import AdapterScheduler
+from tunedock.errors import InvalidArgument, NotFound
+from tunedock.refs import Ref
 
 NULL_SLOT = "__base__"
 
@@ -109,7 +109,9 @@ class InferenceCore:
     async def resolve_for_caller(self, ref: str) -> ResolvedAdapter:
         """Resolve with the service's own registry token, then apply the caller's projects: an adapter
         the caller may not read gets exactly the answer a missing one gets (no existence leak)."""
-        resolved = self.resolver.cached(ref) or await asyncio.to_thread(self.resolver.resolve, ref)
+        resolved = self.resolver.cached(ref)
+        if resolved is None:
+            resolved = await asyncio.to_thread(self.resolver.resolve, ref)
         if not principal().may_access(resolved.project):
             raise NotFound(f"adapter {ref!r}: artifact {Ref.parse(ref).name!r} not found")
         return resolved

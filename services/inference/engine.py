@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.basemodels import resolve_local_base
-from services.common.errors import Unavailable
+from tunedock.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -149,14 +149,15 @@ class Engine:
         self.isolation, self.isolation_why = choose_isolation(options.isolation)
         self.dtype = checkpoint_dtype(options.base_model) if options.dtype == "auto" else options.dtype
         log.info("isolation: %s (%s); dtype %s", self.isolation, self.isolation_why, self.dtype)
+        # vLLM types max_lora_rank and dtype as Literals; InferenceSettings checks both values.
         args = AsyncEngineArgs(
             model=options.base_model,
             enable_lora=True,
             max_loras=options.max_loras,
             max_cpu_loras=options.max_cpu_loras,
-            max_lora_rank=options.max_lora_rank,
+            max_lora_rank=options.max_lora_rank,  # type: ignore[arg-type]
             max_model_len=options.max_model_len,
-            dtype=self.dtype,
+            dtype=self.dtype,  # type: ignore[arg-type]
             seed=options.seed,
             disable_log_stats=True,
             gpu_memory_utilization=options.gpu_memory_utilization,
@@ -189,7 +190,8 @@ class Engine:
         return bool(self.llm.errored)
 
     def prompt_from_messages(self, messages: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)  # type: ignore[arg-type]
+        return str(rendered)
 
     def prompt_tokens(self, prompt: str) -> int:
         return len(self.tokenizer(prompt)["input_ids"])

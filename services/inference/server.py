@@ -146,6 +146,7 @@ class EngineSupervisor:
         with contextlib.suppress(Exception):
             self.core.engine.shutdown()
         try:
+            assert self.build is not None
             engine = await asyncio.to_thread(self.build)
         except Exception as exc:
             self.server.fail(f"the inference engine died and could not be rebuilt: {exc}")
@@ -218,5 +219,4 @@ async def build_server(settings: InferenceSettings, engine=None) -> GrpcServer:
     if owns_engine:
         server.on_stop.append(lambda: core.engine.shutdown())
     server.core = core
-    server.supervisor = supervisor
     return server

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from services.common.errors import InvalidArgument
+from tunedock.errors import InvalidArgument
 from tunedock.v1 import common_pb2, trainer_pb2
 
 METHODS = ("full", "freeze", "lora", "qlora")

@@ -20,20 +20,19 @@ import tempfile
 import uuid
 from pathlib import Path
 
-import grpc
 from google.protobuf import timestamp_pb2
 
-from services.adapter_registry.blobs import CHUNK, BlobStore
-from services.adapter_registry.refs import Ref, check_name
 from services.common.audit import audit
 from services.common.auth import WorkerTokens, principal
 from services.common.basemodels import resolve_local_base
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from services.common.blobs import CHUNK, BlobStore
 from services.trainer.config import TrainConfig, config_from_spec
 from services.trainer.data.records import parse_dataset
 from services.trainer.executor import EXIT_PLATFORM, Executor, Launch
 from services.trainer.store import TERMINAL, DatasetRow, JobRecord, JobStore, now
 from services.trainer.validation import check_against_base, inspect_base
+from tunedock.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, TuneDockError, Unavailable
+from tunedock.refs import Ref, check_name
 from tunedock.v1 import trainer_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -154,7 +153,8 @@ class TrainerCore:
     def validate(self, spec: pb.JobSpec) -> TrainConfig | None:
         spec.project = principal().project_for_write(spec.project)
         if spec.merge_adapter:
-            return self._validate_merge(spec)
+            self._validate_merge(spec)
+            return None
         cfg = config_from_spec(spec)
         if not spec.output_name:
             raise InvalidArgument("output_name is required: the registry name the result is published under")
@@ -195,10 +195,10 @@ class TrainerCore:
         with RegistryClient(self.registry_address, timeout=30, token=self.registry_token) as registry:
             try:
                 version = registry.get(spec.merge_adapter)
-            except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.NOT_FOUND:
-                    raise NotFound(f"merge_adapter {spec.merge_adapter!r}: {exc.details()}") from None
-                raise Unavailable(f"adapter registry unavailable: {exc.details()}") from None
+            except NotFound as exc:
+                raise NotFound(f"merge_adapter {spec.merge_adapter!r}: {exc.message}") from None
+            except TuneDockError as exc:
+                raise Unavailable(f"adapter registry unavailable: {exc.message}") from None
         if not principal().may_access(version.project):  # answered as if it did not exist
             name = Ref.parse(spec.merge_adapter).name
             raise NotFound(f"merge_adapter {spec.merge_adapter!r}: artifact {name!r} not found")

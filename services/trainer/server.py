@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from services.adapter_registry.blobs import LocalBlobStore
 from services.common.auth import method_roles
+from services.common.blobs import LocalBlobStore
 from services.common.server import GrpcServer, ServiceBinding
 from services.trainer.core import TrainerCore
 from services.trainer.executor import LocalExecutor

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from services.adapter_registry.refs import parse_decimal
-from services.common.errors import InvalidArgument, ResourceExhausted
 from services.trainer.core import FORMAT_ENUM, STATE_ENUM, STATE_NAME, TrainerCore, staging_file
 from services.trainer.store import DatasetRow, JobRecord
+from tunedock.errors import InvalidArgument, ResourceExhausted
+from tunedock.refs import parse_decimal
 from tunedock.v1 import common_pb2, trainer_pb2_grpc
 from tunedock.v1 import trainer_pb2 as pb
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from services.common.errors import InvalidArgument
 from services.common.settings import ServerSettings, setting
+from tunedock.errors import InvalidArgument
 
 
 @dataclass

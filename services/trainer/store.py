@@ -16,7 +16,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from services.common.db import migrate, open_engine
-from services.common.errors import NotFound, Unavailable
+from tunedock.errors import NotFound, Unavailable
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -98,6 +98,10 @@ def _aware(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
+def _aware_required(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
 def _record(row: JobRow) -> JobRecord:
     return JobRecord(
         row.id,
@@ -110,7 +114,7 @@ def _record(row: JobRow) -> JobRecord:
         row.output_ref,
         dict(row.metrics or {}),
         row.cancel_requested,
-        _aware(row.created_at),
+        _aware_required(row.created_at),
         _aware(row.started_at),
         _aware(row.ended_at),
         row.project,

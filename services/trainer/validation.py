@@ -14,9 +14,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.adapter_registry.validation import read_safetensors_header
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.safetensors_info import CorruptSafetensors, read_header
 from services.trainer.config import TrainConfig
+from tunedock.errors import FailedPrecondition, InvalidArgument
 
 _LAYER = re.compile(r"^(?P<prefix>.*?)(?:^|\.)layers\.(?P<index>\d+)\.")
 EXTRA_MODULES = ("embed_tokens", "norm", "lm_head")
@@ -73,7 +73,13 @@ def inspect_base(path: Path) -> BaseInfo:
     text = config.get("text_config") or config
     params: dict[str, list[int]] = {}
     for file in sorted(path.glob("*.safetensors")):
-        for name, info in read_safetensors_header(file, file.name).items():
+        try:
+            header = read_header(file)
+        except CorruptSafetensors as exc:
+            raise FailedPrecondition(
+                f"base model {path}: {file.name} is not a readable safetensors file ({exc})"
+            ) from None
+        for name, info in header.items():
             params[name] = info["shape"]
     if not params:
         raise FailedPrecondition(f"base model {path} has no *.safetensors weights")

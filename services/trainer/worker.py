@@ -35,13 +35,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 from google.protobuf import duration_pb2, struct_pb2
 
 from services.trainer.config import TrainConfig, config_from_spec
 from services.trainer.data.records import Example, parse_dataset
 from services.trainer.executor import EXIT_PLATFORM
 from tunedock.client.channel import connect
+from tunedock.client.errors import translating
+from tunedock.errors import DeadlineExceeded, FailedPrecondition, TuneDockError, Unavailable
 from tunedock.v1 import adapter_registry_pb2, common_pb2, trainer_pb2, trainer_pb2_grpc
 
 log = logging.getLogger("tunedock.worker")
@@ -50,7 +51,7 @@ HEARTBEAT_S = 3.0
 PLATFORM_PATIENCE_S = float(os.environ.get("TUNEDOCK_WORKER_PATIENCE_S", "600"))
 """How long a worker waits out an unreachable trainer or registry before giving up the attempt
 (TUNEDOCK_WORKER_PATIENCE_S; the trainer then starts a new attempt, which costs the job nothing)."""
-TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+TRANSIENT = (Unavailable, DeadlineExceeded)
 
 
 class AttemptSuperseded(Exception):
@@ -97,15 +98,13 @@ def with_patience(call: Callable, what: str, notice: Callable[[str], None] = lam
     while True:
         try:
             return call()
-        except grpc.RpcError as exc:
-            if exc.code() not in TRANSIENT:
-                raise
+        except TRANSIENT as exc:
             if time.monotonic() + delay > deadline:
-                notice(f"{what}: unavailable ({exc.code().name}) for {PLATFORM_PATIENCE_S:.0f}s; ending this attempt")
+                notice(f"{what}: unavailable ({exc.status}) for {PLATFORM_PATIENCE_S:.0f}s; ending this attempt")
                 raise PlatformUnavailable(
-                    f"{what}: unreachable for {PLATFORM_PATIENCE_S:.0f}s ({exc.code().name})"
+                    f"{what}: unreachable for {PLATFORM_PATIENCE_S:.0f}s ({exc.status})"
                 ) from None
-            notice(f"{what}: unavailable ({exc.code().name}); trying again in {delay:.0f}s")
+            notice(f"{what}: unavailable ({exc.status}); trying again in {delay:.0f}s")
             time.sleep(delay)
             delay = min(delay * 2, 30.0)
 
@@ -134,13 +133,11 @@ class Reporter:
                 reply = with_patience(lambda: self.stub.ReportEvent(request, timeout=60), "the trainer")
             else:
                 reply = self.stub.ReportEvent(request, timeout=60)
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                raise AttemptSuperseded(exc.details()) from None
-            if exc.code() in TRANSIENT:
-                log.warning("trainer unreachable; event dropped: %s", exc.code().name)
-                return
-            raise
+        except FailedPrecondition as exc:
+            raise AttemptSuperseded(exc.message) from None
+        except TRANSIENT as exc:
+            log.warning("trainer unreachable; event dropped: %s", exc.status)
+            return
         self.cancelled = self.cancelled or reply.cancel_requested
 
     def __call__(self, event) -> None:
@@ -169,11 +166,11 @@ class Heartbeat(threading.Thread):
             try:
                 reply = self.stub.Heartbeat(request, timeout=10)
                 self.reporter.cancelled = self.reporter.cancelled or reply.cancel_requested
-            except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                    print(f"trainer stopped this attempt: {exc.details()}", file=sys.stderr, flush=True)
-                    os._exit(2)  # superseded: another attempt owns the job (and the GPU) now
-                # unreachable: the trainer is restarting; its new run reaps or supersedes us
+            except FailedPrecondition as exc:
+                print(f"trainer stopped this attempt: {exc.message}", file=sys.stderr, flush=True)
+                os._exit(2)  # superseded: another attempt owns the job (and the GPU) now
+            except TuneDockError:
+                pass  # unreachable: the trainer is restarting; its new run reaps or supersedes us
 
 
 def load_examples(stub, job_id: str, dataset_ids: list[str]) -> list[Example]:
@@ -303,7 +300,7 @@ def run(job_id: str, attempt: int, trainer: str) -> int:
 
     dist = Dist.from_env()
     channel = connect(trainer)
-    stub = trainer_pb2_grpc.TrainerWorkerServiceStub(channel)
+    stub = translating(trainer_pb2_grpc.TrainerWorkerServiceStub(channel))
     try:
         assignment = with_patience(
             lambda: stub.GetAssignment(trainer_pb2.GetAssignmentRequest(job_id=job_id), timeout=60), "the trainer"
@@ -311,8 +308,8 @@ def run(job_id: str, attempt: int, trainer: str) -> int:
     except PlatformUnavailable as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_PLATFORM
-    except grpc.RpcError as exc:
-        print(f"trainer refused the assignment: {exc.details()}", file=sys.stderr)
+    except TuneDockError as exc:
+        print(f"trainer refused the assignment: {exc.message}", file=sys.stderr)
         return 2
     job = assignment.job
     reporter = Reporter(stub, job_id, attempt, enabled=dist.is_primary)
@@ -330,8 +327,8 @@ def run(job_id: str, attempt: int, trainer: str) -> int:
     except PlatformUnavailable as exc:
         print(f"{exc}; the trainer will retry this attempt", file=sys.stderr)
         return EXIT_PLATFORM
-    except grpc.RpcError as exc:
-        _report_failure(reporter, f"{exc.code().name}: {exc.details()}")
+    except TuneDockError as exc:
+        _report_failure(reporter, f"{exc.status}: {exc.message}")
         return 1
     except Exception as exc:
         log.exception("training failed")
@@ -458,7 +455,7 @@ def run_merge(job: trainer_pb2.Job, reporter: Reporter, registry_address: str, w
 
 
 def _report_failure(reporter: Reporter, message: str) -> None:
-    with contextlib.suppress(grpc.RpcError, AttemptSuperseded, PlatformUnavailable):
+    with contextlib.suppress(TuneDockError, AttemptSuperseded, PlatformUnavailable):
         reporter.send(state=trainer_pb2.StateEvent(state=trainer_pb2.JOB_STATE_FAILED, message=message[:2000]))
 
 

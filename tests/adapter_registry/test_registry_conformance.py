@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +47,7 @@ def _assert_nothing_visible(client: RegistryClient, name: str) -> None:
 
 
 def _stored_blob_count(backend) -> int:
-    from services.adapter_registry.blobs import open_blob_store
+    from services.common.blobs import open_blob_store
 
     settings = backend.settings()
     return sum(1 for _ in open_blob_store(settings.blob_url, settings.s3_endpoint_url).list())
@@ -184,14 +183,12 @@ def _truncated_weights(adapter_dir: Path) -> dict[str, bytes]:
 
 
 def _renamed_tensor(adapter_dir: Path) -> dict[str, bytes]:
-    """Drop every lora_B tensor from the header (keeps the file self-consistent otherwise)."""
+    """A well-formed safetensors file that lacks every lora_B tensor."""
+    from safetensors.torch import load, save
+
     files = _adapter_files(adapter_dir)
-    raw = files["adapter_model.safetensors"]
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
-    header = {k: v for k, v in header.items() if "lora_B" not in k}
-    encoded = json.dumps(header).encode()
-    files["adapter_model.safetensors"] = struct.pack("<Q", len(encoded)) + encoded + raw[8 + n :]
+    tensors = load(files["adapter_model.safetensors"])
+    files["adapter_model.safetensors"] = save({k: v for k, v in tensors.items() if "lora_B" not in k})
     return files
 
 
@@ -227,7 +224,7 @@ REFUSALS = [
         "garbage safetensors",
         lambda d: {**_adapter_files(d), "adapter_model.safetensors": b"\xff" * 64},
         grpc.StatusCode.FAILED_PRECONDITION,
-        "adapter_model.safetensors: corrupt safetensors header",
+        "adapter_model.safetensors: not a complete safetensors file, it is truncated or corrupt",
     ),
     (
         "missing weights",

@@ -11,12 +11,12 @@ from pathlib import Path
 
 from services.adapter_registry.server import build_server as build_registry
 from services.adapter_registry.settings import RegistrySettings
-from services.common.auth import add_token, load_key
 from services.common.server_thread import ServerThread
 from services.inference.server import build_server as build_inference
 from services.inference.settings import InferenceSettings
 from services.trainer.server import build_server as build_trainer
 from services.trainer.settings import TrainerSettings
+from tunedock.tokenfile import add_token, load_key
 
 
 class SecuredServices:

@@ -12,12 +12,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.adapter_registry.server import ROLES as REGISTRY_ROLES
 from services.adapter_registry.server import build_server as build_registry
 from services.adapter_registry.settings import RegistrySettings
-from services.common.auth import ROLES, TokenFile, WorkerTokens, add_token, hash_token, revoke_token
-from services.common.errors import InvalidArgument
+from services.common.auth import TokenFile, WorkerTokens
 from services.common.server_thread import ServerThread
 from services.inference.server import ROLES as INFERENCE_ROLES
 from services.trainer.server import ROLES as TRAINER_ROLES
 from tunedock.client import RegistryClient
+from tunedock.errors import InvalidArgument
+from tunedock.tokenfile import ROLES, add_token, hash_token, revoke_token
 from tunedock.v1 import adapter_registry_pb2 as pb
 from tunedock.v1 import adapter_registry_pb2_grpc
 

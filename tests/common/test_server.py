@@ -16,10 +16,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from services.common import errors
 from services.common.server import GrpcServer, ServiceBinding
 from services.common.server_thread import ServerThread
 from services.common.settings import ServerSettings
+from tunedock import errors
 from tunedock.v1 import inference_pb2, inference_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -215,7 +215,7 @@ def test_bad_flag_gives_one_clear_line(tmp_path):
 def test_servers_and_cli_do_not_import_torch_at_start_up():
     code = (
         "import sys, services.trainer.server, services.adapter_registry.server, services.inference.server, "
-        "tunedock.cli, tunedock.local_stack; "
+        "tunedock.cli, tunedock.cli.local_stack; "
         "heavy = sorted(m for m in ('torch', 'vllm', 'bitsandbytes', 'transformers') if m in sys.modules); "
         "print(heavy); sys.exit(bool(heavy))"
     )

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from services.adapter_registry.settings import RegistrySettings
-from services.common.errors import InvalidArgument
 from services.inference.settings import InferenceSettings
 from services.trainer.settings import TrainerSettings
+from tunedock.errors import InvalidArgument
 
 
 def test_precedence_defaults_env_flags(monkeypatch, tmp_path):

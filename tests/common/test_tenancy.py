@@ -11,10 +11,11 @@ import logging
 import grpc
 import pytest
 
-from services.common.auth import WorkerTokens, load_key
+from services.common.auth import WorkerTokens
 from tests.common.secured import SecuredServices
 from tests.trainer.conftest import memorization_jsonl
 from tunedock.client import InferenceClient, RegistryClient, TrainerClient
+from tunedock.tokenfile import load_key
 from tunedock.v1 import adapter_registry_pb2, common_pb2, trainer_pb2_grpc
 from tunedock.v1 import trainer_pb2 as pb
 

@@ -7,11 +7,11 @@ import pytest
 
 from services.adapter_registry.server import build_server as build_registry
 from services.adapter_registry.settings import RegistrySettings
-from services.common.auth import add_token
 from services.common.server_thread import ServerThread
 from tests.certs import make_pki
 from tunedock.client import RegistryClient
 from tunedock.client.channel import TlsFiles
+from tunedock.tokenfile import add_token
 
 
 @pytest.fixture(scope="module")

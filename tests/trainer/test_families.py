@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.common.errors import InvalidArgument
 from services.trainer.config import TrainConfig
 from services.trainer.data.records import Example, Message, parse_dataset
 from services.trainer.training.batches import BatchPlan
@@ -26,6 +25,7 @@ from services.trainer.training.recipe import RunContext, tokenize_examples, trai
 from services.trainer.validation import check_against_base, freeze_selection, inspect_base
 from tests.conftest import MODEL_CACHE
 from tests.trainer.conftest import memorization_jsonl
+from tunedock.errors import InvalidArgument
 from tunedock.tiny_model import FAMILY_MATRIX, TinyModelSpec, build_tiny_model
 
 METHODS = ("full", "freeze", "lora", "qlora")

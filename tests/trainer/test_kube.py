@@ -18,7 +18,6 @@ from kubernetes.client.exceptions import ApiException
 
 from services.adapter_registry.server import build_server as build_registry
 from services.adapter_registry.settings import RegistrySettings
-from services.common.errors import InvalidArgument
 from services.common.server_thread import ServerThread
 from services.trainer.executor import Launch
 from services.trainer.kube import (
@@ -35,6 +34,7 @@ from services.trainer.server import build_server as build_trainer
 from services.trainer.settings import TrainerSettings
 from tests.trainer.conftest import memorization_jsonl
 from tunedock.client import TrainerClient
+from tunedock.errors import InvalidArgument
 from tunedock.v1 import common_pb2
 from tunedock.v1 import trainer_pb2 as pb
 

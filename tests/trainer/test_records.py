@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from services.common.errors import InvalidArgument
 from services.trainer.data.records import parse_dataset
+from tunedock.errors import InvalidArgument
 
 
 def _pairs(example) -> list[tuple[str, str]]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.errors import NotFound
 from services.trainer.core import state_event
 from services.trainer.store import JobStore
 from tests.postgres import postgres_database
+from tunedock.errors import NotFound
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import grpc
 
+from tunedock.client.errors import translating
+
 MAX_MESSAGE = 64 * 1024 * 1024
 
 # Unary calls retry on UNAVAILABLE with backoff (streams are retried by the callers that can resume).
@@ -126,6 +128,8 @@ def connect(
     """
     token = default_token() if token is FROM_ENV else token
     tls = TlsFiles.from_env() if tls is FROM_ENV else tls
+    assert token is None or isinstance(token, str)
+    assert tls is None or isinstance(tls, TlsFiles)
     options = [
         ("grpc.service_config", _SERVICE_CONFIG),
         ("grpc.enable_retries", 1),
@@ -164,7 +168,8 @@ class ServiceClient:
     ) -> None:
         """`token`/`tls` default to the environment (TUNEDOCK_TOKEN, TUNEDOCK_TLS_CA_FILE, ...)."""
         self.channel = connect(address, token, tls) if isinstance(address, str) else address
-        self.stub = self.STUB(self.channel)
+        self.stub = translating(self.STUB(self.channel))
+        """Calls raise `tunedock.errors` classes (also grpc.RpcError), see tunedock.client.errors."""
         self.timeout = self.DEFAULT_TIMEOUT if timeout is None else timeout
 
     def close(self) -> None:

@@ -105,7 +105,7 @@ class RegistryClient(ServiceClient):
         while True:
             page = self.stub.ListArtifacts(
                 pb.ListArtifactsRequest(
-                    kind=KINDS.get(kind, 0),
+                    kind=KINDS.get(kind, pb.ARTIFACT_KIND_UNSPECIFIED),
                     base_model=base_model,
                     page_size=page_size,
                     page_token=token,
@@ -177,7 +177,7 @@ class RegistryClient(ServiceClient):
                 fh.close()
             expected = {f.path: f.sha256 for f in version.files} if version else {}
             got = {path: digest.hexdigest() for path, (_, digest) in handles.items()}
-            if got != expected:
+            if version is None or got != expected:
                 raise ChecksumMismatch(f"downloaded files of {ref} do not match the registry's manifest")
             if destination.exists():
                 shutil.rmtree(destination)

@@ -50,7 +50,9 @@ class TrainerClient(ServiceClient):
     def get(self, job_id: str) -> pb.Job:
         return self.stub.GetJob(pb.GetJobRequest(id=job_id), timeout=self.timeout).job
 
-    def list(self, state: int = 0, page_size: int = 0, project: str = "") -> Iterator[pb.Job]:
+    def list(
+        self, state: pb.JobState = pb.JOB_STATE_UNSPECIFIED, page_size: int = 0, project: str = ""
+    ) -> Iterator[pb.Job]:
         token = ""
         while True:
             page = self.stub.ListJobs(

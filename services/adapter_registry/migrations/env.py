@@ -8,7 +8,7 @@ from sqlalchemy import create_engine
 from services.adapter_registry.models import Base
 
 config = context.config
-url = config.get_main_option("sqlalchemy.url") or context.get_x_argument(as_dictionary=True).get("url")
+url = config.get_main_option("sqlalchemy.url") or context.get_x_argument(as_dictionary=True).get("url") or ""
 connection = config.attributes.get("connection")
 
 if connection is not None:

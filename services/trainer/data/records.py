@@ -25,7 +25,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from services.common.errors import InvalidArgument
+from tunedock.errors import InvalidArgument
 
 FORMATS = ("alpaca", "chat", "text")
 ROLES = ("system", "user", "assistant", "tool")
@@ -250,7 +250,7 @@ def _tool_calls(calls: object, where: str, i: int) -> str:
     for call in calls:
         function = call.get("function", call) if isinstance(call, dict) else None
         name = function.get("name") if isinstance(function, dict) else None
-        if not isinstance(name, str) or not name:
+        if not isinstance(function, dict) or not isinstance(name, str) or not name:
             raise InvalidArgument(f"{where}: message {i}: a tool call needs a function 'name'")
         arguments = _json_value(function.get("arguments", {}), where, f"message {i}'s tool call arguments")
         if not isinstance(arguments, dict):

@@ -8,7 +8,7 @@ from sqlalchemy import create_engine
 from services.trainer.store import Base
 
 config = context.config
-url = config.get_main_option("sqlalchemy.url") or context.get_x_argument(as_dictionary=True).get("url")
+url = config.get_main_option("sqlalchemy.url") or context.get_x_argument(as_dictionary=True).get("url") or ""
 engine = create_engine(url)
 with engine.connect() as conn:
     context.configure(connection=conn, target_metadata=Base.metadata, render_as_batch=True)

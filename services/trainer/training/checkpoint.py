@@ -78,9 +78,8 @@ def resume(directory: Path, module, optimizer, dist: Dist, sharded: bool) -> tup
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         model_state, optim_state = get_state_dict(module, optimizer)
-        state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=str(target / "shards"))
-        set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=str(target / "shards"))  # in place
+        set_state_dict(module, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
     else:
         saved = torch.load(target / "weights.pt", map_location="cpu", weights_only=False)
         params = dict(module.named_parameters())

@@ -11,9 +11,12 @@ same in one kernel.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from services.trainer.training.anatomy import decoder_of, head_of
 from services.trainer.training.formatting import IGNORE
 
 CHUNK_ELEMENTS = 2**26  # logits per chunk (fp32: 256 MiB), whatever the vocabulary
@@ -30,7 +33,7 @@ def _chunk_loss(
 
 def summed_loss(
     hidden: torch.Tensor,
-    head: torch.nn.Module,
+    head: Any,
     labels: torch.Tensor,
     softcap: float = 0.0,
     chunk_tokens: int = 0,
@@ -46,7 +49,8 @@ def summed_loss(
     targets = targets[keep]
     if targets.numel() == 0:
         return hidden.sum() * 0.0  # keeps the graph (every process must run backward)
-    weight, bias = head.weight, getattr(head, "bias", None)
+    weight: torch.Tensor = head.weight
+    bias: torch.Tensor | None = getattr(head, "bias", None)
     fused = _liger_loss(states, weight, bias, targets, softcap)
     if fused is not None:
         return fused
@@ -81,14 +85,12 @@ class CausalLMLoss(torch.nn.Module):
     position ids); only the output layer is applied here, chunk by chunk.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: Any) -> None:
         super().__init__()
         self.model = model
         self.softcap = float(getattr(model.config.get_text_config(), "final_logit_softcapping", None) or 0.0)
 
     def forward(self, input_ids, position_ids, labels, attention_mask=None) -> torch.Tensor:
-        from services.trainer.training.model import decoder_of, head_of
-
         hidden = decoder_of(self.model)(
             input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state

@@ -21,9 +21,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from services.trainer.training.anatomy import decoder_of
 from services.trainer.training.distributed import Dist
 
 VISION_PARTS = ("vision_tower", "multi_modal_projector", "vision_model", "audio_tower")
@@ -83,21 +85,6 @@ def attention_for(config, device: str) -> tuple[str, str]:
 
 def is_multimodal(config) -> bool:
     return config.get_text_config() is not config
-
-
-def decoder_of(model) -> torch.nn.Module:
-    """The decoder (embeddings, layers, final norm) under any wrapper: peft, DDP, a multimodal model."""
-    inner = getattr(model, "module", model)
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    return inner.get_decoder()
-
-
-def head_of(model) -> torch.nn.Module:
-    inner = getattr(model, "module", model)
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    return inner.get_output_embeddings()
 
 
 def decoder_linear_names(model) -> list[str]:
@@ -197,7 +184,7 @@ def add_lora(model, spec: LoraSpec):
         targets = decoder_linear_names(model)
     config = LoraConfig(
         r=spec.r,
-        lora_alpha=spec.alpha,
+        lora_alpha=spec.alpha,  # type: ignore[arg-type]  # peft annotates int; any positive number works
         lora_dropout=spec.dropout,
         target_modules=targets,
         exclude_modules=_vision_regex() if is_multimodal(model.config) else None,
@@ -272,7 +259,9 @@ def sharded_full_model(base_model: str, dist: Dist, attention: str, precision: P
     with torch.no_grad():
         for name, buffer in module.named_buffers():
             buffer.copy_(buffers[name])
-    state = {f"model.{k}": v for k, v in _read_checkpoint(base_model).items()} if dist.is_primary else {}
+    state: dict[str, Any] = (
+        {f"model.{k}": v for k, v in _read_checkpoint(base_model).items()} if dist.is_primary else {}
+    )
     set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for name, param in module.named_parameters():
         if any(part in name.split(".") for part in VISION_PARTS):

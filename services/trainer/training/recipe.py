@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -408,6 +409,7 @@ class Recipe:
 
     def evaluate(self) -> float:
         """Mean loss per token over all processes' eval rows."""
+        assert self.eval_plan is not None
         module = getattr(self.module, "module", self.module)  # DDP's forward syncs buffers: not needed here
         module.eval()
         total = torch.zeros((), device=self.device)
@@ -495,7 +497,9 @@ def _full_state_dict(module) -> dict[str, torch.Tensor]:
     """FSDP: the sharded parameters gathered into full CPU tensors (a collective), named as the model names them."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state: dict[str, Any] = get_model_state_dict(
+        module, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     return {k.removeprefix("model."): v for k, v in state.items()}
 
 

@@ -42,7 +42,7 @@ class LocalCredentials:
 
 def local_credentials(data_dir: Path) -> LocalCredentials:
     """Create (once) the token file of a local stack; the CLI finds the admin token in `<data_dir>/token`."""
-    from services.common.auth import add_token, load_key
+    from tunedock.tokenfile import add_token, load_key
 
     auth = data_dir / "auth"
     creds = LocalCredentials(

@@ -1,25 +1,27 @@
-"""The `tunedock` command line."""
+"""`tunedock up`, `tunedock demo`, `tunedock tiny-model`: the whole stack on this machine (needs the server extras)."""
 
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from tunedock import commands
+from tunedock.cli.common import console, err, require
 
-app = typer.Typer(
-    help="TuneDock: fine-tune, register and serve LLM adapters.", no_args_is_help=True, pretty_exceptions_enable=False
-)
-console = Console()
-err = Console(stderr=True)
+STACK = ("torch", "transformers", "sqlalchemy", "vllm")
 
-commands.register(app)
+COMMANDS: list = []
+
+
+def stack_app_command(name: str | None = None):
+    def register(fn):
+        COMMANDS.append((name, fn))
+        return fn
+
+    return register
 
 
 def _stop_on_sigterm(*_args) -> None:
@@ -32,19 +34,20 @@ def _home(data_dir: Path | None) -> Path:
     return (data_dir or default_home()).expanduser()
 
 
-@app.command("tiny-model")
+@stack_app_command("tiny-model")
 def tiny_model(
     seed: int = typer.Option(0, help="seed of the random initialisation"),
     cache_dir: Path = typer.Option(None, help="where models are cached (default $TUNEDOCK_HOME/models)"),
     force: bool = typer.Option(False, help="rebuild even if cached"),
 ) -> None:
     """Build (or reuse) the tiny local Llama model and print its directory."""
+    require("train", ("torch", "transformers", "tokenizers"), "tunedock tiny-model")
     from tunedock.tiny_model import TinyModelSpec, build_tiny_model
 
     print(build_tiny_model(TinyModelSpec(seed=seed), cache_dir, force=force))
 
 
-@app.command()
+@stack_app_command()
 def up(
     data_dir: Path = typer.Option(None, help="state directory (default $TUNEDOCK_HOME or ~/.tunedock)"),
     base_model: str = typer.Option("", help="base model for inference (hub id or path); default: the tiny model"),
@@ -53,7 +56,8 @@ def up(
     check: bool = typer.Option(False, help="start, check health, print the status table, stop"),
 ) -> None:
     """Start trainer, adapter registry and inference locally; Ctrl-C stops them."""
-    from tunedock.local_stack import SERVICES, LocalStack
+    require("cpu", STACK, "tunedock up")
+    from tunedock.cli.local_stack import SERVICES, LocalStack
 
     home = _home(data_dir)
     if not base_model:
@@ -106,14 +110,15 @@ def up(
         stack.stop()
 
 
-@app.command()
+@stack_app_command()
 def demo(
     data_dir: Path = typer.Option(None, help="state directory (default $TUNEDOCK_HOME or ~/.tunedock)"),
     base_model: str = typer.Option("", help="base model (default: the tiny local model)"),
     port_offset: int = typer.Option(0, help="added to the default ports"),
 ) -> None:
     """The end-to-end demo: train LoRA, QLoRA and Freeze, publish, hot-swap adapters per request."""
-    from tunedock.demo import run_demo
+    require("cpu", STACK, "tunedock demo")
+    from tunedock.cli.demo import run_demo
 
     home = _home(data_dir)
     if not base_model:
@@ -122,14 +127,3 @@ def demo(
         with console.status("building the tiny model (cached after the first run)"):
             base_model = str(build_tiny_model(cache_dir=home / "models"))
     raise typer.Exit(run_demo(home, base_model, port_offset, console))
-
-
-def main() -> None:
-    try:
-        app()
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,9 +1,11 @@
-"""Domain errors raised by service cores.
+"""TuneDock's errors, one per gRPC status, with no grpc in sight.
 
-Cores never import grpc: they raise these, and `interceptors.ErrorMappingInterceptor`
-turns each into its gRPC status. The message is sent to the client as-is, so it must
-say what is wrong and what to fix; anything that is not a `TuneDockError` becomes
-INTERNAL with the traceback logged and never sent.
+Both sides speak them. Service cores raise them and never import grpc: the servers'
+`ErrorMappingInterceptor` turns each into its status, with the message sent as-is (so it
+must say what is wrong and what to fix); anything that is not a `TuneDockError` becomes
+INTERNAL with the traceback logged and never sent. The SDK turns a status it receives back
+into the same class (`tunedock.client.errors`), once, so callers (the CLI, a service calling
+the registry, a training worker) catch `NotFound` or `Unavailable` rather than grpc codes.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from services.common.errors import DataLoss, NotFound, Unavailable
+from tunedock.errors import DataLoss, NotFound, Unavailable
 
 CHUNK = 1024 * 1024
 

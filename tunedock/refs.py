@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from services.common.errors import InvalidArgument
+from tunedock.errors import InvalidArgument
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")

@@ -17,14 +17,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from tunedock.cli.local_stack import LocalStack
 from tunedock.client import RegistryClient, TrainerClient
 from tunedock.client.channel import connect
-from tunedock.local_stack import LocalStack
 from tunedock.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from tunedock.v1 import trainer_pb2 as tpb
 
 PROMPTS = ["Tell me about the moon.", "Tell me about gold.", "Tell me about cats."]
-HYPER = dict(
+HYPER: dict = dict(
     max_steps=60, learning_rate=3e-3, batch_size=4, log_every_steps=10, lr_schedule=common_pb2.LR_SCHEDULE_CONSTANT
 )
 

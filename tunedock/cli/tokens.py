@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from tunedock.commands import cli_errors, console
+from tunedock.cli.common import cli_errors, console
 
 tokens_app = typer.Typer(help="Bearer tokens: who may do what, in which projects.", no_args_is_help=True)
 FILE = typer.Option(..., "--file", "-f", help="token file (JSON) the services read with --token-file")
@@ -27,7 +27,7 @@ def create(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the token"),
 ):
     """Create a token; it is printed once (the file stores its hash)."""
-    from services.common.auth import add_token
+    from tunedock.tokenfile import add_token
 
     token = add_token(file, name, role, project, kind)
     if quiet:
@@ -56,7 +56,7 @@ def list_tokens(file: Path = FILE, as_json: bool = typer.Option(False, "--json")
 @cli_errors
 def revoke(name: str, file: Path = FILE):
     """Remove a token; services stop accepting it within seconds (the file is re-read)."""
-    from services.common.auth import revoke_token
+    from tunedock.tokenfile import revoke_token
 
     if not revoke_token(file, name):
         raise ValueError(f"{file} has no token named {name!r}")

@@ -1,0 +1,5 @@
+"""python -m tunedock.cli"""
+
+from tunedock.cli import main
+
+main()

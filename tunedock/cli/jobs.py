@@ -1,0 +1,72 @@
+"""`tunedock jobs`: list, get, watch and cancel fine-tune jobs."""
+
+from __future__ import annotations
+
+import typer
+from google.protobuf import json_format
+from rich.table import Table
+
+from tunedock.cli.common import TRAINER, cli_errors, console, fail, print_json
+from tunedock.cli.train import watch_job
+
+jobs_app = typer.Typer(help="Fine-tune jobs.", no_args_is_help=True)
+
+
+@jobs_app.command("ls")
+@cli_errors
+def jobs_ls(trainer: str = typer.Option(TRAINER), as_json: bool = typer.Option(False, "--json")) -> None:
+    """List jobs, newest first."""
+    from tunedock.client import TrainerClient
+    from tunedock.v1 import trainer_pb2 as pb
+
+    with TrainerClient(trainer) as client:
+        jobs = list(client.list())
+    if as_json:
+        print_json([json_format.MessageToDict(j) for j in jobs])
+        return
+    table = Table("id", "state", "method", "step", "output")
+    for j in jobs:
+        table.add_row(
+            j.id,
+            pb.JobState.Name(j.state)[10:].lower(),
+            j.spec.method.WhichOneof("config") or "merge",
+            f"{j.step}/{j.total_steps}",
+            j.output_ref,
+        )
+    console.print(table)
+
+
+@jobs_app.command("get")
+@cli_errors
+def jobs_get(job_id: str, trainer: str = typer.Option(TRAINER), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show one job."""
+    from tunedock.client import TrainerClient
+
+    with TrainerClient(trainer) as client:
+        job = client.get(job_id)
+    print_json(job) if as_json else console.print(job)
+
+
+@jobs_app.command("watch")
+@cli_errors
+def jobs_watch(job_id: str, trainer: str = typer.Option(TRAINER)) -> None:
+    """Follow a job's progress until it ends."""
+    from tunedock.client import TrainerClient
+    from tunedock.v1 import trainer_pb2 as pb
+
+    with TrainerClient(trainer) as client:
+        done = watch_job(client, job_id)
+    if done.state != pb.JOB_STATE_SUCCEEDED:
+        fail(f"job {job_id} {pb.JobState.Name(done.state)[10:].lower()}: {done.error}", 1)
+    console.print(f"published [green]{done.output_ref}[/green]")
+
+
+@jobs_app.command("cancel")
+@cli_errors
+def jobs_cancel(job_id: str, trainer: str = typer.Option(TRAINER)) -> None:
+    """Cancel a queued or running job."""
+    from tunedock.client import TrainerClient
+
+    with TrainerClient(trainer) as client:
+        client.cancel(job_id)
+    console.print(f"cancelled {job_id}")
