@@ -28,9 +28,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "$(FAST)" $(PYTEST_ARGS)
 
+# Style, the dependency direction (import-linter contracts in pyproject.toml), types, the protos.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 	cd protos && $(BUF) lint
 
 # Fails if .venv holds a distribution, or a version, that the lock does not name.

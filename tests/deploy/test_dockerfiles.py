@@ -74,7 +74,9 @@ def test_conventions(path):
 
 def test_cuda_image_installs_vllm_and_the_cpu_image_its_lock_without_torchvision():
     cuda = " ".join(a for k, a in instructions(ROOT / "docker" / "Dockerfile.cuda") if k == "RUN")
-    assert '"vllm==' in cuda and "bitsandbytes" in cuda
+    assert '".[gpu,postgres,s3,k8s]"' in cuda
+    extras = (ROOT / "pyproject.toml").read_text()
+    assert '"vllm==0.33.0"' in extras and '"bitsandbytes==0.50.2"' in extras
     cpu = " ".join(a for k, a in instructions(ROOT / "docker" / "Dockerfile.cpu") if k == "RUN")
     # The CPU image installs exactly its lock, without dependencies of its own (so no torchvision & co).
     assert "--no-deps" in cpu and "download.pytorch.org/whl/cpu" in cpu and "-r requirements/image-cpu.lock" in cpu
