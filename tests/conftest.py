@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +30,7 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.vllm)
 
 
+ROOT = Path(__file__).resolve().parent.parent
 MODEL_CACHE = Path(os.environ.get("TUNEDOCK_TEST_MODEL_CACHE", Path.home() / ".cache" / "tunedock-test-models"))
 
 
@@ -43,6 +48,7 @@ class InferenceStack:
     """A registry and an inference server (with its own vLLM engine) on port 0; `inference_stack` is the session's."""
 
     MAX_LORAS = MAX_LORAS
+    max_lora_rank = 128  # an adapter extracted at full rank (128 on the tiny model's k/v projections) is served
 
     def __init__(self, data_dir: Path, base: Path, max_loras: int = MAX_LORAS) -> None:
         from services.adapter_registry.server import build_server as build_registry
@@ -62,7 +68,7 @@ class InferenceStack:
             registry_address=self.registry.address,
             max_loras=max_loras,
             max_cpu_loras=8,
-            max_lora_rank=16,
+            max_lora_rank=self.max_lora_rank,
             max_model_len=512,
             dtype="float32",
             resolve_ttl_s=30.0,
@@ -106,3 +112,54 @@ def inference_stack(tiny_model_dir, tmp_path_factory):
     stack = InferenceStack(tmp_path_factory.mktemp("inference"), tiny_model_dir)
     yield stack
     stack.stop()
+
+
+@pytest.fixture(scope="session")
+def stack_env(inference_stack, tmp_path_factory):
+    """The trainer runs as its own process, as in production: the test process hosts the vLLM engine, which
+    puts tcmalloc into LD_PRELOAD, and workers started from here would inherit it (and its memory profile)."""
+    clean = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    data_dir = tmp_path_factory.mktemp("cli-trainer")
+    with (data_dir / "trainer.log").open("w") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "services.trainer",
+                "--port",
+                "0",
+                "--worker-port",
+                "0",
+                "--metrics-port",
+                "-1",
+                "--data-dir",
+                str(data_dir),
+                "--registry-address",
+                inference_stack.registry.address,
+                "--max-lora-rank",
+                str(inference_stack.max_lora_rank),
+            ],
+            cwd=ROOT,
+            env=clean,
+            stderr=log,
+        )
+    address = _wait_for_port(data_dir / "trainer.log", proc)
+    yield {
+        **clean,
+        "TUNEDOCK_TRAINER_ADDRESS": address,
+        "TUNEDOCK_REGISTRY_ADDRESS": inference_stack.registry.address,
+        "TUNEDOCK_INFERENCE_ADDRESS": inference_stack.inference.address,
+        "COLUMNS": "200",
+    }
+    proc.terminate()
+    proc.wait(30)
+
+
+def _wait_for_port(log_path: Path, proc: subprocess.Popen) -> str:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        for line in log_path.read_text().splitlines():
+            if '"grpc_port"' in line:
+                return f"127.0.0.1:{json.loads(line)['grpc_port']}"
+        time.sleep(0.2)
+    raise AssertionError(f"trainer did not start: {log_path.read_text()[-2000:]}")

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,52 +19,8 @@ DATA = ROOT / "tunedock" / "data"
 
 
 @pytest.fixture(scope="module")
-def env(inference_stack, tmp_path_factory):
-    """The trainer runs as its own process, as in production: the test process hosts the vLLM engine, which
-    puts tcmalloc into LD_PRELOAD, and workers started from here would inherit it (and its memory profile)."""
-    clean = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    data_dir = tmp_path_factory.mktemp("cli-trainer")
-    with (data_dir / "trainer.log").open("w") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "services.trainer",
-                "--port",
-                "0",
-                "--worker-port",
-                "0",
-                "--metrics-port",
-                "-1",
-                "--data-dir",
-                str(data_dir),
-                "--registry-address",
-                inference_stack.registry.address,
-            ],
-            cwd=ROOT,
-            env=clean,
-            stderr=log,
-        )
-    address = _wait_for_port(data_dir / "trainer.log", proc)
-    yield {
-        **clean,
-        "TUNEDOCK_TRAINER_ADDRESS": address,
-        "TUNEDOCK_REGISTRY_ADDRESS": inference_stack.registry.address,
-        "TUNEDOCK_INFERENCE_ADDRESS": inference_stack.inference.address,
-        "COLUMNS": "200",
-    }
-    proc.terminate()
-    proc.wait(30)
-
-
-def _wait_for_port(log_path: Path, proc: subprocess.Popen) -> str:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        for line in log_path.read_text().splitlines():
-            if '"grpc_port"' in line:
-                return f"127.0.0.1:{json.loads(line)['grpc_port']}"
-        time.sleep(0.2)
-    raise AssertionError(f"trainer did not start: {log_path.read_text()[-2000:]}")
+def env(stack_env):
+    return stack_env
 
 
 def tunedock(env, *args, timeout=600) -> subprocess.CompletedProcess:
@@ -142,8 +97,9 @@ def _filler_dataset(path: Path) -> Path:
 def test_compare_and_plan_on_the_tiny_model(env, tiny_model_dir, tmp_path):
     out = tmp_path / "cmp"
     data = _filler_dataset(tmp_path / "filler.jsonl")
+    piped = {k: v for k, v in env.items() if k != "COLUMNS"}  # stdout is a pipe, as in `tunedock compare > file`
     result = tunedock(
-        env,
+        piped,
         "compare",
         "--base",
         str(tiny_model_dir),
@@ -161,7 +117,9 @@ def test_compare_and_plan_on_the_tiny_model(env, tiny_model_dir, tmp_path):
         str(out),
     )
     assert result.returncode == 0, result.stderr
-    assert "within 4.0 GiB: full, freeze, lora, qlora" in result.stdout
+    assert "within 4.0 GiB: full, freeze, lora, qlora fit." in result.stdout
+    assert "otherwise LoRA, the usual first choice" in result.stdout
+    assert "…" not in result.stdout, "a piped table is printed whole, not cut to 80 columns"
     report = json.loads((out / "compare.json").read_text())
     png = (out / "compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
@@ -171,6 +129,19 @@ def test_compare_and_plan_on_the_tiny_model(env, tiny_model_dir, tmp_path):
     assert tensors["full"] > tensors["freeze"] > tensors["lora"] > tensors["qlora"], tensors
     assert rows["full"]["trainable_params"] > rows["freeze"]["trainable_params"] > rows["lora"]["trainable_params"]
     assert rows["lora"]["artifact_bytes"] < rows["freeze"]["artifact_bytes"] < rows["full"]["artifact_bytes"]
+    # Full and Freeze answer per request through adapters extracted from them, on the same engine as LoRA/QLoRA.
+    from tunedock.client import RegistryClient
+
+    with RegistryClient(env["TUNEDOCK_REGISTRY_ADDRESS"]) as registry:
+        for method in ("full", "freeze"):
+            served = registry.get(rows[method]["served"])
+            assert served.lineage.extracted_from == rows[method]["output"]
+            assert served.lora_rank == rows[method]["extract_rank"] >= 1
+            assert 0.0 <= rows[method]["agreement"] <= 1.0 and rows[method]["kl"] >= 0.0
+            assert f"extracted r={rows[method]['extract_rank']}" in result.stdout
+    assert rows["lora"]["served"] == rows["lora"]["output"]
+    for answers in report["answers"].values():
+        assert set(answers) == {"base", "full", "freeze", "lora", "qlora"} and all(answers.values())
 
     plan = tunedock(
         env,

@@ -15,6 +15,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+SERVABLE_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+"""The max_lora_rank values vLLM accepts."""
+DEFAULT_MAX_LORA_RANK = 64
+"""The inference replicas' max_lora_rank unless set, and so the cap of an extracted adapter's rank."""
+
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _LAYER = re.compile(r"(?:^|\.)(layers\.\d+\..+)$")
 _NOT_TEXT = ("vision", "audio", "projector")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from services.common.lora_shapes import DEFAULT_MAX_LORA_RANK, SERVABLE_RANKS
 from services.common.settings import ServerSettings, setting
 from tunedock.errors import InvalidArgument
 
@@ -26,7 +27,7 @@ class InferenceSettings(ServerSettings):
     )
     max_loras: int = setting(4, "adapters active in one engine batch (vLLM max_loras)")
     max_cpu_loras: int = setting(16, "adapters kept in the engine's host-memory LRU (vLLM max_cpu_loras)")
-    max_lora_rank: int = setting(64, "largest adapter rank served")
+    max_lora_rank: int = setting(DEFAULT_MAX_LORA_RANK, "largest adapter rank served")
     max_model_len: int = setting(1024, "longest prompt + completion in tokens")
     dtype: str = setting(
         "auto",
@@ -66,9 +67,9 @@ class InferenceSettings(ServerSettings):
                 "need 1 <= max_loras <= max_cpu_loras, "
                 f"got max_loras={self.max_loras}, max_cpu_loras={self.max_cpu_loras}"
             )
-        if self.max_lora_rank not in (8, 16, 32, 64, 128, 256, 320, 512):
+        if self.max_lora_rank not in SERVABLE_RANKS:
             raise InvalidArgument(
-                f"max_lora_rank must be one of 8, 16, 32, 64, 128, 256, 320, 512 (vLLM), got {self.max_lora_rank}"
+                f"max_lora_rank must be one of {', '.join(map(str, SERVABLE_RANKS))} (vLLM), got {self.max_lora_rank}"
             )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise InvalidArgument(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

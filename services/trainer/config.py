@@ -214,3 +214,45 @@ def config_from_spec(spec: trainer_pb2.JobSpec) -> TrainConfig:
             optimizer=_enum(OPTIMIZERS, lora.optimizer, "lora.optimizer"),
         )
     return TrainConfig(**kwargs)
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How an adapter is cut out of a difference."""
+
+    rank: int = 0
+    """Fixed rank for every module; 0 chooses the smallest rank that keeps `energy`."""
+    energy: float = 0.9
+    """Share of ΔW's energy (squared Frobenius norm over all liftable modules) to keep when rank is 0."""
+    max_rank: int = 64
+    """Upper bound on the rank: the inference replicas' max_lora_rank."""
+    allow_dropped: bool = False
+    """Extract even when tensors LoRA cannot carry hold more than max_dropped_share of the change."""
+    max_dropped_share: float = 0.05
+    """Share of the whole change that may sit in such tensors before the extraction refuses."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise InvalidArgument(f"extract.rank must be >= 0 (0: choose by energy), got {self.rank}")
+        if self.max_rank < 1:
+            raise InvalidArgument(f"extract.max_rank must be >= 1, got {self.max_rank}")
+        if self.rank > self.max_rank:
+            raise InvalidArgument(
+                f"extract.rank {self.rank} is above max_rank {self.max_rank}, the largest rank the inference "
+                "replicas serve (their max_lora_rank); lower the rank or raise max_lora_rank on both"
+            )
+        if not 0.0 < self.energy <= 1.0:
+            raise InvalidArgument(f"extract.energy must be in (0, 1], got {self.energy}")
+        if not 0.0 <= self.max_dropped_share < 1.0:
+            raise InvalidArgument(f"extract.max_dropped_share must be in [0, 1), got {self.max_dropped_share}")
+
+
+def extract_options(spec: trainer_pb2.ExtractSpec) -> ExtractOptions:
+    """The small builder of an extraction: proto ExtractSpec -> ExtractOptions (zero means the default)."""
+    return ExtractOptions(
+        rank=spec.rank,
+        energy=spec.energy or 0.9,
+        max_rank=spec.max_rank or 64,
+        allow_dropped=spec.allow_dropped,
+        max_dropped_share=spec.max_dropped_share or 0.05,
+    )

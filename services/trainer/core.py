@@ -26,11 +26,11 @@ from services.common.audit import audit
 from services.common.auth import WorkerTokens, principal
 from services.common.basemodels import resolve_local_base
 from services.common.blobs import CHUNK, BlobStore
-from services.trainer.config import TrainConfig, config_from_spec
+from services.trainer.config import TrainConfig, config_from_spec, extract_options
 from services.trainer.data.records import parse_dataset
 from services.trainer.executor import EXIT_PLATFORM, Executor, Launch
 from services.trainer.store import TERMINAL, DatasetRow, JobRecord, JobStore, now
-from services.trainer.validation import check_against_base, inspect_base
+from services.trainer.validation import check_against_base, check_same_base, inspect_base
 from tunedock.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, TuneDockError, Unavailable
 from tunedock.refs import Ref, check_name
 from tunedock.v1 import trainer_pb2 as pb
@@ -75,6 +75,7 @@ class TrainerCore:
         registry_token: str | None = None,
         worker_tokens: WorkerTokens | None = None,
         worker_token_ttl_s: float = 86400.0,
+        max_lora_rank: int = 64,
     ) -> None:
         self.store = store
         self.datasets = datasets
@@ -87,6 +88,7 @@ class TrainerCore:
         self.registry_token = registry_token
         self.worker_tokens = worker_tokens
         self.worker_token_ttl_s = worker_token_ttl_s
+        self.max_lora_rank = max_lora_rank
         self._changed: dict[str, asyncio.Event] = {}
         self._schedule_lock = asyncio.Lock()
 
@@ -152,8 +154,13 @@ class TrainerCore:
 
     def validate(self, spec: pb.JobSpec) -> TrainConfig | None:
         spec.project = principal().project_for_write(spec.project)
+        if spec.merge_adapter and spec.HasField("extract"):
+            raise InvalidArgument("a job either merges (merge_adapter) or extracts (extract), not both")
         if spec.merge_adapter:
             self._validate_merge(spec)
+            return None
+        if spec.HasField("extract"):
+            self._validate_extract(spec)
             return None
         cfg = config_from_spec(spec)
         if not spec.output_name:
@@ -185,23 +192,12 @@ class TrainerCore:
         return cfg
 
     def _validate_merge(self, spec: pb.JobSpec) -> None:
-        from tunedock.client import RegistryClient
         from tunedock.v1 import adapter_registry_pb2
 
         if not spec.output_name:
             raise InvalidArgument("output_name is required: the registry name the merged model is published under")
         check_name(spec.output_name)
-        Ref.parse(spec.merge_adapter)
-        with RegistryClient(self.registry_address, timeout=30, token=self.registry_token) as registry:
-            try:
-                version = registry.get(spec.merge_adapter)
-            except NotFound as exc:
-                raise NotFound(f"merge_adapter {spec.merge_adapter!r}: {exc.message}") from None
-            except TuneDockError as exc:
-                raise Unavailable(f"adapter registry unavailable: {exc.message}") from None
-        if not principal().may_access(version.project):  # answered as if it did not exist
-            name = Ref.parse(spec.merge_adapter).name
-            raise NotFound(f"merge_adapter {spec.merge_adapter!r}: artifact {name!r} not found")
+        version = self._source_version(spec.merge_adapter, "merge_adapter")
         if version.kind != adapter_registry_pb2.ARTIFACT_KIND_LORA_ADAPTER:
             raise FailedPrecondition(f"merge_adapter {spec.merge_adapter!r} is not a LoRA adapter")
         base = spec.base_model or version.lineage.base_model
@@ -210,6 +206,94 @@ class TrainerCore:
                 f"the base of {spec.merge_adapter!r} ({base or 'not recorded'!r}) is not available here; "
                 "set base_model to a local directory with config.json"
             )
+
+    def _source_version(self, ref: str, field: str):
+        """The registry version `ref` names, as the caller may see it (another project's answers as missing)."""
+        from tunedock.client import RegistryClient
+
+        Ref.parse(ref)
+        with RegistryClient(self.registry_address, timeout=30, token=self.registry_token) as registry:
+            try:
+                version = registry.get(ref)
+            except NotFound as exc:
+                raise NotFound(f"{field} {ref!r}: {exc.message}") from None
+            except TuneDockError as exc:
+                raise Unavailable(f"adapter registry unavailable: {exc.message}") from None
+        if not principal().may_access(version.project):
+            raise NotFound(f"{field} {ref!r}: artifact {Ref.parse(ref).name!r} not found")
+        return version
+
+    def _validate_extract(self, spec: pb.JobSpec) -> None:
+        """An extraction: its source is a Full or Freeze result of a base this trainer can reach; knobs in range.
+
+        Filled in here so the stored spec says what ran: max_rank (this trainer's max_lora_rank when
+        unset) and, without eval datasets, the source job's data and split, so fidelity is measured
+        on the same held-out examples the source was evaluated on.
+        """
+        from services.common.basemodels import base_fingerprint
+        from tunedock.v1 import adapter_registry_pb2
+
+        x = spec.extract
+        if not spec.output_name:
+            raise InvalidArgument("output_name is required: the registry name the extracted adapter is published under")
+        check_name(spec.output_name)
+        if not x.source:
+            raise InvalidArgument("extract.source is required: the registry reference of a Full or Freeze result")
+        if x.max_rank > self.max_lora_rank:
+            raise InvalidArgument(
+                f"extract.max_rank {x.max_rank} is above {self.max_lora_rank}, the inference replicas' max_lora_rank "
+                "(trainer setting max_lora_rank): such an adapter could not be served; raise max_lora_rank on both"
+            )
+        x.max_rank = x.max_rank or self.max_lora_rank
+        extract_options(x)  # range checks, with messages naming the field
+        version = self._source_version(x.source, "extract.source")
+        kinds = (adapter_registry_pb2.ARTIFACT_KIND_MODEL, adapter_registry_pb2.ARTIFACT_KIND_DELTA)
+        if version.kind not in kinds:
+            lora = version.kind == adapter_registry_pb2.ARTIFACT_KIND_LORA_ADAPTER
+            what = "a LoRA adapter already; serve it as it is" if lora else "not a model or delta"
+            raise FailedPrecondition(
+                f"extract.source {x.source!r} is {what}: extraction takes a Full (model) or Freeze (delta) result"
+            )
+        base = spec.base_model or version.lineage.base_model
+        if not base:
+            raise FailedPrecondition(
+                f"{x.source!r} records no base model; set base_model to the model it was trained from"
+            )
+        if not base.startswith("registry://"):
+            if resolve_local_base(base) is None:
+                raise FailedPrecondition(
+                    f"the base of {x.source!r} ({base!r}) is not available here; set base_model to a local "
+                    "directory with config.json (the model it was trained from)"
+                )
+            check_same_base(
+                f"{version.name}:{version.version}",
+                version.lineage.base_fingerprint,
+                version.lineage.base_model,
+                base,
+                base_fingerprint(base),
+            )
+        for dataset_id in spec.eval_dataset_ids:
+            if self.get_dataset(dataset_id).project != spec.project:
+                raise FailedPrecondition(f"dataset {dataset_id!r} belongs to another project than the job's")
+        if not spec.eval_dataset_ids and version.lineage.job_id:
+            self._copy_eval_data(spec, version.lineage.job_id)
+
+    def _copy_eval_data(self, spec: pb.JobSpec, source_job_id: str) -> None:
+        try:
+            source = self.store.get_job(source_job_id)
+        except NotFound:
+            return  # trained elsewhere: fidelity is measured on built-in prompts
+        if source.project != spec.project:
+            return
+        trained = pb.JobSpec.FromString(source.spec)
+        spec.eval_dataset_ids[:] = trained.eval_dataset_ids
+        if not trained.eval_dataset_ids and trained.validation_split:
+            spec.train_dataset_ids[:] = trained.train_dataset_ids
+            spec.validation_split = trained.validation_split
+            spec.hyperparameters.seed = trained.hyperparameters.seed
+        spec.hyperparameters.max_seq_length = (
+            spec.hyperparameters.max_seq_length or trained.hyperparameters.max_seq_length
+        )
 
     async def submit(self, spec: pb.JobSpec) -> JobRecord:
         await asyncio.to_thread(self.validate, spec)
@@ -405,6 +489,8 @@ class TrainerCore:
 def launch_for(spec: pb.JobSpec) -> Launch:
     if spec.merge_adapter:
         return Launch(method="merge")
+    if spec.HasField("extract"):
+        return Launch(method="extract")
     h = spec.hyperparameters
     return Launch(
         method=spec.method.WhichOneof("config") or "", processes_per_node=h.processes_per_node or 1, nodes=h.nodes or 1

@@ -59,6 +59,7 @@ async def build_server(settings: TrainerSettings) -> GrpcServer:
         registry_address=settings.registry_address,
         registry_token=read_token(settings.registry_token_file),
         worker_token_ttl_s=settings.worker_token_ttl_s,
+        max_lora_rank=settings.max_lora_rank,
     )
     services = trainer_pb2.DESCRIPTOR.services_by_name
     server = GrpcServer(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from services.common.lora_shapes import DEFAULT_MAX_LORA_RANK
 from services.common.settings import ServerSettings, setting
 from tunedock.errors import InvalidArgument
 
@@ -22,6 +23,10 @@ class TrainerSettings(ServerSettings):
     max_concurrent_jobs: int = setting(1, "jobs that train at the same time; the rest queue")
     max_attempts: int = setting(3, "worker starts per job (resumes from the last checkpoint after a crash)")
     max_dataset_mb: int = setting(1024, "largest dataset upload accepted, in MiB")
+    max_lora_rank: int = setting(
+        DEFAULT_MAX_LORA_RANK,
+        "the inference replicas' max_lora_rank: extracted adapters are capped at it (keep the two settings equal)",
+    )
     registry_token_file: str = setting("", "file with this service's token for the registry (registry.read)")
     worker_key_file: str = setting(
         "", "key that signs workers' job-scoped tokens (shared with the registry); needed with --token-file"
@@ -84,6 +89,8 @@ class TrainerSettings(ServerSettings):
             raise InvalidArgument(f"gpus must be auto, none or comma-separated GPU ids, got {self.gpus!r}")
         if self.gpus_per_process < 1:
             raise InvalidArgument(f"gpus_per_process must be >= 1, got {self.gpus_per_process}")
+        if self.max_lora_rank < 1:
+            raise InvalidArgument(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         if self.max_attempts < 1:
             raise InvalidArgument(f"max_attempts must be >= 1, got {self.max_attempts}")
         if not self.database_url:

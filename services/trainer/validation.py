@@ -151,3 +151,13 @@ def check_against_base(cfg: TrainConfig, info: BaseInfo) -> None:
                 f"unknown LoRA target module(s) {unknown}; this model's linear modules are {info.linear_modules} "
                 "(or use all-linear)"
             )
+
+
+def check_same_base(source: str, recorded: str, recorded_base: str, base: str, fingerprint: str) -> None:
+    """An extraction against another base than the source's own is refused (both fingerprints known, different)."""
+    if recorded and fingerprint and recorded != fingerprint:
+        raise FailedPrecondition(
+            f"{source} was trained from {recorded_base or 'another base'} (fingerprint {recorded[:12]}), but the base "
+            f"given is {base} (fingerprint {fingerprint[:12]}): a difference against another model is not a "
+            "fine-tune; extract against the base it was trained from"
+        )

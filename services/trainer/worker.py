@@ -24,190 +24,34 @@ import argparse
 import contextlib
 import json
 import logging
-import os
-import random
 import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import struct_pb2
 
+from services.trainer.attempt import (
+    AttemptSuperseded,
+    Heartbeat,
+    PlatformUnavailable,
+    Reporter,
+    load_examples,
+    publish,
+    resolve_base,
+    split,
+    with_patience,
+)
 from services.trainer.config import TrainConfig, config_from_spec
-from services.trainer.data.records import Example, parse_dataset
 from services.trainer.executor import EXIT_PLATFORM
 from tunedock.client.channel import connect
 from tunedock.client.errors import translating
-from tunedock.errors import DeadlineExceeded, FailedPrecondition, TuneDockError, Unavailable
+from tunedock.errors import TuneDockError
 from tunedock.v1 import adapter_registry_pb2, common_pb2, trainer_pb2, trainer_pb2_grpc
 
 log = logging.getLogger("tunedock.worker")
-
-HEARTBEAT_S = 3.0
-PLATFORM_PATIENCE_S = float(os.environ.get("TUNEDOCK_WORKER_PATIENCE_S", "600"))
-"""How long a worker waits out an unreachable trainer or registry before giving up the attempt
-(TUNEDOCK_WORKER_PATIENCE_S; the trainer then starts a new attempt, which costs the job nothing)."""
-TRANSIENT = (Unavailable, DeadlineExceeded)
-
-
-class AttemptSuperseded(Exception):
-    """The trainer no longer accepts this attempt (cancelled, superseded or ended): stop quietly."""
-
-
-class PlatformUnavailable(Exception):
-    """The trainer or the registry stayed unreachable: the attempt ends without counting as a failure."""
-
-
-def event_fields(event) -> dict:
-    """A training event as the JobEvent field that carries it (the one place records meet protos)."""
-    from services.trainer.training.events import Checkpoint, Eval, Log, Progress
-
-    if isinstance(event, Progress):
-        eta = duration_pb2.Duration()
-        eta.FromNanoseconds(int(event.eta_s * 1e9))
-        return {
-            "progress": trainer_pb2.ProgressEvent(
-                step=event.step,
-                total_steps=event.total_steps,
-                epoch=event.epoch,
-                loss=event.loss,
-                learning_rate=event.learning_rate,
-                grad_norm=event.grad_norm,
-                tokens_per_second=event.tokens_per_second,
-                peak_memory_bytes=event.peak_memory_bytes,
-                eta=eta,
-            )
-        }
-    if isinstance(event, Eval):
-        return {"eval": trainer_pb2.EvalEvent(step=event.step, eval_loss=event.eval_loss)}
-    if isinstance(event, Checkpoint):
-        return {"checkpoint": trainer_pb2.CheckpointEvent(step=event.step, path=event.path)}
-    if isinstance(event, Log):
-        return {"log": trainer_pb2.LogEvent(message=event.message)}
-    raise TypeError(f"not a training event: {event!r}")
-
-
-def with_patience(call: Callable, what: str, notice: Callable[[str], None] = lambda m: None):
-    """Run `call`, retrying with backoff while the other side is unavailable, for up to PLATFORM_PATIENCE_S."""
-    deadline = time.monotonic() + PLATFORM_PATIENCE_S
-    delay = 1.0
-    while True:
-        try:
-            return call()
-        except TRANSIENT as exc:
-            if time.monotonic() + delay > deadline:
-                notice(f"{what}: unavailable ({exc.status}) for {PLATFORM_PATIENCE_S:.0f}s; ending this attempt")
-                raise PlatformUnavailable(
-                    f"{what}: unreachable for {PLATFORM_PATIENCE_S:.0f}s ({exc.status})"
-                ) from None
-            notice(f"{what}: unavailable ({exc.status}); trying again in {delay:.0f}s")
-            time.sleep(delay)
-            delay = min(delay * 2, 30.0)
-
-
-class Reporter:
-    """Sends events to the trainer; remembers whether the job was cancelled.
-
-    Ranks other than 0 of a multi-process run are silent (`enabled=False`). Progress and log
-    events are best effort while the trainer is unreachable; results and states are retried.
-    """
-
-    def __init__(self, stub, job_id: str, attempt: int, enabled: bool = True) -> None:
-        self.stub, self.job_id, self.attempt, self.enabled = stub, job_id, attempt, enabled
-        self.cancelled = False
-
-    def send(self, **event) -> None:
-        if not self.enabled:
-            return
-        request = trainer_pb2.ReportEventRequest(
-            job_id=self.job_id, attempt=self.attempt, event=trainer_pb2.JobEvent(**event)
-        )
-        request.event.time.GetCurrentTime()
-        essential = "published" in event or "state" in event
-        try:
-            if essential:
-                reply = with_patience(lambda: self.stub.ReportEvent(request, timeout=60), "the trainer")
-            else:
-                reply = self.stub.ReportEvent(request, timeout=60)
-        except FailedPrecondition as exc:
-            raise AttemptSuperseded(exc.message) from None
-        except TRANSIENT as exc:
-            log.warning("trainer unreachable; event dropped: %s", exc.status)
-            return
-        self.cancelled = self.cancelled or reply.cancel_requested
-
-    def __call__(self, event) -> None:
-        from services.trainer.training.events import Log
-
-        if isinstance(event, Log):
-            print(event.message, flush=True)
-        self.send(**event_fields(event))
-
-    def notice(self, message: str) -> None:
-        print(message, flush=True)
-        self.send(log=trainer_pb2.LogEvent(message=message))
-
-
-class Heartbeat(threading.Thread):
-    """Every HEARTBEAT_S: tells the trainer the attempt lives; exits the process once it is superseded."""
-
-    def __init__(self, stub, reporter: Reporter) -> None:
-        super().__init__(daemon=True, name="heartbeat")
-        self.stub, self.reporter = stub, reporter
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        request = trainer_pb2.HeartbeatRequest(job_id=self.reporter.job_id, attempt=self.reporter.attempt)
-        while not self.stopped.wait(HEARTBEAT_S):
-            try:
-                reply = self.stub.Heartbeat(request, timeout=10)
-                self.reporter.cancelled = self.reporter.cancelled or reply.cancel_requested
-            except FailedPrecondition as exc:
-                print(f"trainer stopped this attempt: {exc.message}", file=sys.stderr, flush=True)
-                os._exit(2)  # superseded: another attempt owns the job (and the GPU) now
-            except TuneDockError:
-                pass  # unreachable: the trainer is restarting; its new run reaps or supersedes us
-
-
-def load_examples(stub, job_id: str, dataset_ids: list[str]) -> list[Example]:
-    examples: list[Example] = []
-    for dataset_id in dataset_ids:
-        request = trainer_pb2.DownloadDatasetRequest(job_id=job_id, dataset_id=dataset_id)
-        data = with_patience(
-            lambda r=request: b"".join(c.data for c in stub.DownloadDataset(r, timeout=600)), "the trainer"
-        )
-        examples.extend(parse_dataset(data).examples)
-    return examples
-
-
-def split(cfg: TrainConfig, train: list[Example], evals: list[Example]) -> tuple[list[Example], list[Example]]:
-    if evals or not cfg.validation_split:
-        return train, evals
-    shuffled = train[:]
-    random.Random(cfg.seed).shuffle(shuffled)
-    n_eval = max(1, int(len(shuffled) * cfg.validation_split))
-    return shuffled[n_eval:], shuffled[:n_eval]
-
-
-def resolve_base(cfg: TrainConfig, registry_address: str, cache: Path) -> str:
-    """registry://name@alias -> a local directory holding that model artifact (downloaded once)."""
-    if not cfg.base_model.startswith("registry://"):
-        return cfg.base_model
-    from tunedock.client import RegistryClient
-
-    with RegistryClient(registry_address) as registry:
-        resolved = with_patience(lambda: registry.resolve(cfg.base_model.removeprefix("registry://")), "the registry")
-        if resolved.kind != adapter_registry_pb2.ARTIFACT_KIND_MODEL:
-            raise ValueError(f"{cfg.base_model} is not a model artifact")
-        target = cache / resolved.content_sha256
-        if not (target / "config.json").exists():
-            with_patience(lambda: registry.download(f"{resolved.name}:{resolved.version}", target), "the registry")
-    return str(target)
-
 
 HYPERPARAMETERS = (
     "epochs",
@@ -272,26 +116,6 @@ def kept_output(final: Path) -> tuple[str, dict] | None:
     return data["kind"], data["metrics"]
 
 
-def publish(
-    registry_address: str,
-    directory: Path,
-    name: str,
-    kind: str,
-    key: str,
-    lineage,
-    labels: dict,
-    notice: Callable[[str], None],
-):
-    """Publish with the job's idempotency key, waiting out a registry outage."""
-    from tunedock.client import RegistryClient
-
-    def attempt():
-        with RegistryClient(registry_address, timeout=120) as registry:
-            return registry.publish_dir(directory, name, kind=kind, lineage=lineage, labels=labels, idempotency_key=key)
-
-    return with_patience(attempt, "the registry", notice)
-
-
 # ---------------------------------------------------------------------------------------- run
 
 
@@ -320,6 +144,10 @@ def run(job_id: str, attempt: int, trainer: str) -> int:
     try:
         if job.spec.merge_adapter:
             return run_merge(job, reporter, assignment.registry_address, work) if dist.is_primary else 0
+        if job.spec.HasField("extract"):
+            from services.trainer.extraction import run_extract
+
+            return run_extract(job, assignment, reporter, work) if dist.is_primary else 0
         return run_training(job, assignment, reporter, dist, work)
     except AttemptSuperseded as exc:
         print(f"trainer stopped this attempt: {exc}", file=sys.stderr)
@@ -359,11 +187,12 @@ def run_training(job, assignment, reporter: Reporter, dist, work: Path) -> int:
             log.info("rank %d of %d on %s", dist.rank, dist.world_size, dist.device)
         if not dist.is_primary:
             dist.barrier()  # rank 0 downloads a registry base once; the others then find it in the cache
-        cfg.base_model = resolve_base(cfg, assignment.registry_address, checkpoints.parent / "bases")
+        cfg.base_model = resolve_base(cfg.base_model, assignment.registry_address, checkpoints.parent / "bases")
         if dist.is_primary:
             dist.barrier()
         train_examples, eval_examples = split(
-            cfg,
+            cfg.validation_split,
+            cfg.seed,
             load_examples(reporter.stub, job.id, cfg.dataset_ids),
             load_examples(reporter.stub, job.id, cfg.eval_dataset_ids),
         )

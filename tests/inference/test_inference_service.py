@@ -196,9 +196,9 @@ def test_incompatible_adapters_are_refused_and_the_engine_keeps_serving(
 ):
     from tunedock.v1 import adapter_registry_pb2 as rpb
 
-    big = _train_adapter(tiny_model_dir, tmp_path, 9, rank=32)
+    big = _train_adapter(tiny_model_dir, tmp_path, 9, rank=2 * inference_stack.max_lora_rank)
     with RegistryClient(inference_stack.registry.address) as registry:
-        registry.publish_dir(big, "inf-rank32")
+        registry.publish_dir(big, "inf-rank-too-big")
         registry.publish_dir(
             adapters["a"],
             "inf-otherbase",
@@ -209,7 +209,7 @@ def test_incompatible_adapters_are_refused_and_the_engine_keeps_serving(
             registry.publish_dir(corrupt, "inf-corrupt")  # the registry refuses it outright
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     cases = [
-        ("inf-rank32", "rank 32, above this replica's max_lora_rank 16"),
+        ("inf-rank-too-big", "rank 256, above this replica's max_lora_rank 128"),
         ("inf-otherbase", "was trained on base 'meta-llama/Llama-3-8B'"),
     ]
     for ref, fragment in cases:
@@ -225,7 +225,7 @@ def test_incompatible_adapters_are_refused_and_the_engine_keeps_serving(
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_tokens" in info.value.details()
     assert tokens(stub, PROMPTS[0], "inf-a") == tokens(stub, PROMPTS[0], "inf-a")  # still serving
     loaded = {a.name for a in stub.ListLoadedAdapters(pb.ListLoadedAdaptersRequest()).adapters}
-    assert "inf-rank32" not in loaded and "inf-otherbase" not in loaded
+    assert "inf-rank-too-big" not in loaded and "inf-otherbase" not in loaded
 
 
 @pytest.mark.parametrize("hidden", [512, 128], ids=["wider-base", "narrower-base"])

@@ -48,7 +48,52 @@ def adapters_get(ref: str, registry: str = typer.Option(REGISTRY), as_json: bool
 
     with RegistryClient(registry) as client:
         version = client.get(ref)
-    print_json(version) if as_json else console.print(version)
+    print_json(version) if as_json else show_version(version)
+
+
+def show_version(v) -> None:
+    """One version for people: what it is, where it came from, its metrics (an extraction's fidelity first)."""
+    from tunedock.cli import planner
+    from tunedock.v1 import adapter_registry_pb2, common_pb2
+
+    kind = adapter_registry_pb2.ArtifactKind.Name(v.kind).removeprefix("ARTIFACT_KIND_").lower()
+    lines = [
+        f"[bold]{v.name}:{v.version}[/bold]  {kind}  {planner.human(v.size)}  project {v.project}",
+        f"created    {v.create_time.ToDatetime():%Y-%m-%d %H:%M:%S} UTC   sha256 {v.content_sha256[:16]}",
+    ]
+    if v.aliases:
+        lines.append(f"aliases    {', '.join(sorted(v.aliases))}")
+    lineage = v.lineage
+    if lineage.base_model:
+        lines.append(f"base       {lineage.base_model}")
+    if lineage.method:
+        lines.append(f"method     {common_pb2.Method.Name(lineage.method).removeprefix('METHOD_').lower()}")
+    if lineage.extracted_from:
+        lines.append(f"extracted  from {lineage.extracted_from}")
+    if lineage.job_id:
+        lines.append(f"job        {lineage.job_id}")
+    if v.lora_rank:
+        lines.append(f"lora       r={v.lora_rank} alpha={v.lora_alpha:g} modules {', '.join(v.target_modules)}")
+    if v.labels:
+        lines.append("labels     " + ", ".join(f"{label.key}={label.value}" for label in v.labels))
+    for line in lines:
+        console.print(line, highlight=False)
+    metrics = {m.name: m.value for m in lineage.metrics}
+    per_module = {k.split(".", 1)[1]: x for k, x in metrics.items() if k.startswith("retained_energy.")}
+    if metrics:
+        table = Table("metric", "value", title="metrics")
+        for name, value in sorted(metrics.items()):
+            if name.startswith("retained_energy."):
+                continue
+            table.add_row(name, f"{value:,.0f}" if value == int(value) and abs(value) >= 1000 else f"{value:.6g}")
+        if per_module:
+            worst = min(per_module, key=per_module.__getitem__)
+            table.add_row(
+                "retained energy per module",
+                f"{len(per_module)} modules, mean {sum(per_module.values()) / len(per_module):.1%}, "
+                f"lowest {per_module[worst]:.1%} ({worst}); all in --json",
+            )
+        console.print(table)
 
 
 @adapters_app.command("alias")

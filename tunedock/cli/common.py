@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 
 import typer
 from google.protobuf import json_format
@@ -18,8 +19,16 @@ from rich.console import Console
 
 from tunedock.errors import TuneDockError
 
-console = Console()
-err = Console(stderr=True)
+
+def _console(stderr: bool = False) -> Console:
+    """A terminal gets its own width; a pipe or file gets whole lines (rich would cut tables to 80 columns)."""
+    stream = sys.stderr if stderr else sys.stdout
+    wide = not stream.isatty() and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, width=100_000 if wide else None)
+
+
+console = _console()
+err = _console(stderr=True)
 
 TRAINER = os.environ.get("TUNEDOCK_TRAINER_ADDRESS", "127.0.0.1:50051")
 REGISTRY = os.environ.get("TUNEDOCK_REGISTRY_ADDRESS", "127.0.0.1:50052")

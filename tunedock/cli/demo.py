@@ -1,10 +1,12 @@
 """The end-to-end demo (`make demo` / `tunedock demo`): train four ways, publish, hot-swap per request.
 
 Starts the three services on the embedded defaults, uploads two shipped datasets that teach
-visibly different behaviour (a pirate and a robot), trains a LoRA adapter, a QLoRA adapter
-and a Freeze run with live progress, moves a `prod` alias, then asks the same prompts with no
-adapter, with each adapter and through the alias, all concurrently, and prints the answers
-side by side. Exits non-zero if any step fails or the adapters do not change the output.
+visibly different behaviour (a pirate and a robot), trains with all four methods (LoRA and
+Freeze on the pirate, QLoRA and Full on the robot) with live progress, extracts LoRA adapters
+from the Freeze and Full results (rank, kept share and greedy agreement shown), moves a `prod`
+alias, then asks the same prompts with no adapter, with each method's adapter and through the
+alias, all concurrently on one engine, and prints the answers side by side. Exits non-zero if
+any step fails or the adapters do not change the output.
 """
 
 from __future__ import annotations
@@ -37,13 +39,13 @@ def _data(name: str) -> Path:
     return Path(str(resources.files("tunedock.data").joinpath(name)))
 
 
-def _train(console: Console, trainer: TrainerClient, base: str, name: str, method, dataset_id: str) -> str:
+def _train(console: Console, trainer: TrainerClient, base: str, name: str, method, dataset_id: str, **hyper) -> str:
     spec = tpb.JobSpec(
         base_model=base,
         method=method,
         train_dataset_ids=[dataset_id],
         output_name=name,
-        hyperparameters=tpb.Hyperparameters(**HYPER),
+        hyperparameters=tpb.Hyperparameters(**(HYPER | hyper)),
     )
     job = trainer.submit(spec)
     console.print(f"[bold]{name}[/bold]: job {job.id} ({method.WhichOneof('config')})")
@@ -59,6 +61,22 @@ def _train(console: Console, trainer: TrainerClient, base: str, name: str, metho
         raise DemoFailed(f"{name} ended {tpb.JobState.Name(done.state)}: {done.error}")
     console.print(f"  published [green]{done.output_ref}[/green]")
     return done.output_ref
+
+
+def _extract(console: Console, trainer: TrainerClient, source: str, name: str) -> tuple[str, int]:
+    """A LoRA adapter cut out of a Freeze or Full result (the rank that keeps 90% of the change, capped)."""
+    job = trainer.extract(source, name, energy=0.9, allow_dropped=True)
+    done = trainer.wait(job.id, timeout=900)
+    if done.state != tpb.JOB_STATE_SUCCEEDED:
+        raise DemoFailed(f"extracting {source} ended {tpb.JobState.Name(done.state)}: {done.error}")
+    m = {x.name: x.value for x in done.metrics}
+    console.print(
+        f"[bold]{name}[/bold]: extracted from {source}: rank {m['extract_rank']:.0f} keeps "
+        f"{m['extract_retained_energy']:.0%} of the change ({m['extract_dropped_share']:.0%} was in tensors LoRA "
+        f"cannot carry); greedy agreement with {source} {m['extract_greedy_agreement']:.0%}"
+    )
+    console.print(f"  published [green]{done.output_ref}[/green]")
+    return done.output_ref, int(m["extract_rank"])
 
 
 def run_demo(home: Path, base_model: str, port_offset: int = 0, console: Console | None = None) -> int:
@@ -101,8 +119,19 @@ def run_demo(home: Path, base_model: str, port_offset: int = 0, console: Console
             common_pb2.MethodConfig(freeze=common_pb2.FreezeConfig(trainable_layers=1)),
             pirate.id,
         )
+        full = _train(
+            console,
+            trainer,
+            base_model,
+            "demo-robot-full",
+            common_pb2.MethodConfig(full=common_pb2.FullConfig()),
+            robot.id,
+            learning_rate=1e-3,
+        )
+        freeze_lora, freeze_rank = _extract(console, trainer, freeze, "demo-pirate-freeze-lora")
+        full_lora, full_rank = _extract(console, trainer, full, "demo-robot-full-lora")
         registry.set_alias("demo-pirate-lora", "prod", int(lora.split(":")[1]))
-        console.print(f"alias demo-pirate-lora@prod -> {lora}  (the Freeze delta {freeze} serves as its own model)")
+        console.print(f"alias demo-pirate-lora@prod -> {lora}")
 
         channel = connect(stack.address("inference"), token=token)
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
@@ -110,6 +139,8 @@ def run_demo(home: Path, base_model: str, port_offset: int = 0, console: Console
             "base model": "",
             "pirate (LoRA)": lora,
             "robot (QLoRA)": qlora,
+            f"pirate (Freeze, extracted r={freeze_rank})": freeze_lora,
+            f"robot (Full, extracted r={full_rank})": full_lora,
             "pirate via @prod alias": "demo-pirate-lora@prod",
         }
 
@@ -137,8 +168,10 @@ def run_demo(home: Path, base_model: str, port_offset: int = 0, console: Console
         for p in PROMPTS:
             texts = [answers[(p, a)].completions[0].text for a in columns.values()]
             if len({texts[0], texts[1], texts[2]}) != 3:
-                raise DemoFailed(f"for {p!r} the base and the two adapters did not all answer differently")
-            if texts[1] != texts[3]:
+                raise DemoFailed(f"for {p!r} the base and the LoRA and QLoRA adapters did not all answer differently")
+            if texts[0] in (texts[3], texts[4]):
+                raise DemoFailed(f"for {p!r} an extracted adapter answered as the base does")
+            if texts[1] != texts[5]:
                 raise DemoFailed("the prod alias did not serve the LoRA adapter it points at")
         console.print(f"[green]demo finished in {time.perf_counter() - started:.0f}s[/green]")
         return 0

@@ -9,6 +9,14 @@ from rich.table import Table
 from tunedock.cli.common import TRAINER, cli_errors, console, fail, print_json
 from tunedock.cli.train import watch_job
 
+
+def job_kind(spec) -> str:
+    """full | freeze | lora | qlora | merge | extract."""
+    if spec.HasField("extract"):
+        return "extract"
+    return spec.method.WhichOneof("config") or "merge"
+
+
 jobs_app = typer.Typer(help="Fine-tune jobs.", no_args_is_help=True)
 
 
@@ -29,7 +37,7 @@ def jobs_ls(trainer: str = typer.Option(TRAINER), as_json: bool = typer.Option(F
         table.add_row(
             j.id,
             pb.JobState.Name(j.state)[10:].lower(),
-            j.spec.method.WhichOneof("config") or "merge",
+            job_kind(j.spec),
             f"{j.step}/{j.total_steps}",
             j.output_ref,
         )

@@ -114,13 +114,12 @@ def watch_job(client, job_id: str, quiet: bool = False):
             kind = event.WhichOneof("event")
             if kind == "progress":
                 p = event.progress
-                losses.append(p.loss)
-                progress.update(
-                    task,
-                    total=p.total_steps,
-                    completed=p.step,
-                    stats=f"loss {p.loss:.3f}  {p.tokens_per_second:,.0f} tok/s  {sparkline(losses)}",
-                )
+                if p.tokens_per_second:  # a training step
+                    losses.append(p.loss)
+                    stats = f"loss {p.loss:.3f}  {p.tokens_per_second:,.0f} tok/s  {sparkline(losses)}"
+                else:  # a job without an optimizer (an extraction): modules done
+                    stats = f"peak {p.peak_memory_bytes / 2**20:,.0f} MiB"
+                progress.update(task, total=p.total_steps, completed=p.step, stats=stats)
             elif kind == "state":
                 progress.update(task, description=f"{job_id} {pb.JobState.Name(event.state.state)[10:].lower()}")
             elif kind == "log" and not quiet:

@@ -47,6 +47,43 @@ class TrainerClient(ServiceClient):
     def submit(self, spec: pb.JobSpec) -> pb.Job:
         return self.stub.SubmitJob(pb.SubmitJobRequest(spec=spec), timeout=self.timeout).job
 
+    def extract(
+        self,
+        source: str,
+        output_name: str,
+        *,
+        rank: int = 0,
+        energy: float = 0.0,
+        max_rank: int = 0,
+        base_model: str = "",
+        allow_dropped: bool = False,
+        max_dropped_share: float = 0.0,
+        eval_dataset_ids: list[str] | None = None,
+        labels: dict[str, str] | None = None,
+        project: str = "",
+    ) -> pb.Job:
+        """Submit an extraction: a Full or Freeze result (`source`, "name:version" or "name@alias") becomes a
+        LoRA adapter published as `output_name`. rank=0 picks the smallest rank keeping `energy` (default
+        0.9) of the change; zero values mean the documented defaults (see ExtractSpec)."""
+        from tunedock.v1 import common_pb2
+
+        spec = pb.JobSpec(
+            base_model=base_model,
+            output_name=output_name,
+            project=project,
+            eval_dataset_ids=eval_dataset_ids or [],
+            labels=[common_pb2.Label(key=k, value=v) for k, v in (labels or {}).items()],
+            extract=pb.ExtractSpec(
+                source=source,
+                rank=rank,
+                energy=energy,
+                max_rank=max_rank,
+                allow_dropped=allow_dropped,
+                max_dropped_share=max_dropped_share,
+            ),
+        )
+        return self.submit(spec)
+
     def get(self, job_id: str) -> pb.Job:
         return self.stub.GetJob(pb.GetJobRequest(id=job_id), timeout=self.timeout).job
 

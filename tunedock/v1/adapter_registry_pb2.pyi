@@ -47,7 +47,7 @@ class FileEntry(_message.Message):
     def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class Lineage(_message.Message):
-    __slots__ = ("base_model", "base_fingerprint", "method", "method_config", "job_id", "dataset_ids", "hyperparameters", "metrics")
+    __slots__ = ("base_model", "base_fingerprint", "method", "method_config", "job_id", "dataset_ids", "hyperparameters", "metrics", "extracted_from")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     BASE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class Lineage(_message.Message):
     DATASET_IDS_FIELD_NUMBER: _ClassVar[int]
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    EXTRACTED_FROM_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     base_fingerprint: str
     method: _common_pb2.Method
@@ -64,7 +65,8 @@ class Lineage(_message.Message):
     dataset_ids: _containers.RepeatedScalarFieldContainer[str]
     hyperparameters: _struct_pb2.Struct
     metrics: _containers.RepeatedCompositeFieldContainer[_common_pb2.Metric]
-    def __init__(self, base_model: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., method: _Optional[_Union[_common_pb2.Method, str]] = ..., method_config: _Optional[_Union[_common_pb2.MethodConfig, _Mapping]] = ..., job_id: _Optional[str] = ..., dataset_ids: _Optional[_Iterable[str]] = ..., hyperparameters: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., metrics: _Optional[_Iterable[_Union[_common_pb2.Metric, _Mapping]]] = ...) -> None: ...
+    extracted_from: str
+    def __init__(self, base_model: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., method: _Optional[_Union[_common_pb2.Method, str]] = ..., method_config: _Optional[_Union[_common_pb2.MethodConfig, _Mapping]] = ..., job_id: _Optional[str] = ..., dataset_ids: _Optional[_Iterable[str]] = ..., hyperparameters: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., metrics: _Optional[_Iterable[_Union[_common_pb2.Metric, _Mapping]]] = ..., extracted_from: _Optional[str] = ...) -> None: ...
 
 class Manifest(_message.Message):
     __slots__ = ("name", "kind", "files", "lineage", "labels", "description", "project", "idempotency_key")
