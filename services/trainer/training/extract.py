@@ -254,14 +254,26 @@ def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _difference(tuned: Checkpoint, base: Checkpoint, key: str, device: torch.device) -> torch.Tensor:
+    """W_tuned - W_base in float32: one float32 tensor (the subtraction casts the base's dtype on the fly,
+    and the checkpoints' own tensors are memory-mapped)."""
+    diff = tuned.get(key).to(device, torch.float32, copy=True)
+    diff -= base.get(key).to(device)
+    return diff
+
+
+def _energy(diff: torch.Tensor) -> float:
+    """||diff||_F^2 accumulated in float64, squaring a block of rows at a time (no second full-size tensor)."""
+    return sum(float(torch.sum(torch.square(rows), dtype=torch.float64)) for rows in diff.split(1024))
+
+
 def measure_dropped(base: Checkpoint, tuned: Checkpoint, partial: bool) -> tuple[dict[str, float], dict[str, float]]:
     """({liftable module weight: ||ΔW||²}, {other tensor: ||Δ||²}) of every tensor that changed."""
     device = _device()
     lift: dict[str, float] = {}
     dropped: dict[str, float] = {}
     for key in changed_pairs(base, tuned, partial):
-        diff = tuned.get(key).to(device, torch.float32) - base.get(key).to(device, torch.float32)
-        energy = float(torch.sum(diff.double() ** 2))
+        energy = _energy(_difference(tuned, base, key, device))
         if energy == 0.0:
             continue
         (lift if liftable(key, base.shape(key)) else dropped)[key] = energy
@@ -319,7 +331,7 @@ def extract_lora(
         factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         reports: list[ModuleReport] = []
         for done, key in enumerate(sorted(lift, key=_module_order), start=1):
-            diff = tuned.get(key).to(device, torch.float32) - base.get(key).to(device, torch.float32)
+            diff = _difference(tuned, base, key, device)
             u, s, vh, how = top_singular(diff, keep)
             factors[key] = (u.cpu(), s.cpu(), vh.cpu())
             shape = tuple(diff.shape)
@@ -383,7 +395,7 @@ def _write_adapter(
         a = torch.zeros(rank, in_features)
         b = torch.zeros(out_features, rank)
         if key in by_layer_key:
-            u, s, vh = factors[by_layer_key[key]]
+            u, s, vh = factors.pop(by_layer_key[key])  # written out: the float32 factors can go
             r = min(rank, len(s))
             root = torch.sqrt(s[:r])
             b[:, :r] = u[:, :r] * root
