@@ -21,9 +21,11 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from services.common.lora_shapes import adapter_module_shapes, mismatches
 from services.common.safetensors_info import read_header
@@ -158,8 +160,10 @@ class AdapterResolver:
             for ref in [r for r in self._cache if _name_of(r) == name]:
                 del self._cache[ref]
 
-    def follow(self, stop: threading.Event) -> None:
-        """Invalidate on registry events until `stop`; reconnects after registry outages, resuming by event id."""
+    def follow(self, stop: threading.Event, on_event: Callable[[Any], None] | None = None) -> None:
+        """Invalidate on registry events until `stop`; reconnects after registry outages, resuming by event id.
+
+        `on_event` sees each event after its name's resolutions were dropped (warm-on-promote uses it)."""
         current: list = [None]
 
         def cancel_on_stop() -> None:
@@ -175,6 +179,8 @@ class AdapterResolver:
                 for event in current[0]:
                     last = event.event_id
                     self.invalidate(event.name)  # publish moves latest; other events move or remove refs
+                    if on_event is not None:
+                        on_event(event)
             except TuneDockError:
                 stop.wait(0.2)
 

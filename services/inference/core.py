@@ -8,6 +8,7 @@ engine for the final output only; streams get deltas.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,8 +17,10 @@ from dataclasses import dataclass, field
 from services.common.auth import principal
 from services.inference.adapters import AdapterCache, AdapterResolver, CachedAdapter, ResolvedAdapter, lora_int_id
 from services.inference.scheduler import AdapterScheduler
-from tunedock.errors import InvalidArgument, NotFound
+from tunedock.errors import InvalidArgument, NotFound, TuneDockError
 from tunedock.refs import Ref
+
+log = logging.getLogger(__name__)
 
 NULL_SLOT = "__base__"
 
@@ -73,6 +76,8 @@ class InferenceCore:
         self.metrics = metrics
         self.limits = limits
         self.scheduler = scheduler
+        self.served: dict[str, float] = {}
+        """Adapter name -> when this replica last served it: the names a proxy hashes here."""
 
     def _validate(self, req: GenerateInput) -> str:
         if bool(req.prompt) == bool(req.messages):
@@ -125,6 +130,8 @@ class InferenceCore:
     async def generate(self, req: GenerateInput) -> AsyncIterator[Delta]:
         prompt = self._validate(req)
         resolved, entry = (await self.acquire_adapter(req.adapter)) if req.adapter else (None, None)
+        if resolved is not None:
+            self.served[resolved.name] = time.monotonic()
         try:
             async with self.scheduler.admit(self._slot(entry)):
                 async for delta in self._run(prompt, req, resolved, entry):
@@ -201,6 +208,25 @@ class InferenceCore:
                 await asyncio.to_thread(self.cache.release, entry)
             entries.append(entry)
         return entries
+
+    def owns(self, name: str, window_s: float) -> bool:
+        """Whether this replica served `name` in the last `window_s` seconds.
+
+        Behind the affinity proxy (deploy/haproxy) the requests for a name land on the replica its
+        hash picks, so the replicas that served it are the ones that will serve its next version:
+        no replica needs to recompute the proxy's hash ring to know what it owns.
+        """
+        last = self.served.get(name)
+        return last is not None and time.monotonic() - last <= window_s
+
+    async def warm(self, ref: str) -> None:
+        """Load `ref` into the engine ahead of its first request (an alias moved to it, or it was published)."""
+        try:
+            await self.preload([ref], pin=False)
+            self.metrics.adapters_warmed.inc()
+            log.info("warmed %s after its promotion", ref)
+        except TuneDockError as exc:  # not servable here (another base, too large): its requests will say so
+            log.info("did not warm %s: %s", ref, exc.message)
 
     async def unload(self, ref: str) -> bool:
         resolved = await self.resolve_for_caller(ref)

@@ -23,6 +23,7 @@ from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
 from tunedock.client import RegistryClient
 from tunedock.client.channel import read_token
+from tunedock.v1 import adapter_registry_pb2 as rpb
 from tunedock.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class InferenceMetrics:
     admission_wait: Histogram
     isolation: Gauge
     engine_restarts: Counter
+    adapters_warmed: Counter
 
     @classmethod
     def create(cls, registry) -> InferenceMetrics:
@@ -76,6 +78,11 @@ class InferenceMetrics:
                 registry=registry,
             ),
             Counter("tunedock_inference_engine_restarts", "Engines rebuilt after dying.", registry=registry),
+            Counter(
+                "tunedock_adapter_warmed",
+                "Adapters loaded ahead of their first request (promotions).",
+                registry=registry,
+            ),
         )
 
 
@@ -209,7 +216,16 @@ async def build_server(settings: InferenceSettings, engine=None) -> GrpcServer:
         )
     ]
     stop = threading.Event()
-    threading.Thread(target=resolver.follow, args=(stop,), daemon=True, name="registry-watch").start()
+    loop = asyncio.get_running_loop()
+
+    def warm_on_promote(event) -> None:
+        """An alias moved, or a version was published (`latest` moved): a replica that serves the name loads
+        the version it now points at, so the first request after a promotion finds it warm."""
+        promoted = event.type in (rpb.EVENT_TYPE_ALIAS_MOVED, rpb.EVENT_TYPE_PUBLISHED)
+        if settings.warm_on_promote and promoted and core.owns(event.name, settings.warm_window_s):
+            asyncio.run_coroutine_threadsafe(core.warm(f"{event.name}:{event.version}"), loop)
+
+    threading.Thread(target=resolver.follow, args=(stop, warm_on_promote), daemon=True, name="registry-watch").start()
     supervisor = EngineSupervisor(server, core, build, metrics)
     server.after_start.append(supervisor.start)
     server.on_stop.insert(0, supervisor.stop)

@@ -45,6 +45,10 @@ class InferenceSettings(ServerSettings):
         "how a request's output stays independent of its batch-mates: auto (the engine's own LoRA kernels on GPUs, "
         "TuneDock's fix of vLLM's CPU ops, else a zero adapter for base requests), null-adapter, or off",
     )
+    warm_on_promote: bool = setting(
+        True, "load an adapter's new version when its alias moves, if this replica served the name recently"
+    )
+    warm_window_s: float = setting(86400.0, "how recently a name must have been served here to be warmed on promote")
     admission_max_wait_s: float = setting(
         2.0, "longest a request waits for its adapter's turn before other adapters drain for it"
     )

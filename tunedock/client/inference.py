@@ -5,8 +5,28 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from tunedock.client.channel import ServiceClient
+from tunedock.errors import TuneDockError
+from tunedock.refs import Ref
 from tunedock.v1 import inference_pb2 as pb
 from tunedock.v1 import inference_pb2_grpc
+
+ROUTING_KEY = "x-tunedock-adapter"
+"""Metadata naming the request's adapter, for a proxy in front of several replicas to route on."""
+
+
+def routing_metadata(adapter: str) -> tuple[tuple[str, str], ...]:
+    """The adapter's name as routing metadata (none for the base model).
+
+    The name, not the version or alias: deploy/haproxy hashes on it, so every version of an
+    adapter lands on the replica that already serves it, and a promotion finds it warm there.
+    """
+    if not adapter:
+        return ()
+    try:
+        name = Ref.parse(adapter).name
+    except TuneDockError:
+        name = adapter  # the server answers what is wrong with it
+    return ((ROUTING_KEY, name),)
 
 
 class InferenceClient(ServiceClient):
@@ -34,13 +54,17 @@ class InferenceClient(ServiceClient):
     def generate(self, prompt: str = "", adapter: str = "", **kwargs) -> pb.GenerateUnaryResponse:
         """The whole completion (greedy unless temperature > 0)."""
         return self.stub.GenerateUnary(
-            pb.GenerateUnaryRequest(params=self.params(prompt, adapter=adapter, **kwargs)), timeout=self.timeout
+            pb.GenerateUnaryRequest(params=self.params(prompt, adapter=adapter, **kwargs)),
+            timeout=self.timeout,
+            metadata=routing_metadata(adapter),
         )
 
     def stream(self, prompt: str = "", adapter: str = "", **kwargs) -> Iterator[pb.GenerateResponse]:
         """Text deltas as they are generated."""
         yield from self.stub.Generate(
-            pb.GenerateRequest(params=self.params(prompt, adapter=adapter, **kwargs)), timeout=self.timeout
+            pb.GenerateRequest(params=self.params(prompt, adapter=adapter, **kwargs)),
+            timeout=self.timeout,
+            metadata=routing_metadata(adapter),
         )
 
     def preload(self, adapters: list[str], pin: bool = False) -> list[pb.LoadedAdapter]:

@@ -1,0 +1,150 @@
+"""Two inference replicas behind HAProxy (deploy/haproxy/haproxy.cfg), found through DNS SRV records.
+
+Real processes throughout: two `services.inference` replicas with their own vLLM engines, dnsmasq
+publishing them as a headless Service does, HAProxy with the repository's config, and the SDK.
+What lands where is read from the replicas' own metrics.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.inference.test_inference_service import _train_adapter
+from tunedock.cli.local_fleet import LocalFleet
+from tunedock.client import InferenceClient, RegistryClient
+from tunedock.v1 import inference_pb2 as ipb
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+ADAPTERS = [f"route-{i}" for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def fleet(inference_stack, tiny_model_dir, tmp_path_factory):
+    registry = inference_stack.registry.address
+    home = tmp_path_factory.mktemp("fleet")
+    with RegistryClient(registry) as client:
+        for i, name in enumerate(ADAPTERS):
+            client.publish_dir(_train_adapter(tiny_model_dir, home, 100 + i), name)
+    fleet = LocalFleet(
+        home,
+        str(tiny_model_dir),
+        registry,
+        replica_args=[
+            "--max-loras",
+            "2",
+            "--max-cpu-loras",
+            "4",
+            "--max-lora-rank",
+            "16",
+            "--max-model-len",
+            "512",
+            "--dtype",
+            "float32",
+        ],
+        env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
+    fleet.start()
+    try:
+        fleet.wait_ready(timeout=600)
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+def _ask(client: InferenceClient, adapter: str = "") -> str:
+    return client.generate("Tell me about the moon.", adapter, max_tokens=4).completions[0].text
+
+
+def _owners(fleet: LocalFleet) -> dict[str, int]:
+    """{adapter: the replica that served it}, asserting each was served by exactly one."""
+    served = {r.index: fleet.adapter_requests(r.index) for r in fleet.members}
+    owners = {}
+    for name in ADAPTERS:
+        on = [index for index, counts in served.items() if counts.get(name, 0) > 0]
+        assert len(on) == 1, f"{name} was served by replicas {on}: {served}"
+        owners[name] = on[0]
+    return owners
+
+
+def _unary_calls(fleet: LocalFleet, index: int) -> float:
+    return sum(
+        v
+        for k, v in fleet.metrics(index).items()
+        if k.startswith("tunedock_rpc_requests_total{") and 'method="GenerateUnary"' in k and 'code="OK"' in k
+    )
+
+
+def _counts(fleet: LocalFleet) -> dict[int, dict[str, float]]:
+    return {r.index: fleet.adapter_requests(r.index) for r in fleet.members}
+
+
+def test_each_adapter_lands_on_one_replica_and_base_requests_spread(fleet):
+    with InferenceClient(fleet.proxy_address) as client:
+        for _ in range(3):
+            for name in ADAPTERS:
+                _ask(client, name)
+        for _ in range(8):
+            _ask(client)
+    owners = _owners(fleet)
+    counts = _counts(fleet)
+    assert all(counts[owners[name]][name] == 3 for name in ADAPTERS)
+    assert set(owners.values()) == {1, 2}, f"the hash put every adapter on one replica: {owners}"
+    base = {r.index: _unary_calls(fleet, r.index) - sum(counts[r.index].values()) for r in fleet.members}
+    assert sum(base.values()) == 8 and min(base.values()) >= 2, f"base requests did not spread: {base}"
+
+
+def test_a_promotion_is_warmed_on_the_replica_that_owns_the_adapter(fleet, inference_stack, tiny_model_dir, tmp_path):
+    name = ADAPTERS[0]
+    owner = _owners(fleet)[name]
+    other = 3 - owner
+    with RegistryClient(inference_stack.registry.address) as registry:
+        version = registry.publish_dir(_train_adapter(tiny_model_dir, tmp_path, 999), name).version
+        registry.set_alias(name, "prod", version.version)
+
+    def loaded(index: int) -> set[str]:
+        with InferenceClient(fleet.members[index - 1].address) as client:
+            return {f"{a.name}:{a.version}" for a in client.loaded() if a.state == ipb.ADAPTER_CACHE_STATE_LOADED}
+
+    deadline = time.monotonic() + 60
+    while f"{name}:{version.version}" not in loaded(owner) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert f"{name}:{version.version}" in loaded(owner)
+    assert fleet.metrics(owner)["tunedock_adapter_warmed_total"] >= 1
+    assert f"{name}:{version.version}" not in loaded(other)
+    with InferenceClient(fleet.proxy_address) as client:
+        reply = client.generate("Tell me about the moon.", f"{name}@prod", max_tokens=4)
+    assert reply.adapter_version == f"{name}:{version.version}"
+    assert _counts(fleet)[owner].get(name, 0) == 4  # three before, this one: the same replica
+
+
+def test_a_killed_replica_moves_only_its_adapters_and_gets_them_back(fleet):
+    owners = _owners(fleet)
+    victim = owners[ADAPTERS[1]]
+    survivor = 3 - victim
+    before = _counts(fleet)
+    fleet.kill_replica(victim)
+    time.sleep(1.0)  # one health-check interval (inter 1s); the first failed connection marks it down anyway
+    failures = []
+    with InferenceClient(fleet.proxy_address, timeout=120) as client:
+        for name in ADAPTERS:
+            try:
+                _ask(client, name)
+            except Exception as exc:
+                failures.append((name, exc))
+    assert failures == [], failures
+    after = fleet.adapter_requests(survivor)
+    # Every adapter was served by the survivor; the survivor's own adapters never moved.
+    assert all(after.get(n, 0) == before[survivor].get(n, 0) + 1 for n in ADAPTERS), (before, after)
+
+    fleet.start_replica(victim)
+    fleet.wait_ready(timeout=600)
+    moved_back = {n for n in ADAPTERS if owners[n] == victim}
+    with InferenceClient(fleet.proxy_address) as client:
+        for name in ADAPTERS:
+            _ask(client, name)
+    back = fleet.adapter_requests(victim)
+    assert {n for n, c in back.items() if c > 0} == moved_back, "the hash did not move the victim's adapters back"
+    final = fleet.adapter_requests(survivor)
+    assert all(final.get(n, 0) == after.get(n, 0) + (0 if n in moved_back else 1) for n in ADAPTERS)

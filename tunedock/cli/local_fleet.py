@@ -1,0 +1,234 @@
+"""Several inference replicas behind HAProxy on this machine, routed by adapter (deploy/haproxy/haproxy.cfg).
+
+What the Kubernetes `gpu` overlay runs, on one host: N `services.inference` processes, a DNS
+server (dnsmasq) publishing them as SRV records the way a headless Service does, and HAProxy
+with the repository's own config. The tests and bench/routing.py use it; `proxy_address` is
+where clients connect. Needs Debian's `haproxy` and `dnsmasq-base` (`.ci/run` installs them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunedock.healthcheck import check_health
+
+CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "haproxy" / "haproxy.cfg"
+SRV_NAME = "_grpc._tcp.inference.tunedock.test"
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def need(binary: str, package: str) -> str:
+    path = shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/sbin")
+    if path is None:
+        raise RuntimeError(f"{binary} is not installed: apt-get install {package}")
+    return path
+
+
+@dataclass
+class Replica:
+    index: int
+    port: int
+    metrics_port: int
+    data_dir: Path
+    process: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@dataclass
+class LocalFleet:
+    """`replicas` inference processes serving `base_model` from `registry_address`, behind one HAProxy."""
+
+    home: Path
+    base_model: str
+    registry_address: str
+    replicas: int = 2
+    replica_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    members: list[Replica] = field(default_factory=list)
+    _dns: subprocess.Popen | None = None
+    _proxy: subprocess.Popen | None = None
+
+    def __post_init__(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.proxy_port, self.admin_port, self.dns_port = free_port(), free_port(), free_port(socket.SOCK_DGRAM)
+        self.members = [
+            Replica(i, free_port(), free_port(), self.home / f"replica-{i}") for i in range(1, self.replicas + 1)
+        ]
+
+    @property
+    def proxy_address(self) -> str:
+        return f"127.0.0.1:{self.proxy_port}"
+
+    # ------------------------------------------------------------------------------ processes
+
+    def start(self) -> None:
+        for replica in self.members:
+            self.start_replica(replica.index)
+        self._start_dns()
+        self._start_proxy()
+
+    def start_replica(self, index: int) -> None:
+        replica = self.members[index - 1]
+        replica.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            sys.executable,
+            "-m",
+            "services.inference",
+            "--port",
+            str(replica.port),
+            "--metrics-port",
+            str(replica.metrics_port),
+            "--data-dir",
+            str(replica.data_dir),
+            "--base-model",
+            self.base_model,
+            "--registry-address",
+            self.registry_address,
+            *self.replica_args,
+        ]
+        env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | {"PYTHONUNBUFFERED": "1"} | self.env
+        log = (self.home / f"replica-{index}.log").open("ab")
+        replica.process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill_replica(self, index: int) -> None:
+        """SIGKILL, as a crash or a lost node: no graceful drain."""
+        replica = self.members[index - 1]
+        if replica.process is not None and replica.process.poll() is None:
+            os.killpg(replica.process.pid, signal.SIGKILL)
+            replica.process.wait()
+
+    def _start_dns(self) -> None:
+        records = []
+        for replica in self.members:
+            host = f"replica-{replica.index}.inference.tunedock.test"
+            records += [f"--host-record={host},127.0.0.1", f"--srv-host={SRV_NAME},{host},{replica.port},0,100"]
+        self._dns = subprocess.Popen(
+            [
+                need("dnsmasq", "dnsmasq-base"),
+                "--keep-in-foreground",
+                f"--port={self.dns_port}",
+                "--listen-address=127.0.0.1",
+                "--bind-interfaces",
+                "--no-resolv",
+                "--no-hosts",
+                "--conf-file=/dev/null",
+                "--pid-file=",
+                *records,
+            ],
+            stdout=(self.home / "dns.log").open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def _start_proxy(self) -> None:
+        env = {
+            **os.environ,
+            "TUNEDOCK_PROXY_BIND": self.proxy_address,
+            "TUNEDOCK_PROXY_ADMIN": f"127.0.0.1:{self.admin_port}",
+            "TUNEDOCK_INFERENCE_SRV": SRV_NAME,
+            "TUNEDOCK_DNS_SERVER": f"127.0.0.1:{self.dns_port}",
+        }
+        self._proxy = subprocess.Popen(
+            [need("haproxy", "haproxy"), "-W", "-db", "-f", str(CONFIG)],
+            env=env,
+            stdout=(self.home / "haproxy.log").open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def stop(self) -> None:
+        for replica in self.members:
+            if replica.process is not None and replica.process.poll() is None:
+                replica.process.send_signal(signal.SIGTERM)
+        for proc in (self._proxy, self._dns):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+        for replica in self.members:
+            if replica.process is not None:
+                try:
+                    replica.process.wait(30)
+                except subprocess.TimeoutExpired:
+                    self.kill_replica(replica.index)
+        for proc in (self._proxy, self._dns):
+            if proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(10)
+
+    # ------------------------------------------------------------------------------- state
+
+    def proxy_servers(self) -> dict[tuple[str, str], dict]:
+        """HAProxy's view: {(backend, server): stats row} of the replicas that DNS filled in."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/stats;csv", timeout=5) as reply:
+            text = reply.read().decode().lstrip("# ")
+        rows = {}
+        for row in csv.DictReader(io.StringIO(text)):
+            if row["svname"] not in ("FRONTEND", "BACKEND") and row.get("addr"):
+                rows[(row["pxname"], row["svname"])] = row
+        return rows
+
+    def server_of(self, replica: Replica) -> str:
+        """HAProxy's server slot name of `replica` (DNS decides which slot a replica fills)."""
+        for (backend, server), row in self.proxy_servers().items():
+            if backend == "by_adapter" and row["addr"] == replica.address:
+                return server
+        raise KeyError(replica.address)
+
+    def wait_ready(self, timeout: float = 300.0, indices: list[int] | None = None) -> None:
+        """Until the chosen replicas (default all) are SERVING and HAProxy has them UP in both backends."""
+        deadline = time.monotonic() + timeout
+        wanted = [self.members[i - 1] for i in (indices or [r.index for r in self.members])]
+        while time.monotonic() < deadline:
+            for name, proc in (("haproxy", self._proxy), ("dns", self._dns)):
+                if proc is not None and proc.poll() is not None:
+                    log = (self.home / f"{name}.log").read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"{name} exited {proc.returncode}:\n{log}")
+            for replica in wanted:
+                if replica.process is not None and replica.process.poll() is not None:
+                    log = (self.home / f"replica-{replica.index}.log").read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"replica {replica.index} exited {replica.process.returncode}:\n{log}")
+            healthy = all(
+                check_health(r.address, "tunedock.v1.InferenceService", timeout=1.0) == "SERVING" for r in wanted
+            )
+            if healthy:
+                with contextlib.suppress(OSError):
+                    servers = self.proxy_servers()
+                    up = {(b, row["addr"]) for (b, _), row in servers.items() if row["status"] == "UP"}
+                    if all((b, r.address) in up for r in wanted for b in ("by_adapter", "base_model")):
+                        return
+            time.sleep(0.5)
+        raise RuntimeError(f"the fleet was not ready after {timeout:.0f}s; logs in {self.home}")
+
+    def metrics(self, index: int) -> dict[str, float]:
+        """A replica's Prometheus samples: {'name{label="v"}': value}."""
+        replica = self.members[index - 1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{replica.metrics_port}/metrics", timeout=5) as reply:
+            lines = reply.read().decode().splitlines()
+        samples = {}
+        for line in lines:
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                samples[key] = float(value)
+        return samples
+
+    def adapter_requests(self, index: int) -> dict[str, float]:
+        """{adapter name: requests this replica served for it}."""
+        prefix = 'tunedock_adapter_requests_total{adapter="'
+        return {k[len(prefix) : -2]: v for k, v in self.metrics(index).items() if k.startswith(prefix)}
