@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -24,6 +25,8 @@ TARGETS = {
     "gpu-tls": K8S / "overlays" / "gpu-tls",
 }
 K8S_VERSION = kubernetes_validate.latest_version()
+PROXY = "tunedock-inference-proxy"  # deploy/haproxy, a component of the gpu overlays
+SERVICES = {"tunedock-registry", "tunedock-trainer", "tunedock-inference"}
 
 
 def render(path: Path) -> list[dict]:
@@ -52,13 +55,15 @@ def test_every_object_validates_against_the_kubernetes_schema(rendered):
 def test_every_container_has_probes_limits_and_runs_as_non_root(rendered):
     target, objects = rendered
     deployments = by_kind(objects, "Deployment")
-    assert set(deployments) == {"tunedock-registry", "tunedock-trainer", "tunedock-inference"}
+    assert set(deployments) == (SERVICES | {PROXY} if target.startswith("gpu") else SERVICES)
     for name, deployment in deployments.items():
         pod = deployment["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0, name
         for container in pod["containers"]:
             for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
-                if target == "gpu-tls":  # native gRPC probes cannot speak TLS: the health check client does
+                if name == PROXY:  # HAProxy's own HTTP monitor on its admin port
+                    assert container[probe]["httpGet"] == {"path": "/healthz", "port": "admin"}
+                elif target == "gpu-tls":  # native gRPC probes cannot speak TLS: the health check client does
                     assert container[probe]["exec"]["command"] == ["python", "-m", "tunedock.healthcheck"]
                     assert "grpc" not in container[probe]
                 else:
@@ -84,6 +89,9 @@ def test_every_container_has_probes_limits_and_runs_as_non_root(rendered):
 def test_every_service_authenticates_with_tokens_from_a_secret(rendered):
     target, objects = rendered
     for name, deployment in by_kind(objects, "Deployment").items():
+        if name == PROXY:  # holds no credentials: it forwards each caller's own bearer token
+            assert "auth" not in {v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"]}
+            continue
         pod = deployment["spec"]["template"]["spec"]
         (auth,) = [v for v in pod["volumes"] if v["name"] == "auth"]
         assert auth["secret"]["secretName"] == "tunedock-auth"
@@ -157,8 +165,47 @@ def test_inference_is_behind_a_headless_service(rendered):
     assert registry_targets and all(t == "dns:///tunedock-registry:50052" for t in registry_targets)
 
 
+@pytest.mark.parametrize("overlay", ["gpu", "gpu-tls"])
+def test_the_affinity_proxy_fronts_the_replicas_with_the_repos_haproxy_config(overlay):
+    objects = render(TARGETS[overlay])
+    proxy = by_kind(objects, "Deployment")[PROXY]["spec"]["template"]["spec"]
+    (container,) = proxy["containers"]
+    (generated,) = [c for n, c in by_kind(objects, "ConfigMap").items() if n.startswith(PROXY + "-")]
+    # The config the tests run (tests/inference/test_routing.py) is the config the cluster runs.
+    assert generated["data"]["haproxy.cfg"] == (ROOT / "deploy" / "haproxy" / "haproxy.cfg").read_text()
+    data = generated["data"]
+    assert data["TUNEDOCK_PROXY_BIND"] == "*:50053" and data["TUNEDOCK_PROXY_ADMIN"] == "*:8404"
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "config"]
+    assert container["command"][-1] == mount["mountPath"] + "/haproxy.cfg"
+    # Replicas come from the headless Service's SRV records for its port named grpc.
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["TUNEDOCK_INFERENCE_SRV"] == "_grpc._tcp.tunedock-inference.$(POD_NAMESPACE).svc.cluster.local"
+    inference_service = by_kind(objects, "Service")["tunedock-inference"]["spec"]
+    assert inference_service["clusterIP"] == "None" and "grpc" in [p["name"] for p in inference_service["ports"]]
+    assert [p["port"] for p in by_kind(objects, "Service")[PROXY]["spec"]["ports"]] == [50053, 8404]
+    # The replicas admit the proxy; the proxy admits clients and monitoring only.
+    policies = by_kind(objects, "NetworkPolicy")
+    replica_rule = policies["tunedock-inference"]["spec"]["ingress"][0]
+    replica_peers = [p["podSelector"]["matchLabels"] for p in replica_rule["from"]]
+    assert {"app.kubernetes.io/name": PROXY} in replica_peers
+    assert [r["ports"][0]["port"] for r in policies[PROXY]["spec"]["ingress"]] == [50053, 8404]
+    assert PROXY in by_kind(objects, "PodDisruptionBudget") and proxy["automountServiceAccountToken"] is False
+    if overlay == "gpu-tls":
+        assert by_kind(objects, "ConfigMap")[generated["metadata"]["name"]]["data"]["TUNEDOCK_PROXY_TLS_DIR"]
+        (tls,) = [v for v in proxy["volumes"] if v["name"] == "tls"]
+        paths = {i["key"]: i["path"] for i in tls["secret"]["items"]}
+        assert paths == {"tls.crt": "tls.pem", "tls.key": "tls.pem.key", "ca.crt": "ca.crt"}
+        assert proxy["securityContext"]["fsGroup"] == proxy["securityContext"]["runAsGroup"]
+    else:
+        assert "TUNEDOCK_PROXY_TLS_DIR" not in generated["data"]
+
+
 def config(objects: list[dict], prefix: str) -> dict[str, str]:
-    (cm,) = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith(prefix)]
+    (cm,) = [
+        o
+        for o in objects  # the name, or the name and a generator's hash suffix
+        if o["kind"] == "ConfigMap" and re.fullmatch(re.escape(prefix) + r"(-[a-z0-9]{10})?", o["metadata"]["name"])
+    ]
     return cm["data"]
 
 
