@@ -58,6 +58,7 @@ class InferenceStack:
         from services.inference.settings import InferenceSettings
 
         self.data_dir = data_dir
+        self.base = base
         self.registry_settings = RegistrySettings(port=0, metrics_port=-1, data_dir=data_dir)
         self.registry = ServerThread(lambda: build_registry(self.registry_settings))
         settings = InferenceSettings(
@@ -138,6 +139,8 @@ def stack_env(inference_stack, tmp_path_factory):
                 inference_stack.registry.address,
                 "--max-lora-rank",
                 str(inference_stack.max_lora_rank),
+                "--default-base-model",  # jobs without a base train on the one inference serves
+                str(inference_stack.base),
             ],
             cwd=ROOT,
             env=clean,

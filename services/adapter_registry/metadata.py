@@ -395,10 +395,14 @@ def _project_of(s: Session, name: str) -> str:
     return artifact.project
 
 
+MAX_PAGE_SIZE = 1000
+"""Largest page of a list (a bigger page_size is cut to it)."""
+
+
 def _page_size(size: int) -> int:
     if size < 0:
         raise InvalidArgument(f"page_size must be >= 0, got {size}")
-    return min(size or 50, 1000)
+    return min(size or 50, MAX_PAGE_SIZE)
 
 
 def _encode_token(value: str) -> str:

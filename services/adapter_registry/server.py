@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 
 from services.adapter_registry.core import Registry
-from services.adapter_registry.metadata import MetadataStore
+from services.adapter_registry.metadata import MAX_PAGE_SIZE, MetadataStore
 from services.adapter_registry.servicer import AdapterRegistryServicer
 from services.adapter_registry.settings import RegistrySettings
 from services.common.auth import method_roles
 from services.common.blobs import open_blob_store
 from services.common.server import GrpcServer, ServiceBinding
+from tunedock import __version__
 from tunedock.v1 import adapter_registry_pb2, adapter_registry_pb2_grpc
 
-ROLES = {
+ROLES: dict[str, str | None] = {
+    "GetRegistryInfo": None,  # any authenticated caller
     "Publish": "registry.publish",
     "GetVersion": "registry.read",
     "Resolve": "registry.read",
@@ -40,6 +42,21 @@ def build_registry(settings: RegistrySettings) -> Registry:
     return registry
 
 
+def registry_info(settings: RegistrySettings) -> dict:
+    """GetRegistryInfo's answer: fixed by the settings."""
+    database = settings.database_url or "sqlite://"
+    return {
+        "version": __version__,
+        "metadata_backend": "postgresql" if database.startswith("postgresql") else database.partition(":")[0],
+        "blob_backend": "s3" if settings.blob_url.startswith("s3://") else "local",
+        "artifact_kinds": ["lora_adapter", "model", "delta"],
+        "max_artifact_bytes": settings.max_artifact_mb * 1024 * 1024,
+        "max_files": settings.max_files,
+        "max_message_bytes": settings.max_message_mb * 1024 * 1024,
+        "max_page_size": MAX_PAGE_SIZE,
+    }
+
+
 async def build_server(settings: RegistrySettings) -> GrpcServer:
     registry = await asyncio.to_thread(build_registry, settings)
     service = adapter_registry_pb2.DESCRIPTOR.services_by_name["AdapterRegistryService"]
@@ -48,7 +65,7 @@ async def build_server(settings: RegistrySettings) -> GrpcServer:
         [
             ServiceBinding(
                 service.full_name,
-                AdapterRegistryServicer(registry),
+                AdapterRegistryServicer(registry, registry_info(settings)),
                 adapter_registry_pb2_grpc.add_AdapterRegistryServiceServicer_to_server,
             )
         ],

@@ -93,8 +93,9 @@ def event_to_proto(e: Event) -> pb.WatchResponse:
 
 
 class AdapterRegistryServicer(adapter_registry_pb2_grpc.AdapterRegistryServiceServicer):
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, info: dict | None = None) -> None:
         self.registry = registry
+        self.info = info or {}
         self._changed = asyncio.Event()
 
     def _notify(self) -> None:
@@ -208,3 +209,6 @@ class AdapterRegistryServicer(adapter_registry_pb2_grpc.AdapterRegistryServiceSe
             if not events:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), WATCH_POLL_S)
+
+    async def GetRegistryInfo(self, request, context):
+        return pb.GetRegistryInfoResponse(**self.info)

@@ -208,12 +208,14 @@ class Authenticator:
         return self.tokens.lookup(token)
 
 
-def method_roles(service, roles: dict[str, str]) -> dict[str, str | None]:
-    """Full method names of a proto service -> roles; every RPC must be named (a new RPC is never left open)."""
+def method_roles(service, roles: dict[str, str | None]) -> dict[str, str | None]:
+    """Full method names of a proto service -> roles; every RPC must be named (a new RPC is never left open).
+
+    A role of None means any authenticated caller (what a server serves, for instance)."""
     missing = sorted(set(service.methods_by_name) - set(roles))
     if missing:
         raise ValueError(f"no role given for {service.full_name} RPCs {missing}")
-    unknown = sorted(set(roles.values()) - ROLES)
+    unknown = sorted({r for r in roles.values() if r is not None} - ROLES)
     if unknown:
         raise ValueError(f"unknown roles {unknown}")
     return {f"/{service.full_name}/{rpc}": roles[rpc] for rpc in service.methods_by_name}

@@ -203,6 +203,33 @@ def _final_code(context: aio.ServicerContext, exc: BaseException | None) -> str:
 OPEN_METHODS = ("/grpc.health.v1.Health/",)  # probes carry no token
 
 
+HOW_TO_SEND = (
+    "send the metadata 'authorization: Bearer <token>' (the CLI and SDK read TUNEDOCK_TOKEN or TUNEDOCK_TOKEN_FILE)"
+)
+
+
+def bearer_token(metadata) -> str:
+    """The token of an `authorization: Bearer <token>` header; UNAUTHENTICATED saying what is wrong with it."""
+    values = [v for k, v in (metadata or ()) if k == "authorization"]
+    if not values:
+        raise errors.Unauthenticated(f"no credentials: the call has no 'authorization' metadata; {HOW_TO_SEND}")
+    if len(values) > 1:
+        raise errors.Unauthenticated(f"{len(values)} 'authorization' metadata entries; send one: {HOW_TO_SEND}")
+    header = values[0] if isinstance(values[0], str) else values[0].decode(errors="replace")
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        if not header.strip():
+            what = "it is empty"
+        elif not token:  # one word: the token itself, most likely (not echoed: it may be a secret)
+            what = "it holds one word with no 'Bearer ' prefix: send 'Bearer ' followed by the token"
+        else:
+            what = f"its scheme is {scheme[:20]!r}, not Bearer"
+        raise errors.Unauthenticated(f"the 'authorization' metadata must be 'Bearer <token>': {what}")
+    if not token.strip():
+        raise errors.Unauthenticated("the 'authorization' metadata says 'Bearer' but carries no token after it")
+    return token.strip()
+
+
 class AuthInterceptor(aio.ServerInterceptor):
     """Authenticates each call, checks the role its method needs, and applies per-caller limits.
 
@@ -236,16 +263,11 @@ class AuthInterceptor(aio.ServerInterceptor):
     def _principal(self, method: str, metadata) -> Principal:
         if self.authenticator is None:
             return ANONYMOUS
-        header = dict(metadata or ()).get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise errors.Unauthenticated(
-                "missing credentials: send the metadata 'authorization: Bearer <token>' "
-                "(the CLI and SDK read TUNEDOCK_TOKEN or TUNEDOCK_TOKEN_FILE)"
-            )
-        found = self.authenticator.authenticate(token.strip())
+        found = self.authenticator.authenticate(bearer_token(metadata))
         if found is None:
-            raise errors.Unauthenticated("unknown, revoked or expired token")
+            raise errors.Unauthenticated(
+                "the bearer token is unknown, revoked or expired: ask for a new one (tunedock tokens create)"
+            )
         if method in self.roles:
             role = self.roles[method]
         elif method.startswith("/grpc.reflection."):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -21,8 +23,10 @@ from services.inference.core import InferenceCore, Limits
 from services.inference.scheduler import AdapterScheduler
 from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
+from tunedock import __version__
 from tunedock.client import RegistryClient
 from tunedock.client.channel import read_token
+from tunedock.client.inference import ROUTING_KEY
 from tunedock.v1 import adapter_registry_pb2 as rpb
 from tunedock.v1 import inference_pb2, inference_pb2_grpc
 
@@ -86,13 +90,28 @@ class InferenceMetrics:
         )
 
 
-ROLES = {
+ROLES: dict[str, str | None] = {
     "Generate": "inference.generate",
     "GenerateUnary": "inference.generate",
     "PreloadAdapter": "inference.admin",
     "UnloadAdapter": "inference.admin",
     "ListLoadedAdapters": "inference.admin",
+    "GetInferenceInfo": None,  # any authenticated caller
 }
+
+
+def architecture_of(local: Path | None) -> str:
+    """config.json's architectures[0] of a local base ("" when there is none to read)."""
+    try:
+        return json.loads((local / "config.json").read_text())["architectures"][0] if local else ""
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return ""
+
+
+def device_kind() -> str:
+    import torch  # the engine already imported it
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def default_base_model(settings: InferenceSettings) -> str:
@@ -210,9 +229,23 @@ async def build_server(settings: InferenceSettings, engine=None) -> GrpcServer:
     # Two waves of adapters: the engine's slots, and the next wave queued behind them (scheduler.py).
     scheduler = AdapterScheduler(2 * settings.max_loras, settings.admission_max_wait_s, metrics)
     core = InferenceCore(engine, resolver, cache, metrics, limits, scheduler)
+    info = {
+        "version": __version__,
+        "base_model": settings.base_model or base_model,
+        "base_fingerprint": cache.base_fingerprint,
+        "architecture": architecture_of(local),
+        "max_model_len": settings.max_model_len,
+        "max_loras": settings.max_loras,
+        "max_cpu_loras": settings.max_cpu_loras,
+        "max_lora_rank": settings.max_lora_rank,
+        "max_tokens_limit": settings.max_tokens_limit,
+        "max_prompt_chars": settings.max_prompt_chars,
+        "device": await asyncio.to_thread(device_kind),
+        "routing_key": ROUTING_KEY,
+    }
     server.bindings = [
         ServiceBinding(
-            service.full_name, InferenceServicer(core), inference_pb2_grpc.add_InferenceServiceServicer_to_server
+            service.full_name, InferenceServicer(core, info), inference_pb2_grpc.add_InferenceServiceServicer_to_server
         )
     ]
     stop = threading.Event()

@@ -50,7 +50,9 @@ def loaded_to_proto(entry) -> pb.LoadedAdapter:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, core: InferenceCore) -> None:
+    def __init__(self, core: InferenceCore, info: dict | None = None) -> None:
+        self.info = info or {}
+        """GetInferenceInfo's fields fixed at start-up (base, limits); the engine's are read per call."""
         self.core = core
 
     async def Generate(self, request, context):
@@ -105,4 +107,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             isolation_mode=engine.isolation,
             isolation_detail=engine.isolation_why,
             queued_requests=self.core.scheduler.queued,
+        )
+
+    async def GetInferenceInfo(self, request, context):
+        engine = self.core.engine
+        return pb.GetInferenceInfoResponse(
+            **self.info,
+            dtype=engine.dtype,
+            isolation_mode=engine.isolation,
+            has_chat_template=bool(getattr(engine.tokenizer, "chat_template", None)),
         )

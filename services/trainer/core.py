@@ -76,6 +76,7 @@ class TrainerCore:
         worker_tokens: WorkerTokens | None = None,
         worker_token_ttl_s: float = 86400.0,
         max_lora_rank: int = 64,
+        default_base_model: str = "",
     ) -> None:
         self.store = store
         self.datasets = datasets
@@ -89,6 +90,8 @@ class TrainerCore:
         self.worker_tokens = worker_tokens
         self.worker_token_ttl_s = worker_token_ttl_s
         self.max_lora_rank = max_lora_rank
+        self.default_base_model = default_base_model
+        """The base of jobs that name none; empty: the embedded tiny model (what inference serves by default)."""
         self._changed: dict[str, asyncio.Event] = {}
         self._schedule_lock = asyncio.Lock()
 
@@ -152,6 +155,15 @@ class TrainerCore:
 
     # ---------------------------------------------------------------------------------- jobs
 
+    def default_base(self, build: bool = False) -> str:
+        """The base a job without base_model trains on; the embedded tiny model is built when `build`."""
+        if self.default_base_model:
+            return self.default_base_model
+        from tunedock.tiny_model import build_tiny_model, tiny_model_path
+
+        cache = self.data_dir / "models"  # where inference builds it from the same data dir
+        return str(build_tiny_model(cache_dir=cache) if build else tiny_model_path(cache_dir=cache))
+
     def validate(self, spec: pb.JobSpec) -> TrainConfig | None:
         spec.project = principal().project_for_write(spec.project)
         if spec.merge_adapter and spec.HasField("extract"):
@@ -162,6 +174,8 @@ class TrainerCore:
         if spec.HasField("extract"):
             self._validate_extract(spec)
             return None
+        if not spec.base_model:
+            spec.base_model = self.default_base(build=True)
         cfg = config_from_spec(spec)
         if not spec.output_name:
             raise InvalidArgument("output_name is required: the registry name the result is published under")
@@ -296,16 +310,39 @@ class TrainerCore:
         )
 
     async def submit(self, spec: pb.JobSpec) -> JobRecord:
+        trains = not spec.merge_adapter and not spec.HasField("extract")
+        defaulted = trains and not spec.base_model
         await asyncio.to_thread(self.validate, spec)
         job_id = f"job-{uuid.uuid4().hex[:12]}"
+        note = f"no base_model given: training on this trainer's default base {spec.base_model}" if defaulted else ""
         job = await asyncio.to_thread(
-            self.store.add_job, job_id, spec.SerializeToString(), state_event("queued"), spec.project
+            self.store.add_job, job_id, spec.SerializeToString(), state_event("queued", note), spec.project
         )
         audit("trainer.submit", job_id, spec.project, output_name=spec.output_name)
         log.info("job %s queued", job_id, extra={"job_id": job_id, "output": spec.output_name})
         self._notify(job_id)
         await self.schedule()
         return job
+
+    def info(self) -> dict:
+        """GetTrainerInfo's answer, less what the server adds (version)."""
+        gpus = getattr(self.executor, "gpus", None)
+        gpu_count = gpus.total if gpus is not None else 0
+        multi_node = bool(getattr(self.executor, "multi_node", False))
+        return {
+            "default_base_model": self.default_base(),
+            "base_model_sources": ["local-path", "hub-cache", "registry"],
+            "methods": ["full", "freeze", "lora", "qlora"],
+            "dataset_formats": list(FORMAT_ENUM),
+            "executor": getattr(self.executor, "kind", ""),
+            "device": "cuda" if gpu_count else "cpu",
+            "gpu_count": gpu_count,
+            "max_concurrent_jobs": self.max_concurrent,
+            "max_attempts": self.max_attempts,
+            "max_dataset_bytes": self.max_dataset_bytes,
+            "max_lora_rank": self.max_lora_rank,
+            "multi_node": multi_node,
+        }
 
     async def schedule(self) -> None:
         """Start queued jobs while slots are free (oldest first)."""

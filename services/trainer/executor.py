@@ -115,6 +115,8 @@ class GpuPool:
 
 
 class Executor(Protocol):
+    kind: str
+    """Where workers run: local or kubernetes."""
     multi_node: bool
     """Whether the executor can spread one job over several nodes."""
 
@@ -133,6 +135,7 @@ class LocalExecutor:
     """`python -m services.trainer.worker` per attempt (under torchrun for several processes);
     cancel kills the whole process group."""
 
+    kind = "local"
     multi_node = False
 
     def __init__(

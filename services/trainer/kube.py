@@ -249,6 +249,7 @@ def outcome(job: k8s.V1Job | None, pods: list[k8s.V1Pod]) -> Outcome | None:
 class KubernetesExecutor:
     """Starts, watches (by polling the API server) and deletes worker Jobs in one namespace."""
 
+    kind = "kubernetes"
     multi_node = True
 
     def __init__(

@@ -15,7 +15,8 @@ from services.trainer.store import JobStore
 from tunedock.client.channel import read_token
 from tunedock.v1 import trainer_pb2, trainer_pb2_grpc
 
-ROLES = {
+ROLES: dict[str, str | None] = {
+    "GetTrainerInfo": None,  # any authenticated caller
     "UploadDataset": "trainer.submit",
     "SubmitJob": "trainer.submit",
     "CancelJob": "trainer.submit",
@@ -60,6 +61,7 @@ async def build_server(settings: TrainerSettings) -> GrpcServer:
         registry_token=read_token(settings.registry_token_file),
         worker_token_ttl_s=settings.worker_token_ttl_s,
         max_lora_rank=settings.max_lora_rank,
+        default_base_model=settings.default_base_model,
     )
     services = trainer_pb2.DESCRIPTOR.services_by_name
     server = GrpcServer(

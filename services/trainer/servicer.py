@@ -6,6 +6,7 @@ import asyncio
 
 from services.trainer.core import FORMAT_ENUM, STATE_ENUM, STATE_NAME, TrainerCore, staging_file
 from services.trainer.store import DatasetRow, JobRecord
+from tunedock import __version__
 from tunedock.errors import InvalidArgument, ResourceExhausted
 from tunedock.refs import parse_decimal
 from tunedock.v1 import common_pb2, trainer_pb2_grpc
@@ -114,6 +115,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def WatchJob(self, request, context):
         async for event in self.core.watch(request.id, request.after_sequence):
             yield pb.WatchJobResponse(event=event)
+
+    async def GetTrainerInfo(self, request, context):
+        return pb.GetTrainerInfoResponse(version=__version__, **self.core.info())
 
 
 class TrainerWorkerServicer(trainer_pb2_grpc.TrainerWorkerServiceServicer):

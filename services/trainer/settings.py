@@ -20,6 +20,11 @@ class TrainerSettings(ServerSettings):
 
     database_url: str = setting("", "SQLAlchemy URL of the job store; empty means sqlite:///<data-dir>/trainer/jobs.db")
     registry_address: str = setting("127.0.0.1:50052", "address of the adapter registry that outputs are published to")
+    default_base_model: str = setting(
+        "",
+        "base model of jobs that name none: the base the inference replicas serve (keep the two settings equal); "
+        "empty means the embedded tiny model, as for inference",
+    )
     max_concurrent_jobs: int = setting(1, "jobs that train at the same time; the rest queue")
     max_attempts: int = setting(3, "worker starts per job (resumes from the last checkpoint after a crash)")
     max_dataset_mb: int = setting(1024, "largest dataset upload accepted, in MiB")

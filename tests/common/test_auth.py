@@ -17,7 +17,7 @@ from services.common.server_thread import ServerThread
 from services.inference.server import ROLES as INFERENCE_ROLES
 from services.trainer.server import ROLES as TRAINER_ROLES
 from tunedock.client import RegistryClient
-from tunedock.errors import InvalidArgument
+from tunedock.errors import InvalidArgument, PermissionDenied
 from tunedock.tokenfile import ROLES, add_token, hash_token, revoke_token
 from tunedock.v1 import adapter_registry_pb2 as pb
 from tunedock.v1 import adapter_registry_pb2_grpc
@@ -32,6 +32,7 @@ def secured(tmp_path_factory):
         "reader": add_token(tokens, "reader", ["registry.read"], ["team-a"]),
         "publisher": add_token(tokens, "publisher", ["registry.read", "registry.publish"], ["team-a"]),
         "admin": add_token(tokens, "admin", ["all"], ["*"]),
+        "nobody": add_token(tokens, "nobody", [], ["team-a"]),
     }
     server = ServerThread(
         lambda: build_registry(RegistrySettings(port=0, metrics_port=-1, data_dir=home, token_file=str(tokens)))
@@ -57,19 +58,39 @@ def test_tokens_are_stored_hashed(secured):
 @pytest.mark.parametrize(
     ("metadata", "message"),
     [
-        ((), "missing credentials"),
-        ((("authorization", "Bearer td_not-a-real-token"),), "unknown, revoked or expired token"),
-        ((("authorization", "Basic dXNlcjpwYXNz"),), "missing credentials"),
+        ((), "no credentials: the call has no 'authorization' metadata"),
+        ((("authorization", "Bearer td_not-a-real-token"),), "the bearer token is unknown, revoked or expired"),
+        ((("authorization", "Basic dXNlcjpwYXNz"),), "its scheme is 'Basic', not Bearer"),
+        ((("authorization", "BARE"),), "one word with no 'Bearer ' prefix"),
+        ((("authorization", "Bearer "),), "says 'Bearer' but carries no token"),
+        ((("authorization", ""),), "it is empty"),
     ],
-    ids=["none", "wrong", "not-bearer"],
+    ids=["none", "wrong", "not-bearer", "bare-token", "bearer-alone", "empty"],
 )
-def test_missing_or_unknown_token_is_unauthenticated(secured, metadata, message):
-    server, _, _ = secured
+def test_missing_or_unknown_token_is_unauthenticated_saying_what_is_wrong(secured, metadata, message):
+    server, issued, _ = secured
     channel, registry, _ = stub(server.address, None)
+    metadata = tuple((k, issued["reader"] if v == "BARE" else v) for k, v in metadata)
     with channel, pytest.raises(grpc.RpcError) as info:
         registry.ListArtifacts(pb.ListArtifactsRequest(), metadata=metadata, timeout=10)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert message in info.value.details()
+    assert all(token not in info.value.details() for token in issued.values())  # a secret is never echoed
+
+
+def test_server_info_needs_a_token_but_no_role(secured):
+    server, issued, _ = secured
+    with RegistryClient(server.address, token=issued["nobody"]) as client:
+        info = client.info()
+        with pytest.raises(PermissionDenied):
+            list(client.list_artifacts())
+    assert info.metadata_backend == "sqlite" and info.blob_backend == "local"
+    assert info.max_artifact_bytes == RegistrySettings().max_artifact_mb * 2**20 and info.max_page_size == 1000
+    assert set(info.artifact_kinds) == {"lora_adapter", "model", "delta"} and info.version
+    channel, registry, _ = stub(server.address, None)
+    with channel, pytest.raises(grpc.RpcError) as refused:
+        registry.GetRegistryInfo(pb.GetRegistryInfoRequest(), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_health_stays_open_and_reflection_needs_a_token(secured):
@@ -156,9 +177,15 @@ def test_every_rpc_of_every_service_has_a_known_role():
         "TrainerService": (trainer_pb2, TRAINER_ROLES),
         "TrainerWorkerService": (trainer_pb2, TRAINER_ROLES),
     }
+    open_to_any_caller = set()
     for name, (module, roles) in services.items():
         for rpc in module.DESCRIPTOR.services_by_name[name].methods_by_name:
-            assert roles[rpc] in ROLES, (name, rpc)
+            if roles[rpc] is None:
+                open_to_any_caller.add(rpc)
+            else:
+                assert roles[rpc] in ROLES, (name, rpc)
+    # Only "what does this server serve" needs no role (it still needs a valid token).
+    assert open_to_any_caller == {"GetInferenceInfo", "GetTrainerInfo", "GetRegistryInfo"}
 
 
 def test_a_non_loopback_bind_without_auth_is_refused(tmp_path):

@@ -222,6 +222,14 @@ def test_dev_overlay_is_cpu_sqlite_single_replicas():
     assert {o["metadata"].get("namespace") for o in objects if o["kind"] != "Namespace"} == {"tunedock-dev"}
 
 
+@pytest.mark.parametrize("overlay", ["dev", "gpu"])
+def test_jobs_without_a_base_train_on_the_base_inference_serves(overlay):
+    objects = render(TARGETS[overlay])
+    trainer, inference = config(objects, "tunedock-trainer"), config(objects, "tunedock-inference")
+    # Both empty means both use the embedded tiny model.
+    assert trainer.get("TUNEDOCK_TRAINER_DEFAULT_BASE_MODEL", "") == inference.get("TUNEDOCK_INFERENCE_BASE_MODEL", "")
+
+
 def test_gpu_overlay_puts_inference_on_gpus_and_state_in_postgres_and_s3():
     objects = render(TARGETS["gpu"])
     deployments = by_kind(objects, "Deployment")

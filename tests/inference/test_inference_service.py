@@ -12,7 +12,7 @@ import grpc
 import pytest
 import torch
 
-from tunedock.client import RegistryClient
+from tunedock.client import InferenceClient, RegistryClient
 from tunedock.v1 import inference_pb2 as pb
 from tunedock.v1 import inference_pb2_grpc
 
@@ -324,3 +324,22 @@ def test_registry_down_serves_cached_adapters(stub, inference_stack, adapters, t
             assert time.monotonic() - back < 3.0, "resolving stayed down after the registry came back"
             time.sleep(0.1)
     assert served == tokens(stub, PROMPTS[0], "inf-c")
+
+
+def test_server_info_says_what_the_replica_serves(inference_stack, tiny_model_dir):
+    from services.common.basemodels import base_fingerprint
+
+    with InferenceClient(inference_stack.inference.address) as client:
+        info = client.info()
+        isolation = client.stub.ListLoadedAdapters(pb.ListLoadedAdaptersRequest(), timeout=10).isolation_mode
+    assert info.base_model == str(tiny_model_dir) and info.architecture == "LlamaForCausalLM"
+    assert info.base_fingerprint == base_fingerprint(str(tiny_model_dir)) and len(info.base_fingerprint) == 64
+    assert (info.dtype, info.device, info.has_chat_template) == ("float32", "cpu", True)
+    assert (info.max_loras, info.max_cpu_loras, info.max_lora_rank, info.max_model_len) == (
+        inference_stack.MAX_LORAS,
+        8,
+        inference_stack.max_lora_rank,
+        512,
+    )
+    assert info.isolation_mode == isolation and info.routing_key == "x-tunedock-adapter"
+    assert info.max_tokens_limit == 4096 and info.max_prompt_chars == 200_000 and info.version

@@ -588,3 +588,42 @@ def test_a_sharded_full_run_resumes_from_its_distributed_checkpoint(
     for key, tensor in weights["fsdp-whole"].items():
         relative = float((weights["fsdp-killed"][key] - tensor).norm() / tensor.norm().clamp_min(1e-12))
         assert relative < 1e-4, (key, relative)
+
+
+def test_server_info_says_what_the_trainer_offers(stack):
+    from tunedock.tiny_model import tiny_model_path
+
+    info = stack.client.info()
+    # No default configured: the embedded tiny model, where inference builds it from the same data dir.
+    assert info.default_base_model == str(tiny_model_path(cache_dir=stack.data_dir / "models"))
+    assert list(info.methods) == ["full", "freeze", "lora", "qlora"]
+    assert list(info.dataset_formats) == ["alpaca", "chat", "text"]
+    assert set(info.base_model_sources) == {"local-path", "hub-cache", "registry"}
+    assert (info.executor, info.multi_node, info.max_concurrent_jobs, info.max_attempts) == ("local", False, 2, 3)
+    assert info.device == ("cuda" if info.gpu_count else "cpu")
+    assert info.max_dataset_bytes == TrainerSettings().max_dataset_mb * 2**20 and info.max_lora_rank == 64
+
+
+def test_a_job_without_a_base_trains_on_the_default_and_says_so(tmp_path, dataset, tiny_model_dir):
+    from services.common.basemodels import base_fingerprint
+
+    served = Stack(tmp_path / "served", default_base_model=str(tiny_model_dir))
+    try:
+        path = tmp_path / "pirate.jsonl"
+        path.write_bytes(memorization_jsonl())
+        uploaded = served.client.upload_dataset(path)
+        spec = _spec(tiny_model_dir, uploaded.id, "svc-default-base", METHODS["lora"], max_steps=4)
+        spec.base_model = ""
+        job = served.client.submit(spec)
+        events = list(served.client.watch(job.id, timeout=300))
+        done = served.client.get(job.id)
+        assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+        assert done.spec.base_model == str(tiny_model_dir) == served.client.info().default_base_model
+        said = events[0].state.message
+        assert said == f"no base_model given: training on this trainer's default base {tiny_model_dir}"
+        with RegistryClient(served.registry.address) as registry:
+            lineage = registry.get(done.output_ref).lineage
+        assert lineage.base_model == str(tiny_model_dir)
+        assert lineage.base_fingerprint == base_fingerprint(str(tiny_model_dir))
+    finally:
+        served.stop()

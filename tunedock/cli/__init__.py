@@ -1,6 +1,6 @@
 """The `tunedock` command line: one module per command group, all registered here.
 
-The client commands (data, train, extract, jobs, adapters, generate, chat, compare, tokens) need only
+The client commands (info, data, train, extract, jobs, adapters, generate, chat, compare, tokens) need only
 the client install (grpcio, protobuf, typer, rich); `up`, `demo`, `tiny-model` and `plan` run
 server or training code and say which extra to install when it is missing.
 """
@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from tunedock.cli import adapters, compare, data, extract, generate, jobs, plan, stack, tokens, train
+from tunedock.cli import adapters, compare, data, extract, generate, info, jobs, plan, stack, tokens, train
 
 app = typer.Typer(
     help="TuneDock: fine-tune, register and serve LLM adapters.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -26,6 +26,7 @@ app.command("generate")(generate.generate)
 app.command("chat")(generate.chat)
 app.command("plan")(plan.plan)
 app.command("compare")(compare.compare)
+app.command("info")(info.info)
 for name, command in stack.COMMANDS:
     app.command(name)(command)
 

@@ -118,6 +118,8 @@ class LocalStack:
                 args += ["--registry-token-file", str(creds.inference_token_file)]
             if module == "inference" and self.base_model:
                 args += ["--base-model", self.base_model]
+            if module == "trainer" and self.base_model:  # jobs without a base train on the one served
+                args += ["--default-base-model", self.base_model]
             log_file = open(log_dir / f"{module}.log", "ab")  # noqa: SIM115 - owned by the child
             self.processes[module] = subprocess.Popen(
                 args, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True

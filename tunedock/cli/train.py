@@ -131,7 +131,11 @@ def watch_job(client, job_id: str, quiet: bool = False):
 
 def train(
     method: str = typer.Option(..., help="full, freeze, lora or qlora"),
-    base: str = typer.Option(..., help="base model: local directory, cached hub id or registry://name@alias"),
+    base: str = typer.Option(
+        "",
+        help="base model: local directory, cached hub id or registry://name@alias (default: the trainer's default, "
+        "the base the stack serves; `tunedock info`)",
+    ),
     data: list[str] = typer.Option(..., help="training dataset id or file (repeatable)"),
     name: str = typer.Option("", help="registry name of the output (default: <method>-<base dir name>)"),
     eval_data: list[str] = typer.Option([], help="evaluation dataset id or file (repeatable)"),
@@ -172,8 +176,10 @@ def _train(watch, trainer, as_json, **options):
     method = options["method"]
     if method not in ("full", "freeze", "lora", "qlora"):
         raise ValueError(f"unknown method {method!r}; choose full, freeze, lora or qlora")
-    options["name"] = options["name"] or f"{method}-{Path(options['base']).name}".lower().replace("_", "-")
     with TrainerClient(trainer) as client:
+        if not options["name"]:
+            base = options["base"] or client.info().default_base_model
+            options["name"] = f"{method}-{Path(base).name}".lower().replace("_", "-")
         options["data"] = resolve_datasets(client, options["data"])
         options["eval_data"] = resolve_datasets(client, options["eval_data"])
         spec = build_spec(**options)

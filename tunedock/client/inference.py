@@ -33,6 +33,10 @@ class InferenceClient(ServiceClient):
     STUB = inference_pb2_grpc.InferenceServiceStub
     DEFAULT_TIMEOUT = 300.0
 
+    def info(self) -> pb.GetInferenceInfoResponse:
+        """What this replica serves: base model and fingerprint, dtype, LoRA limits, isolation (any token may ask)."""
+        return self.stub.GetInferenceInfo(pb.GetInferenceInfoRequest(), timeout=self.timeout)
+
     @staticmethod
     def params(
         prompt: str = "",

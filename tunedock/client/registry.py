@@ -91,6 +91,10 @@ class RegistryClient(ServiceClient):
             manifest.lineage.CopyFrom(lineage)
         return self.stub.Publish(_publish_stream(manifest, files), timeout=timeout or self.timeout * 10)
 
+    def info(self) -> pb.GetRegistryInfoResponse:
+        """How this registry stores artifacts and what it accepts (any token may ask)."""
+        return self.stub.GetRegistryInfo(pb.GetRegistryInfoRequest(), timeout=self.timeout)
+
     def resolve(self, ref: str) -> pb.ResolveResponse:
         return self.stub.Resolve(pb.ResolveRequest(ref=ref), timeout=self.timeout)
 

@@ -30,6 +30,10 @@ class TrainerClient(ServiceClient):
 
         return self.stub.UploadDataset(stream(), timeout=self.timeout * 10).dataset
 
+    def info(self) -> pb.GetTrainerInfoResponse:
+        """What this trainer offers: default base model, devices, executor, limits (any token may ask)."""
+        return self.stub.GetTrainerInfo(pb.GetTrainerInfoRequest(), timeout=self.timeout)
+
     def get_dataset(self, dataset_id: str) -> pb.Dataset:
         return self.stub.GetDataset(pb.GetDatasetRequest(id=dataset_id), timeout=self.timeout).dataset
 

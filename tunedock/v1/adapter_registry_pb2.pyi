@@ -354,3 +354,27 @@ class WatchResponse(_message.Message):
     content_sha256: str
     create_time: _timestamp_pb2.Timestamp
     def __init__(self, event_id: _Optional[int] = ..., type: _Optional[_Union[EventType, str]] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., alias: _Optional[str] = ..., content_sha256: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class GetRegistryInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetRegistryInfoResponse(_message.Message):
+    __slots__ = ("version", "metadata_backend", "blob_backend", "artifact_kinds", "max_artifact_bytes", "max_files", "max_message_bytes", "max_page_size")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    METADATA_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    BLOB_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_KINDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ARTIFACT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_FILES_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    metadata_backend: str
+    blob_backend: str
+    artifact_kinds: _containers.RepeatedScalarFieldContainer[str]
+    max_artifact_bytes: int
+    max_files: int
+    max_message_bytes: int
+    max_page_size: int
+    def __init__(self, version: _Optional[str] = ..., metadata_backend: _Optional[str] = ..., blob_backend: _Optional[str] = ..., artifact_kinds: _Optional[_Iterable[str]] = ..., max_artifact_bytes: _Optional[int] = ..., max_files: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_page_size: _Optional[int] = ...) -> None: ...

@@ -87,6 +87,11 @@ class AdapterRegistryServiceStub:
                 request_serializer=tunedock_dot_v1_dot_adapter__registry__pb2.WatchRequest.SerializeToString,
                 response_deserializer=tunedock_dot_v1_dot_adapter__registry__pb2.WatchResponse.FromString,
                 _registered_method=True)
+        self.GetRegistryInfo = channel.unary_unary(
+                '/tunedock.v1.AdapterRegistryService/GetRegistryInfo',
+                request_serializer=tunedock_dot_v1_dot_adapter__registry__pb2.GetRegistryInfoRequest.SerializeToString,
+                response_deserializer=tunedock_dot_v1_dot_adapter__registry__pb2.GetRegistryInfoResponse.FromString,
+                _registered_method=True)
 
 
 class AdapterRegistryServiceServicer:
@@ -166,6 +171,13 @@ class AdapterRegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRegistryInfo(self, request, context):
+        """Says how this registry stores artifacts and what it accepts; any authenticated caller may ask.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdapterRegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -218,6 +230,11 @@ def add_AdapterRegistryServiceServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=tunedock_dot_v1_dot_adapter__registry__pb2.WatchRequest.FromString,
                     response_serializer=tunedock_dot_v1_dot_adapter__registry__pb2.WatchResponse.SerializeToString,
+            ),
+            'GetRegistryInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRegistryInfo,
+                    request_deserializer=tunedock_dot_v1_dot_adapter__registry__pb2.GetRegistryInfoRequest.FromString,
+                    response_serializer=tunedock_dot_v1_dot_adapter__registry__pb2.GetRegistryInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -493,6 +510,33 @@ class AdapterRegistryService:
             '/tunedock.v1.AdapterRegistryService/Watch',
             tunedock_dot_v1_dot_adapter__registry__pb2.WatchRequest.SerializeToString,
             tunedock_dot_v1_dot_adapter__registry__pb2.WatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRegistryInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunedock.v1.AdapterRegistryService/GetRegistryInfo',
+            tunedock_dot_v1_dot_adapter__registry__pb2.GetRegistryInfoRequest.SerializeToString,
+            tunedock_dot_v1_dot_adapter__registry__pb2.GetRegistryInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -192,3 +192,41 @@ class ListLoadedAdaptersResponse(_message.Message):
     isolation_detail: str
     queued_requests: int
     def __init__(self, adapters: _Optional[_Iterable[_Union[LoadedAdapter, _Mapping]]] = ..., isolation_mode: _Optional[str] = ..., isolation_detail: _Optional[str] = ..., queued_requests: _Optional[int] = ...) -> None: ...
+
+class GetInferenceInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetInferenceInfoResponse(_message.Message):
+    __slots__ = ("version", "base_model", "base_fingerprint", "architecture", "dtype", "has_chat_template", "max_model_len", "max_loras", "max_cpu_loras", "max_lora_rank", "isolation_mode", "max_tokens_limit", "max_prompt_chars", "device", "routing_key")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    BASE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CPU_LORAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    ISOLATION_MODE_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_KEY_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    base_model: str
+    base_fingerprint: str
+    architecture: str
+    dtype: str
+    has_chat_template: bool
+    max_model_len: int
+    max_loras: int
+    max_cpu_loras: int
+    max_lora_rank: int
+    isolation_mode: str
+    max_tokens_limit: int
+    max_prompt_chars: int
+    device: str
+    routing_key: str
+    def __init__(self, version: _Optional[str] = ..., base_model: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., max_model_len: _Optional[int] = ..., max_loras: _Optional[int] = ..., max_cpu_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., isolation_mode: _Optional[str] = ..., max_tokens_limit: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., device: _Optional[str] = ..., routing_key: _Optional[str] = ...) -> None: ...

@@ -60,6 +60,11 @@ class InferenceServiceStub:
                 request_serializer=tunedock_dot_v1_dot_inference__pb2.ListLoadedAdaptersRequest.SerializeToString,
                 response_deserializer=tunedock_dot_v1_dot_inference__pb2.ListLoadedAdaptersResponse.FromString,
                 _registered_method=True)
+        self.GetInferenceInfo = channel.unary_unary(
+                '/tunedock.v1.InferenceService/GetInferenceInfo',
+                request_serializer=tunedock_dot_v1_dot_inference__pb2.GetInferenceInfoRequest.SerializeToString,
+                response_deserializer=tunedock_dot_v1_dot_inference__pb2.GetInferenceInfoResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -101,6 +106,14 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetInferenceInfo(self, request, context):
+        """Says what this replica serves (base model, LoRA limits, isolation, request limits); any
+        authenticated caller may ask.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +141,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.ListLoadedAdapters,
                     request_deserializer=tunedock_dot_v1_dot_inference__pb2.ListLoadedAdaptersRequest.FromString,
                     response_serializer=tunedock_dot_v1_dot_inference__pb2.ListLoadedAdaptersResponse.SerializeToString,
+            ),
+            'GetInferenceInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInferenceInfo,
+                    request_deserializer=tunedock_dot_v1_dot_inference__pb2.GetInferenceInfoRequest.FromString,
+                    response_serializer=tunedock_dot_v1_dot_inference__pb2.GetInferenceInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +284,33 @@ class InferenceService:
             '/tunedock.v1.InferenceService/ListLoadedAdapters',
             tunedock_dot_v1_dot_inference__pb2.ListLoadedAdaptersRequest.SerializeToString,
             tunedock_dot_v1_dot_inference__pb2.ListLoadedAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInferenceInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunedock.v1.InferenceService/GetInferenceInfo',
+            tunedock_dot_v1_dot_inference__pb2.GetInferenceInfoRequest.SerializeToString,
+            tunedock_dot_v1_dot_inference__pb2.GetInferenceInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -439,3 +439,37 @@ class DownloadDatasetResponse(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class GetTrainerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetTrainerInfoResponse(_message.Message):
+    __slots__ = ("version", "default_base_model", "base_model_sources", "methods", "dataset_formats", "executor", "device", "gpu_count", "max_concurrent_jobs", "max_attempts", "max_dataset_bytes", "max_lora_rank", "multi_node")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_SOURCES_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FORMATS_FIELD_NUMBER: _ClassVar[int]
+    EXECUTOR_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    GPU_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_JOBS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DATASET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    MULTI_NODE_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    default_base_model: str
+    base_model_sources: _containers.RepeatedScalarFieldContainer[str]
+    methods: _containers.RepeatedScalarFieldContainer[str]
+    dataset_formats: _containers.RepeatedScalarFieldContainer[str]
+    executor: str
+    device: str
+    gpu_count: int
+    max_concurrent_jobs: int
+    max_attempts: int
+    max_dataset_bytes: int
+    max_lora_rank: int
+    multi_node: bool
+    def __init__(self, version: _Optional[str] = ..., default_base_model: _Optional[str] = ..., base_model_sources: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[str]] = ..., dataset_formats: _Optional[_Iterable[str]] = ..., executor: _Optional[str] = ..., device: _Optional[str] = ..., gpu_count: _Optional[int] = ..., max_concurrent_jobs: _Optional[int] = ..., max_attempts: _Optional[int] = ..., max_dataset_bytes: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., multi_node: _Optional[bool] = ...) -> None: ...

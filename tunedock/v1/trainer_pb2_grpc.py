@@ -75,6 +75,11 @@ class TrainerServiceStub:
                 request_serializer=tunedock_dot_v1_dot_trainer__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=tunedock_dot_v1_dot_trainer__pb2.WatchJobResponse.FromString,
                 _registered_method=True)
+        self.GetTrainerInfo = channel.unary_unary(
+                '/tunedock.v1.TrainerService/GetTrainerInfo',
+                request_serializer=tunedock_dot_v1_dot_trainer__pb2.GetTrainerInfoRequest.SerializeToString,
+                response_deserializer=tunedock_dot_v1_dot_trainer__pb2.GetTrainerInfoResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -137,6 +142,14 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTrainerInfo(self, request, context):
+        """Says what this trainer offers (default base model, where bases may come from, devices,
+        executor, limits); any authenticated caller may ask.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +192,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=tunedock_dot_v1_dot_trainer__pb2.WatchJobRequest.FromString,
                     response_serializer=tunedock_dot_v1_dot_trainer__pb2.WatchJobResponse.SerializeToString,
+            ),
+            'GetTrainerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTrainerInfo,
+                    request_deserializer=tunedock_dot_v1_dot_trainer__pb2.GetTrainerInfoRequest.FromString,
+                    response_serializer=tunedock_dot_v1_dot_trainer__pb2.GetTrainerInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -398,6 +416,33 @@ class TrainerService:
             '/tunedock.v1.TrainerService/WatchJob',
             tunedock_dot_v1_dot_trainer__pb2.WatchJobRequest.SerializeToString,
             tunedock_dot_v1_dot_trainer__pb2.WatchJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTrainerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunedock.v1.TrainerService/GetTrainerInfo',
+            tunedock_dot_v1_dot_trainer__pb2.GetTrainerInfoRequest.SerializeToString,
+            tunedock_dot_v1_dot_trainer__pb2.GetTrainerInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
