@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -233,3 +234,22 @@ def test_local_stack_runs_with_one_generated_token(tmp_path, tiny_model_dir):
     finally:
         codes = stack.stop()
     assert all(code == 0 for code in codes.values()), codes
+
+
+def test_info_says_what_the_stack_serves_and_a_down_service_is_named(env, tiny_model_dir):
+    shown = tunedock(env, "info", "--json")
+    assert shown.returncode == 0, shown.stderr
+    info = json.loads(shown.stdout)
+    assert info["inference"]["base_model"] == info["trainer"]["default_base_model"] == str(tiny_model_dir)
+    assert info["inference"]["max_lora_rank"] == info["trainer"]["max_lora_rank"] == 128
+    assert info["registry"]["metadata_backend"] == "sqlite" and info["errors"] == {}
+
+    text = tunedock(env, "info")
+    assert text.returncode == 0, text.stderr
+    rows = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in text.stdout.splitlines() if "  " in line)
+    assert rows["default base"] == str(tiny_model_dir) and rows["chat template"] == "yes: send messages"
+    assert rows["LoRA"].endswith("rank <= 128") and rows["executor"] == "local (cpu)"
+
+    down = tunedock({**env, "TUNEDOCK_TRAINER_ADDRESS": "127.0.0.1:1"}, "info")
+    assert down.returncode == 0, down.stderr  # the others still answer
+    assert "trainer not reachable: 127.0.0.1:1" in down.stdout and "inference" in down.stdout
