@@ -12,6 +12,7 @@ import contextlib
 import csv
 import io
 import os
+import random
 import shutil
 import signal
 import socket
@@ -28,10 +29,37 @@ CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "haproxy" / "haproxy.c
 SRV_NAME = "_grpc._tcp.inference.tunedock.test"
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, below the kernel's ephemeral range.
+
+    The processes bind it seconds later (and a restarted replica binds it again): a port from the
+    ephemeral range could meanwhile be taken by any outgoing connection on the machine, which is
+    how a CI run once failed to start a replica. Below the range only explicit binds take ports.
+    """
+    low = _ephemeral_low()
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(max(1024, low - 12000), low - 1)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def need(binary: str, package: str) -> str:
