@@ -335,7 +335,7 @@ class TrainerCore:
             "methods": ["full", "freeze", "lora", "qlora"],
             "dataset_formats": list(FORMAT_ENUM),
             "executor": getattr(self.executor, "kind", ""),
-            "device": "cuda" if gpu_count else "cpu",
+            "device": getattr(self.executor, "device", "cpu"),
             "gpu_count": gpu_count,
             "max_concurrent_jobs": self.max_concurrent,
             "max_attempts": self.max_attempts,

@@ -119,6 +119,8 @@ class Executor(Protocol):
     """Where workers run: local or kubernetes."""
     multi_node: bool
     """Whether the executor can spread one job over several nodes."""
+    device: str
+    """What workers train on: cuda or cpu."""
 
     def can_start(self, launch: Launch) -> bool:
         """Whether an attempt with this launch could start now (resources free)."""
@@ -155,6 +157,10 @@ class LocalExecutor:
         self.gpus = GpuPool(detect_gpus() if gpus is None else gpus, gpus_per_process)
         self.processes: dict[str, asyncio.subprocess.Process] = {}
         self._monitors: set[asyncio.Task] = set()
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus.total else "cpu"
 
     def log_path(self, job_id: str) -> Path:
         return self.log_dir / f"{job_id}.log"

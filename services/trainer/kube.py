@@ -274,6 +274,11 @@ class KubernetesExecutor:
     def namespace(self) -> str:
         return self.settings.namespace
 
+    @property
+    def device(self) -> str:
+        """What worker pods train on: GPUs when each process requests some."""
+        return "cuda" if self.settings.gpus_per_process > 0 else "cpu"
+
     def can_start(self, launch: Launch) -> bool:
         return True  # the Kubernetes scheduler queues pods until GPUs are free
 

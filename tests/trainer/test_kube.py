@@ -302,6 +302,8 @@ def test_trainer_with_kubernetes_executor_maps_failed_jobs_into_job_state(tmp_pa
             output_name="k8s-qlora",
             hyperparameters=pb.Hyperparameters(processes_per_node=2, nodes=2),
         )
+        info = client.info()  # what a client learns before submitting
+        assert (info.executor, info.multi_node, info.device, info.gpu_count) == ("kubernetes", True, "cuda", 0)
         job = client.submit(spec)  # nodes=2 is fine: this executor runs several nodes
         first = f"tdw-{job.id}-a1"
         assert first in cluster.jobs and cluster.jobs[first].spec.completions == 2
