@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from tunedock.cli.common import TRAINER, cli_errors, console, fail, print_json
+from tunedock.cli.common import TRAINER, cli_errors, console
 
 
 def extract(
@@ -33,9 +33,8 @@ def extract(
 def _extract(
     source, output, rank, energy, max_rank, base, allow_dropped, max_dropped_share, eval_data, watch, trainer, as_json
 ):
-    from tunedock.cli.train import resolve_datasets, watch_job
+    from tunedock.cli.train import follow, resolve_datasets
     from tunedock.client import TrainerClient
-    from tunedock.v1 import trainer_pb2 as pb
 
     with TrainerClient(trainer) as client:
         job = client.extract(
@@ -49,17 +48,8 @@ def _extract(
             max_dropped_share=max_dropped_share,
             eval_dataset_ids=resolve_datasets(client, eval_data),
         )
-        if not watch:
-            print_json(job) if as_json else console.print(
-                f"submitted {job.id}; follow with `tunedock jobs watch {job.id}`"
-            )
-            return
-        done = watch_job(client, job.id, quiet=as_json)
-    if as_json:
-        print_json(done)
-    if done.state != pb.JOB_STATE_SUCCEEDED:
-        fail(f"job {done.id} {pb.JobState.Name(done.state)[10:].lower()}: {done.error or 'see `tunedock jobs get`'}", 1)
-    if not as_json:
+        done = follow(client, job, watch, as_json)
+    if done is not None and not as_json:
         m = {x.name: x.value for x in done.metrics}
         console.print(
             f"published [green]{done.output_ref}[/green]: rank {m.get('extract_rank', 0):.0f}, keeps "

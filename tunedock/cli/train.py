@@ -129,6 +129,22 @@ def watch_job(client, job_id: str, quiet: bool = False):
     return client.get(job_id)
 
 
+def follow(client, job, watch: bool, as_json: bool):
+    """After a submit: say how to follow the job, or follow it to its end. Returns the succeeded job when
+    watched; a job that ended otherwise exits 1 with its error."""
+    from tunedock.v1 import trainer_pb2 as pb
+
+    if not watch:
+        print_json(job) if as_json else console.print(f"submitted {job.id}; follow with `tunedock jobs watch {job.id}`")
+        return None
+    done = watch_job(client, job.id, quiet=as_json)
+    if as_json:
+        print_json(done)
+    if done.state != pb.JOB_STATE_SUCCEEDED:
+        fail(f"job {done.id} {pb.JobState.Name(done.state)[10:].lower()}: {done.error or 'see `tunedock jobs get`'}", 1)
+    return done
+
+
 def train(
     method: str = typer.Option(..., help="full, freeze, lora or qlora"),
     base: str = typer.Option(
@@ -171,7 +187,6 @@ def train(
 def _train(watch, trainer, as_json, **options):
     """`train`'s body: its options are `build_spec`'s arguments, dataset files uploaded first."""
     from tunedock.client import TrainerClient
-    from tunedock.v1 import trainer_pb2 as pb
 
     method = options["method"]
     if method not in ("full", "freeze", "lora", "qlora"):
@@ -182,17 +197,6 @@ def _train(watch, trainer, as_json, **options):
             options["name"] = f"{method}-{Path(base).name}".lower().replace("_", "-")
         options["data"] = resolve_datasets(client, options["data"])
         options["eval_data"] = resolve_datasets(client, options["eval_data"])
-        spec = build_spec(**options)
-        job = client.submit(spec)
-        if not watch:
-            print_json(job) if as_json else console.print(
-                f"submitted {job.id}; follow with `tunedock jobs watch {job.id}`"
-            )
-            return
-        done = watch_job(client, job.id, quiet=as_json)
-    if as_json:
-        print_json(done)
-    if done.state != pb.JOB_STATE_SUCCEEDED:
-        fail(f"job {done.id} {pb.JobState.Name(done.state)[10:].lower()}: {done.error or 'see `tunedock jobs get`'}", 1)
-    if not as_json:
+        done = follow(client, client.submit(build_spec(**options)), watch, as_json)
+    if done is not None and not as_json:
         console.print(f"published [green]{done.output_ref}[/green]")
