@@ -215,7 +215,7 @@ def bearer_token(metadata) -> str:
         raise errors.Unauthenticated(f"no credentials: the call has no 'authorization' metadata; {HOW_TO_SEND}")
     if len(values) > 1:
         raise errors.Unauthenticated(f"{len(values)} 'authorization' metadata entries; send one: {HOW_TO_SEND}")
-    header = values[0] if isinstance(values[0], str) else values[0].decode(errors="replace")
+    header = values[0]  # grpc hands text headers over as str (only "-bin" keys are bytes)
     scheme, _, token = header.strip().partition(" ")
     if scheme.lower() != "bearer":
         if not header.strip():

@@ -16,6 +16,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import subprocess
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -33,6 +35,7 @@ from services.trainer.store import TERMINAL, DatasetRow, JobRecord, JobStore, no
 from services.trainer.validation import check_against_base, check_same_base, inspect_base
 from tunedock.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, TuneDockError, Unavailable
 from tunedock.refs import Ref, check_name
+from tunedock.tiny_model import tiny_model_path
 from tunedock.v1 import trainer_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -159,10 +162,16 @@ class TrainerCore:
         """The base a job without base_model trains on; the embedded tiny model is built when `build`."""
         if self.default_base_model:
             return self.default_base_model
-        from tunedock.tiny_model import build_tiny_model, tiny_model_path
-
         cache = self.data_dir / "models"  # where inference builds it from the same data dir
-        return str(build_tiny_model(cache_dir=cache) if build else tiny_model_path(cache_dir=cache))
+        path = tiny_model_path(cache_dir=cache)
+        if build and not (path / "config.json").exists():
+            # In a child process: building needs torch and transformers, which this server never imports.
+            done = subprocess.run(
+                [sys.executable, "-m", "tunedock.tiny_model", "--cache-dir", str(cache)], capture_output=True, text=True
+            )
+            if done.returncode != 0:
+                raise FailedPrecondition(f"could not build the default base model: {done.stderr.strip()[-500:]}")
+        return str(path)
 
     def validate(self, spec: pb.JobSpec) -> TrainConfig | None:
         spec.project = principal().project_for_write(spec.project)
@@ -174,7 +183,8 @@ class TrainerCore:
         if spec.HasField("extract"):
             self._validate_extract(spec)
             return None
-        if not spec.base_model:
+        defaulted = not spec.base_model
+        if defaulted:
             spec.base_model = self.default_base(build=True)
         cfg = config_from_spec(spec)
         if not spec.output_name:
@@ -198,9 +208,11 @@ class TrainerCore:
             return cfg  # resolved and downloaded by the worker
         base = resolve_local_base(cfg.base_model)
         if base is None:
+            whose = " (this trainer's default base: set --default-base-model on the trainer, or base_model)"
             raise FailedPrecondition(
-                f"base model {cfg.base_model!r} not found: give a local directory with config.json, a hub id already "
-                "in the local Hugging Face cache, or registry://name@alias of a model artifact"
+                f"base model {cfg.base_model!r}{whose if defaulted else ''} not found: give a local directory with "
+                "config.json, a hub id already in the local Hugging Face cache, or registry://name@alias of a model "
+                "artifact"
             )
         check_against_base(cfg, inspect_base(base))
         return cfg
@@ -310,9 +322,9 @@ class TrainerCore:
         )
 
     async def submit(self, spec: pb.JobSpec) -> JobRecord:
-        trains = not spec.merge_adapter and not spec.HasField("extract")
-        defaulted = trains and not spec.base_model
-        await asyncio.to_thread(self.validate, spec)
+        named_base = bool(spec.base_model)
+        await asyncio.to_thread(self.validate, spec)  # fills in the default base of a training job
+        defaulted = not named_base and bool(spec.base_model)
         job_id = f"job-{uuid.uuid4().hex[:12]}"
         note = f"no base_model given: training on this trainer's default base {spec.base_model}" if defaulted else ""
         job = await asyncio.to_thread(

@@ -604,7 +604,7 @@ def test_server_info_says_what_the_trainer_offers(stack):
     assert info.max_dataset_bytes == TrainerSettings().max_dataset_mb * 2**20 and info.max_lora_rank == 64
 
 
-def test_a_job_without_a_base_trains_on_the_default_and_says_so(tmp_path, dataset, tiny_model_dir):
+def test_a_job_without_a_base_trains_on_the_default_and_says_so(tmp_path, tiny_model_dir):
     from services.common.basemodels import base_fingerprint
 
     served = Stack(tmp_path / "served", default_base_model=str(tiny_model_dir))
@@ -627,3 +627,35 @@ def test_a_job_without_a_base_trains_on_the_default_and_says_so(tmp_path, datase
         assert lineage.base_fingerprint == base_fingerprint(str(tiny_model_dir))
     finally:
         served.stop()
+
+
+def test_the_embedded_default_base_is_built_on_first_use_and_is_the_tiny_model_inference_serves(
+    stack, dataset, tiny_model_dir
+):
+    from services.common.basemodels import base_fingerprint
+
+    spec = _spec(tiny_model_dir, dataset.id, "svc-embedded-base", METHODS["lora"], max_steps=2)
+    spec.base_model = ""
+    job = stack.client.submit(spec)
+    assert list(stack.client.watch(job.id, timeout=300))
+    done = stack.client.get(job.id)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+    assert done.spec.base_model == stack.client.info().default_base_model != str(tiny_model_dir)
+    # Built in another directory, from the same recipe: the same weights as the model inference serves.
+    assert base_fingerprint(done.spec.base_model) == base_fingerprint(str(tiny_model_dir))
+
+
+def test_a_default_base_that_is_not_here_is_refused_naming_the_setting(tmp_path):
+    missing = Stack(tmp_path / "missing", default_base_model=str(tmp_path / "no-such-model"))
+    try:
+        path = tmp_path / "pirate.jsonl"
+        path.write_bytes(memorization_jsonl())
+        uploaded = missing.client.upload_dataset(path)
+        spec = _spec("", uploaded.id, "svc-missing-base", METHODS["lora"])
+        with pytest.raises(grpc.RpcError) as refused:
+            missing.client.submit(spec)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "this trainer's default base: set --default-base-model" in refused.value.details()
+        assert list(missing.client.list()) == []  # nothing stored
+    finally:
+        missing.stop()
