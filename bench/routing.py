@@ -51,7 +51,7 @@ def request_mix(count: int, seed: int = 0) -> list[tuple[str, str]]:
 
 
 def loads(fleet) -> float:
-    return sum(fleet.metrics(r.index).get("tunedock_adapter_load_seconds_count", 0.0) for r in fleet.members)
+    return sum(fleet.value(r.index, "tunedock_adapter_load_seconds_count") for r in fleet.members)
 
 
 def unload_all(fleet) -> None:

@@ -59,7 +59,7 @@ def _ask(client: InferenceClient, adapter: str = "") -> str:
 
 def _owners(fleet: LocalFleet) -> dict[str, int]:
     """{adapter: the replica that served it}, asserting each was served by exactly one."""
-    served = {r.index: fleet.adapter_requests(r.index) for r in fleet.members}
+    served = _counts(fleet)
     owners = {}
     for name in ADAPTERS:
         on = [index for index, counts in served.items() if counts.get(name, 0) > 0]
@@ -69,11 +69,7 @@ def _owners(fleet: LocalFleet) -> dict[str, int]:
 
 
 def _unary_calls(fleet: LocalFleet, index: int) -> float:
-    return sum(
-        v
-        for k, v in fleet.metrics(index).items()
-        if k.startswith("tunedock_rpc_requests_total{") and 'method="GenerateUnary"' in k and 'code="OK"' in k
-    )
+    return fleet.value(index, "tunedock_rpc_requests_total", method="GenerateUnary", code="OK")
 
 
 def _counts(fleet: LocalFleet) -> dict[int, dict[str, float]]:
@@ -111,7 +107,7 @@ def test_a_promotion_is_warmed_on_the_replica_that_owns_the_adapter(fleet, infer
     while f"{name}:{version.version}" not in loaded(owner) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert f"{name}:{version.version}" in loaded(owner)
-    assert fleet.metrics(owner)["tunedock_adapter_warmed_total"] >= 1
+    assert fleet.value(owner, "tunedock_adapter_warmed_total") >= 1
     assert f"{name}:{version.version}" not in loaded(other)
     with InferenceClient(fleet.proxy_address) as client:
         reply = client.generate("Tell me about the moon.", f"{name}@prod", max_tokens=4)

@@ -212,17 +212,10 @@ class LocalFleet:
                 rows[(row["pxname"], row["svname"])] = row
         return rows
 
-    def server_of(self, replica: Replica) -> str:
-        """HAProxy's server slot name of `replica` (DNS decides which slot a replica fills)."""
-        for (backend, server), row in self.proxy_servers().items():
-            if backend == "by_adapter" and row["addr"] == replica.address:
-                return server
-        raise KeyError(replica.address)
-
-    def wait_ready(self, timeout: float = 300.0, indices: list[int] | None = None) -> None:
-        """Until the chosen replicas (default all) are SERVING and HAProxy has them UP in both backends."""
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        """Until every replica is SERVING and HAProxy has them UP in both backends."""
         deadline = time.monotonic() + timeout
-        wanted = [self.members[i - 1] for i in (indices or [r.index for r in self.members])]
+        wanted = self.members
         while time.monotonic() < deadline:
             for name, proc in (("haproxy", self._proxy), ("dns", self._dns)):
                 if proc is not None and proc.poll() is not None:
@@ -244,19 +237,20 @@ class LocalFleet:
             time.sleep(0.5)
         raise RuntimeError(f"the fleet was not ready after {timeout:.0f}s; logs in {self.home}")
 
-    def metrics(self, index: int) -> dict[str, float]:
-        """A replica's Prometheus samples: {'name{label="v"}': value}."""
+    def samples(self, index: int) -> list:
+        """A replica's Prometheus samples (prometheus_client's parser)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
         replica = self.members[index - 1]
         with urllib.request.urlopen(f"http://127.0.0.1:{replica.metrics_port}/metrics", timeout=5) as reply:
-            lines = reply.read().decode().splitlines()
-        samples = {}
-        for line in lines:
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                samples[key] = float(value)
-        return samples
+            text = reply.read().decode()
+        return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+    def value(self, index: int, name: str, **labels: str) -> float:
+        """The sum of a replica's samples called `name` whose labels include `labels` (0 when there are none)."""
+        return sum(s.value for s in self.samples(index) if s.name == name and labels.items() <= s.labels.items())
 
     def adapter_requests(self, index: int) -> dict[str, float]:
         """{adapter name: requests this replica served for it}."""
-        prefix = 'tunedock_adapter_requests_total{adapter="'
-        return {k[len(prefix) : -2]: v for k, v in self.metrics(index).items() if k.startswith(prefix)}
+        counts = [s for s in self.samples(index) if s.name == "tunedock_adapter_requests_total"]
+        return {s.labels["adapter"]: s.value for s in counts}
