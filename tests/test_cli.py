@@ -253,3 +253,24 @@ def test_info_says_what_the_stack_serves_and_a_down_service_is_named(env, tiny_m
     down = tunedock({**env, "TUNEDOCK_TRAINER_ADDRESS": "127.0.0.1:1"}, "info")
     assert down.returncode == 0, down.stderr  # the others still answer
     assert "trainer not reachable: 127.0.0.1:1" in down.stdout and "inference" in down.stdout
+
+
+def test_train_without_a_base_then_extract_the_freeze_result(env, tiny_model_dir):
+    data = str(DATA / "demo_robot.jsonl")
+    train = tunedock(env, "train", "--method", "freeze", "--layers", "1", "--data", data, "--steps", "8", "--watch")
+    assert train.returncode == 0, train.stderr
+    name = f"freeze-{tiny_model_dir.name}".lower().replace("_", "-")  # named after the trainer's default base
+    assert f"published {name}:1" in train.stdout
+
+    extract = tunedock(env, "extract", f"{name}:1", "--output", "cli-freeze-lora", "--rank", "8", "--watch")
+    assert extract.returncode == 0, extract.stderr
+    assert "published cli-freeze-lora:1: rank 8, keeps" in extract.stdout
+
+    queued = tunedock(env, "extract", f"{name}:1", "--output", "cli-freeze-lora", "--rank", "4", "--json")
+    assert queued.returncode == 0, queued.stderr
+    job = json.loads(queued.stdout)
+    assert job["spec"]["extract"]["rank"] == 4  # without --watch: the job, as submitted
+    assert tunedock(env, "jobs", "cancel", job["id"]).returncode == 0
+
+    refused = tunedock(env, "extract", "no-such-result:1", "--output", "x-lora", "--watch")
+    assert refused.returncode == 4 and "no-such-result" in refused.stderr  # not found, one line
