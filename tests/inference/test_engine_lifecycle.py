@@ -77,12 +77,25 @@ def _alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] != "Z"
 
 
+def _frozen_objects(metrics_port: int) -> float:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    family = next(f for f in text_string_to_metric_families(body) if f.name == "tunedock_gc_frozen_objects")
+    return family.samples[0].value
+
+
 def test_a_dead_engine_turns_health_not_serving_and_is_rebuilt(tmp_path):
     from tunedock.client import InferenceClient
 
     proc, port, metrics_port = _start("services.inference", tmp_path)
     address = f"127.0.0.1:{port}"
     try:
+        # The heap holding torch and vLLM is hidden from the cyclic collector (a full collection would
+        # otherwise walk it on the event loop), and again after the rebuild.
+        assert _frozen_objects(metrics_port) > 100_000
         with InferenceClient(address) as client:
             before = list(client.generate("Tell me about the moon.", max_tokens=6).completions[0].token_ids)
             core = next(p for p, n in _children(proc.pid).items() if "EngineCor" in n)
@@ -106,6 +119,7 @@ def test_a_dead_engine_turns_health_not_serving_and_is_rebuilt(tmp_path):
 
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         assert "tunedock_inference_engine_restarts_total 1.0" in body
+        assert _frozen_objects(metrics_port) > 100_000
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
