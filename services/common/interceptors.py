@@ -292,7 +292,9 @@ class AuthInterceptor(aio.ServerInterceptor):
             async def wrapped(request, context):
                 token = current_principal.set(self._principal(method, metadata))
                 try:
-                    return await asyncio.wait_for(_call(behavior, request, context), deadline)
+                    # asyncio.timeout runs the call in this task; wait_for would start a task per call.
+                    async with asyncio.timeout(deadline):
+                        return await _call(behavior, request, context)
                 except TimeoutError:
                     raise errors.DeadlineExceeded(
                         f"the server stopped this call after its {deadline:g}s deadline"
