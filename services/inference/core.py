@@ -68,6 +68,7 @@ class InferenceCore:
         metrics,
         limits: Limits,
         scheduler: AdapterScheduler,
+        warm_window_s: float = 86400.0,
     ) -> None:
         self.engine = engine
         """Replaced by the server's supervisor when the engine dies and is rebuilt."""
@@ -78,6 +79,9 @@ class InferenceCore:
         self.scheduler = scheduler
         self.served: dict[str, float] = {}
         """Adapter name -> when this replica last served it: the names a proxy hashes here."""
+        self.warm_window_s = warm_window_s
+        """How long a served name counts as owned here (`owns`); older entries are dropped."""
+        self._prune_at = 1024
 
     def _validate(self, req: GenerateInput) -> str:
         if bool(req.prompt) == bool(req.messages):
@@ -131,7 +135,7 @@ class InferenceCore:
         prompt = self._validate(req)
         resolved, entry = (await self.acquire_adapter(req.adapter)) if req.adapter else (None, None)
         if resolved is not None:
-            self.served[resolved.name] = time.monotonic()
+            self.note_served(resolved.name)
         try:
             async with self.scheduler.admit(self._slot(entry)):
                 async for delta in self._run(prompt, req, resolved, entry):
@@ -208,6 +212,15 @@ class InferenceCore:
                 await asyncio.to_thread(self.cache.release, entry)
             entries.append(entry)
         return entries
+
+    def note_served(self, name: str) -> None:
+        """Remember that `name` was served now; names not served within the window are forgotten
+        once the map has doubled since the last sweep (amortized O(1), bounded by the names of a window)."""
+        now = time.monotonic()
+        self.served[name] = now
+        if len(self.served) >= self._prune_at:
+            self.served = {n: t for n, t in self.served.items() if now - t <= self.warm_window_s}
+            self._prune_at = max(1024, 2 * len(self.served))
 
     def owns(self, name: str, window_s: float) -> bool:
         """Whether this replica served `name` in the last `window_s` seconds.

@@ -253,7 +253,7 @@ async def build_server(settings: InferenceSettings, engine=None) -> GrpcServer:
     limits = Limits(max_tokens=settings.max_tokens_limit, max_prompt_chars=settings.max_prompt_chars)
     # Two waves of adapters: the engine's slots, and the next wave queued behind them (scheduler.py).
     scheduler = AdapterScheduler(2 * settings.max_loras, settings.admission_max_wait_s, metrics)
-    core = InferenceCore(engine, resolver, cache, metrics, limits, scheduler)
+    core = InferenceCore(engine, resolver, cache, metrics, limits, scheduler, settings.warm_window_s)
     info = {
         "version": __version__,
         "base_model": settings.base_model or base_model,
