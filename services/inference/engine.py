@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.basemodels import resolve_local_base
-from tunedock.errors import Unavailable
+from tunedock.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +206,7 @@ class Engine:
     ) -> AsyncIterator:
         """Outputs as they come: deltas when streaming, the final output alone otherwise (fewer wake-ups)."""
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError
 
@@ -220,6 +221,8 @@ class Engine:
                 yield output
         except EngineDeadError:
             raise Unavailable(DEAD) from None
+        except VLLMValidationError as exc:  # the caller's input (e.g. a prompt past max_model_len), not a fault
+            raise InvalidArgument(str(exc)) from None
 
     async def abort(self, request_id: str) -> None:
         if not self.dead:

@@ -223,6 +223,11 @@ def test_incompatible_adapters_are_refused_and_the_engine_keeps_serving(
     with pytest.raises(grpc.RpcError) as info:
         generate(stub, PROMPTS[0], "", max_tokens=100000)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_tokens" in info.value.details()
+    for long_prompt in ("word " * 2000, "word " * 500):  # past max_model_len (512): by characters, by tokens
+        with pytest.raises(grpc.RpcError) as info:
+            generate(stub, long_prompt, "")
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert "maximum context length is 512 tokens" in info.value.details()
     assert tokens(stub, PROMPTS[0], "inf-a") == tokens(stub, PROMPTS[0], "inf-a")  # still serving
     loaded = {a.name for a in stub.ListLoadedAdapters(pb.ListLoadedAdaptersRequest()).adapters}
     assert "inf-rank-too-big" not in loaded and "inf-otherbase" not in loaded
