@@ -94,8 +94,12 @@ class InferenceCore:
             raise InvalidArgument(f"max_tokens must be in 1..{self.limits.max_tokens}, got {req.max_tokens}")
         if not 1 <= req.n <= self.limits.max_n:
             raise InvalidArgument(f"n must be in 1..{self.limits.max_n}, got {req.n}")
-        if req.temperature < 0 or not 0 < req.top_p <= 1 or req.top_k < 0:
-            raise InvalidArgument("temperature must be >= 0, top_p in (0, 1], top_k >= 0")
+        if not 0 <= req.temperature <= 2 or not 0 < req.top_p <= 1 or req.top_k < 0:
+            raise InvalidArgument("temperature must be in [0, 2], top_p in (0, 1], top_k >= 0")
+        if req.n > 1 and req.temperature == 0:
+            raise InvalidArgument(f"n={req.n} needs temperature > 0: greedy decoding gives one completion")
+        if any(not s for s in req.stop):
+            raise InvalidArgument("stop strings must not be empty")
         prompt = req.prompt or self.engine.prompt_from_messages(req.messages)
         if len(prompt) > self.limits.max_prompt_chars:
             raise InvalidArgument(f"prompt is {len(prompt)} characters; the limit is {self.limits.max_prompt_chars}")

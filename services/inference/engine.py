@@ -213,8 +213,8 @@ class Engine:
         if self.dead:
             raise Unavailable(DEAD)
         kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
-        params = SamplingParams(output_kind=kind, **sampling)
         try:
+            params = SamplingParams(output_kind=kind, **sampling)
             async for output in self.llm.generate(
                 prompt, params, request_id, lora_request=lora_request or self.null_adapter
             ):

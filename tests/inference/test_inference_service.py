@@ -228,6 +228,15 @@ def test_incompatible_adapters_are_refused_and_the_engine_keeps_serving(
             generate(stub, long_prompt, "")
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
         assert "maximum context length is 512 tokens" in info.value.details()
+    bad_sampling = [
+        ({"n": 2}, "needs temperature > 0"),
+        ({"stop": [""]}, "stop strings must not be empty"),
+        ({"temperature": 5.0}, "temperature must be in [0, 2]"),
+    ]
+    for sampling, fragment in bad_sampling:
+        with pytest.raises(grpc.RpcError) as info:
+            generate(stub, PROMPTS[0], "", **sampling)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in info.value.details()
     assert tokens(stub, PROMPTS[0], "inf-a") == tokens(stub, PROMPTS[0], "inf-a")  # still serving
     loaded = {a.name for a in stub.ListLoadedAdapters(pb.ListLoadedAdaptersRequest()).adapters}
     assert "inf-rank-too-big" not in loaded and "inf-otherbase" not in loaded
