@@ -226,15 +226,15 @@ class InferenceCore:
             self.served = {n: t for n, t in self.served.items() if now - t <= self.warm_window_s}
             self._prune_at = max(1024, 2 * len(self.served))
 
-    def owns(self, name: str, window_s: float) -> bool:
-        """Whether this replica served `name` in the last `window_s` seconds.
+    def owns(self, name: str) -> bool:
+        """Whether this replica served `name` in the last `warm_window_s` seconds.
 
         Behind the affinity proxy (deploy/haproxy) the requests for a name land on the replica its
         hash picks, so the replicas that served it are the ones that will serve its next version:
         no replica needs to recompute the proxy's hash ring to know what it owns.
         """
         last = self.served.get(name)
-        return last is not None and time.monotonic() - last <= window_s
+        return last is not None and time.monotonic() - last <= self.warm_window_s
 
     async def warm(self, ref: str) -> None:
         """Load `ref` into the engine ahead of its first request (an alias moved to it, or it was published)."""

@@ -280,7 +280,7 @@ async def build_server(settings: InferenceSettings, engine=None) -> GrpcServer:
         """An alias moved, or a version was published (`latest` moved): a replica that serves the name loads
         the version it now points at, so the first request after a promotion finds it warm."""
         promoted = event.type in (rpb.EVENT_TYPE_ALIAS_MOVED, rpb.EVENT_TYPE_PUBLISHED)
-        if settings.warm_on_promote and promoted and core.owns(event.name, settings.warm_window_s):
+        if settings.warm_on_promote and promoted and core.owns(event.name):
             asyncio.run_coroutine_threadsafe(core.warm(f"{event.name}:{event.version}"), loop)
 
     threading.Thread(target=resolver.follow, args=(stop, warm_on_promote), daemon=True, name="registry-watch").start()

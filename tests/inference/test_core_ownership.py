@@ -18,9 +18,9 @@ def test_a_name_served_within_the_window_is_owned_and_a_stale_one_is_not(monkeyp
     core = _core(window_s=60)
     core.note_served("pirate")
     clock[0] += 30
-    assert core.owns("pirate", 60) and not core.owns("robot", 60)
+    assert core.owns("pirate") and not core.owns("robot")
     clock[0] += 31
-    assert not core.owns("pirate", 60)
+    assert not core.owns("pirate")
 
 
 def test_stale_names_are_dropped_so_the_map_stays_bounded(monkeypatch):
@@ -31,5 +31,5 @@ def test_stale_names_are_dropped_so_the_map_stays_bounded(monkeypatch):
         clock[0] += 1
         core.note_served(f"adapter-{i}")
     assert len(core.served) <= 1024
-    assert core.owns("adapter-4999", 10) and core.owns("adapter-4990", 10)
+    assert core.owns("adapter-4999") and core.owns("adapter-4990")
     assert "adapter-0" not in core.served
