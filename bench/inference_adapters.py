@@ -1,6 +1,6 @@
 """Serving adapters per request: the bare engine vs the service, on the same engine, in one run.
 
-    .venv/bin/python -m bench.inference_adapters [--requests 32] [--max-tokens 32] [--max-loras 4] [--repeats 3]
+    .venv/bin/python -m bench.inference_adapters [--requests 32] [--max-tokens 32] [--max-loras 4] [--repeats 5]
 
 One registry and one inference service (one vLLM engine over the tiny model) run in this process.
 Workloads, all requests sent at once: base only, one adapter, 4 adapters mixed, 16 adapters mixed
