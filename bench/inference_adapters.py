@@ -154,7 +154,6 @@ def main() -> None:
     from services.adapter_registry.server import build_server as build_registry
     from services.adapter_registry.settings import RegistrySettings
     from services.common.server_thread import ServerThread
-    from services.inference.adapters import lora_int_id
     from services.inference.engine import write_null_adapter
     from services.inference.server import build_server as build_inference
     from services.inference.settings import InferenceSettings
@@ -190,7 +189,7 @@ def main() -> None:
             return None
         _, entry = await core.acquire_adapter(name)
         core.cache.release(entry)
-        return engine.lora_request(name, lora_int_id(entry.resolved.content_sha256), str(entry.path))
+        return engine.lora_request(name, core.lora_ids(entry.resolved.content_sha256), str(entry.path))
 
     async def direct(jobs, base_lora=None):
         """Straight to the engine, everything at once: no guard, no admission (FIFO)."""

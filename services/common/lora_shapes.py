@@ -17,6 +17,11 @@ from pathlib import Path
 
 SERVABLE_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 """The max_lora_rank values vLLM accepts."""
+SERVABLE_MODULES = frozenset(
+    {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"}
+)
+"""The modules vLLM's LoRA layers hot-swap (Phi3's fused qkv_proj/gate_up_proj too); lm_head and the
+embeddings are not hot-swappable."""
 DEFAULT_MAX_LORA_RANK = 64
 """The inference replicas' max_lora_rank unless set, and so the cap of an extracted adapter's rank."""
 
@@ -50,7 +55,7 @@ def adapter_module_shapes(header: dict[str, dict]) -> dict[str, list[int]]:
 
 def base_module_shapes(base_dir: Path) -> dict[str, list[int]]:
     """{layer key: [in_features, out_features]} of every 2-D weight in a base's decoder layers."""
-    from services.common.safetensors_info import read_header
+    from tunedock.model_files import read_header
 
     shapes = {}
     for file in sorted(Path(base_dir).glob("*.safetensors")):

@@ -20,6 +20,7 @@ import logging
 import shutil
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,33 +28,56 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.common.lora_shapes import adapter_module_shapes, mismatches
-from services.common.safetensors_info import read_header
+from services.common.lora_shapes import SERVABLE_MODULES, adapter_module_shapes, mismatches
+from services.common.registry_answers import registry_answer
 from tunedock.client import RegistryClient
 from tunedock.client.registry import ChecksumMismatch
-from tunedock.errors import FailedPrecondition, InvalidArgument, NotFound, TuneDockError, Unavailable
+from tunedock.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    TuneDockError,
+    Unavailable,
+)
+from tunedock.model_files import read_header
 from tunedock.v1 import adapter_registry_pb2 as rpb
 
 log = logging.getLogger(__name__)
 
-# Modules vLLM's LoRA layers serve (lm_head/embeddings are not hot-swappable).
-SERVABLE_MODULES = {
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-    "qkv_proj",
-    "gate_up_proj",
-}
 COLD_RESOLVE_TIMEOUT_S = 2.0
 
 
-def lora_int_id(content_sha256: str) -> int:
-    """Stable engine id from the content hash (same adapter bytes, same id, on every replica)."""
-    return int(content_sha256[:15], 16) % (2**31 - 2) + 1
+class LoraIds:
+    """Engine ids of adapter contents: one id per content hash, never two contents on one id.
+
+    vLLM takes `lora_int_id` as an adapter's identity (its slots and CPU LRU are keyed by it), so
+    two contents on one id would serve one's weights for the other, silently. The id is the hash
+    folded into `space` (the same on every replica in the common case); a fold that lands on an id
+    another content holds probes to the next free one. Ids are never reused within a process: the
+    engine may still hold an evicted adapter under its old id. One entry per content ever served.
+    """
+
+    def __init__(self, space: int = 2**31 - 2) -> None:
+        self.space = space
+        """Ids are 1..space (vLLM's ids are positive int32; the engine's zero adapter sits above)."""
+        self._by_content: dict[str, int] = {}
+        self._taken: set[int] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, content_sha256: str) -> int:
+        with self._lock:
+            known = self._by_content.get(content_sha256)
+            if known is not None:
+                return known
+            if len(self._taken) >= self.space:
+                raise ResourceExhausted(f"all {self.space} adapter ids of this replica are taken; restart it")
+            candidate = int(content_sha256[:15], 16) % self.space
+            while candidate + 1 in self._taken:
+                candidate = (candidate + 1) % self.space
+            self._by_content[content_sha256] = candidate + 1
+            self._taken.add(candidate + 1)
+            return candidate + 1
 
 
 @dataclass(frozen=True)
@@ -82,12 +106,8 @@ class CachedAdapter:
 
 def _about(exc: TuneDockError, ref: str) -> TuneDockError:
     """The registry's answer, said about this adapter reference."""
-    for kind in (NotFound, InvalidArgument, FailedPrecondition):
-        if isinstance(exc, kind):
-            return kind(f"adapter {ref!r}: {exc.message}")
-    return Unavailable(
-        f"adapter registry unavailable ({exc.status}): cannot resolve {ref!r}; cached adapters keep serving, "
-        "retry later"
+    return registry_answer(
+        exc, f"adapter {ref!r}", "inference", unavailable="cached adapters keep serving, retry later"
     )
 
 
@@ -204,6 +224,8 @@ class AdapterCache:
     ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        for leftover in self.root.glob(".removed-*"):  # a removal a previous process did not finish
+            shutil.rmtree(leftover, ignore_errors=True)
         self.registry = registry
         self.max_bytes = max_bytes
         self.max_lora_rank = max_lora_rank
@@ -260,15 +282,20 @@ class AdapterCache:
                 entry.in_flight += 1
                 entry.pinned = entry.pinned or pin
                 self.entries[key] = entry
-            self._evict()
+            self.evict()
             return entry
 
-    def release(self, entry: CachedAdapter) -> None:
+    def release(self, entry: CachedAdapter, evict: bool = True) -> bool:
+        """Done with `entry`; returns whether the cache is over its bound (evicted here when `evict`).
+
+        Eviction deletes files: an event loop passes evict=False and runs `evict` in a thread.
+        """
         with self._lock:
             entry.in_flight -= 1
             over = sum(e.size for e in self.entries.values()) > self.max_bytes
-        if over:
-            self._evict()
+        if over and evict:
+            self.evict()
+        return over
 
     def _fetch(self, resolved: ResolvedAdapter, existing: CachedAdapter | None) -> CachedAdapter:
         target = self.root / resolved.content_sha256
@@ -281,10 +308,14 @@ class AdapterCache:
                 if self.metrics:
                     self.metrics.adapter_download.observe(time.perf_counter() - started)
         except ChecksumMismatch as exc:
-            shutil.rmtree(target, ignore_errors=True)
+            if existing is None:
+                shutil.rmtree(target, ignore_errors=True)
             raise FailedPrecondition(f"adapter {resolved.ref} is corrupt: {exc}") from None
         except TuneDockError as exc:
-            shutil.rmtree(target, ignore_errors=True)
+            # Another version with these bytes may be serving from `target` (same content, other
+            # metadata, e.g. a copy recorded for another base): its files are not this refusal's to delete.
+            if existing is None:
+                shutil.rmtree(target, ignore_errors=True)
             raise _about(exc, resolved.ref) from None
         try:
             rank = self._judge(resolved, lambda: self._check_files(resolved, target))
@@ -364,10 +395,11 @@ class AdapterCache:
             if entry.in_flight:
                 raise FailedPrecondition(f"adapter {entry.resolved.ref} serves {entry.in_flight} request(s) now")
             del self.entries[content_sha256]
-        shutil.rmtree(entry.path, ignore_errors=True)
+        self._remove_files(entry)
         return entry
 
-    def _evict(self) -> list[CachedAdapter]:
+    def evict(self) -> list[CachedAdapter]:
+        """Drop least recently used adapters (neither in use nor pinned) until within the bound; blocks on disk."""
         evicted = []
         with self._lock:
             total = sum(e.size for e in self.entries.values())
@@ -380,9 +412,27 @@ class AdapterCache:
                 total -= entry.size
                 evicted.append(entry)
         for entry in evicted:
-            shutil.rmtree(entry.path, ignore_errors=True)
+            self._remove_files(entry)
             self._count("evictions")
         return evicted
+
+    def _remove_files(self, entry: CachedAdapter) -> None:
+        """Delete a forgotten adapter's files, never under a re-download of the same content.
+
+        The directory is renamed aside under its key's lock (which `acquire` holds while it fetches),
+        unless the content was acquired again meanwhile; the slow part, deleting, runs after.
+        """
+        key = entry.resolved.content_sha256
+        with self._key_lock(key):
+            with self._lock:
+                if key in self.entries:
+                    return  # acquired again since it was forgotten: these files serve it
+            trash = entry.path.with_name(f".removed-{key}-{uuid.uuid4().hex[:8]}")
+            try:
+                entry.path.rename(trash)
+            except FileNotFoundError:
+                return
+        shutil.rmtree(trash, ignore_errors=True)
 
     def _count(self, what: str) -> None:
         if self.metrics:

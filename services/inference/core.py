@@ -12,10 +12,10 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from services.common.auth import principal
-from services.inference.adapters import AdapterCache, AdapterResolver, CachedAdapter, ResolvedAdapter, lora_int_id
+from services.inference.adapters import AdapterCache, AdapterResolver, CachedAdapter, LoraIds, ResolvedAdapter
 from services.inference.scheduler import AdapterScheduler
 from tunedock.errors import InvalidArgument, NotFound, TuneDockError
 from tunedock.refs import Ref
@@ -52,6 +52,43 @@ class Delta:
     adapter_version: str
 
 
+@dataclass(frozen=True)
+class Choice:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A unary request's whole answer: every choice, aggregated in the core for every front."""
+
+    prompt_tokens: int
+    adapter_version: str
+    choices: list[Choice]
+    time_to_first_token_s: float
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    entry: CachedAdapter
+    lora_id: int
+    """The engine's id of this content (LoraIds)."""
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """What the engine serves now (it is replaced when it dies and is rebuilt)."""
+
+    dtype: str
+    isolation_mode: str
+    isolation_detail: str
+    has_chat_template: bool
+    queued_requests: int
+    adapters: list[LoadedAdapter]
+
+
 @dataclass
 class Limits:
     max_tokens: int = 4096
@@ -69,6 +106,7 @@ class InferenceCore:
         limits: Limits,
         scheduler: AdapterScheduler,
         warm_window_s: float = 86400.0,
+        lora_ids: LoraIds | None = None,
     ) -> None:
         self.engine = engine
         """Replaced by the server's supervisor when the engine dies and is rebuilt."""
@@ -82,6 +120,8 @@ class InferenceCore:
         self.warm_window_s = warm_window_s
         """How long a served name counts as owned here (`owns`); older entries are dropped."""
         self._prune_at = 1024
+        self.lora_ids = lora_ids or LoraIds()
+        """Content hash -> the engine's adapter id (collision-free; kept across engine rebuilds)."""
 
     def _validate(self, req: GenerateInput) -> str:
         if bool(req.prompt) == bool(req.messages):
@@ -146,14 +186,49 @@ class InferenceCore:
                     yield delta
         finally:
             if entry:
-                self.cache.release(entry)
+                self._release(entry)
+
+    def _release(self, entry: CachedAdapter) -> None:
+        """Release on the event loop; an eviction it calls for deletes files, so it runs in a thread."""
+        if self.cache.release(entry, evict=False):
+            asyncio.get_running_loop().run_in_executor(None, self.cache.evict)
+
+    async def complete(self, req: GenerateInput) -> Completion:
+        """The final output of every choice (the engine is asked for it once, not a delta per token)."""
+        started = time.perf_counter()
+        req = replace(req, stream=False)
+        texts: dict[int, list[str]] = {}
+        tokens: dict[int, list[int]] = {}
+        finish: dict[int, str] = {}
+        prompt_tokens, adapter, ttft = 0, "", None
+        async for d in self.generate(req):
+            ttft = ttft if ttft is not None else time.perf_counter() - started
+            texts.setdefault(d.index, []).append(d.text)
+            tokens.setdefault(d.index, []).extend(d.token_ids)
+            finish[d.index] = d.finish_reason or finish.get(d.index, "")
+            prompt_tokens, adapter = d.prompt_tokens, d.adapter_version
+        choices = [Choice(i, "".join(texts[i]), tokens[i], finish[i]) for i in sorted(texts)]
+        return Completion(prompt_tokens, adapter, choices, ttft or 0.0)
+
+    def state(self) -> EngineState:
+        engine = self.engine
+        return EngineState(
+            dtype=engine.dtype,
+            isolation_mode=engine.isolation,
+            isolation_detail=engine.isolation_why,
+            has_chat_template=bool(getattr(engine.tokenizer, "chat_template", None)),
+            queued_requests=self.scheduler.queued,
+            adapters=self.loaded(),
+        )
 
     async def _run(self, prompt: str, req: GenerateInput, resolved, entry) -> AsyncIterator[Delta]:
         engine = self.engine
         lora = None
         label = resolved.ref if resolved else ""  # this request's ref; the entry is shared by identical content
         if entry:
-            lora = engine.lora_request(entry.resolved.ref, lora_int_id(entry.resolved.content_sha256), str(entry.path))
+            lora = engine.lora_request(
+                entry.resolved.ref, self.lora_ids(entry.resolved.content_sha256), str(entry.path)
+            )
             self.metrics.adapter_requests.labels(resolved.name).inc()
         sampling = {
             "temperature": req.temperature,
@@ -198,7 +273,7 @@ class InferenceCore:
             if not finished:
                 await engine.abort(request_id)  # the client went away: free the engine's slot
 
-    async def preload(self, refs: list[str], pin: bool) -> list[CachedAdapter]:
+    async def preload(self, refs: list[str], pin: bool) -> list[LoadedAdapter]:
         entries = []
         for ref in refs:
             _, entry = await self.acquire_adapter(ref, pin)
@@ -206,7 +281,7 @@ class InferenceCore:
                 # A one-token request makes the engine load the weights now, not on first use.
                 async with self.scheduler.admit(self._slot(entry)):
                     lora = self.engine.lora_request(
-                        entry.resolved.ref, lora_int_id(entry.resolved.content_sha256), str(entry.path)
+                        entry.resolved.ref, self.lora_ids(entry.resolved.content_sha256), str(entry.path)
                     )
                     sampling = {"max_tokens": 1, "temperature": 0.0}
                     async for _ in self.engine.generate(".", sampling, uuid.uuid4().hex, lora, stream=False):
@@ -214,7 +289,7 @@ class InferenceCore:
                 entry.loaded = True
             finally:
                 await asyncio.to_thread(self.cache.release, entry)
-            entries.append(entry)
+            entries.append(LoadedAdapter(entry, self.lora_ids(entry.resolved.content_sha256)))
         return entries
 
     def note_served(self, name: str) -> None:
@@ -248,8 +323,8 @@ class InferenceCore:
     async def unload(self, ref: str) -> bool:
         resolved = await self.resolve_for_caller(ref)
         entry = await asyncio.to_thread(self.cache.drop, resolved.content_sha256)
-        removed = await self.engine.remove_lora(lora_int_id(resolved.content_sha256))
+        removed = await self.engine.remove_lora(self.lora_ids(resolved.content_sha256))
         return entry is not None or bool(removed)
 
-    def loaded(self) -> list[CachedAdapter]:
-        return list(self.cache.entries.values())
+    def loaded(self) -> list[LoadedAdapter]:
+        return [LoadedAdapter(e, self.lora_ids(e.resolved.content_sha256)) for e in list(self.cache.entries.values())]

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.basemodels import resolve_local_base
+from services.common.lora_shapes import SERVABLE_MODULES
 from tunedock.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ def write_null_adapter(base_model: str, directory: Path, rank: int = 8) -> Path:
         LoraConfig(
             r=rank,
             lora_alpha=rank,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            target_modules=sorted(SERVABLE_MODULES),  # those the base has
         ),
     )
     state = {}

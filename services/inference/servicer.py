@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import time
-
-from services.inference.adapters import lora_int_id
-from services.inference.core import GenerateInput, InferenceCore
+from services.inference.core import GenerateInput, InferenceCore, LoadedAdapter
 from tunedock.v1 import inference_pb2 as pb
 from tunedock.v1 import inference_pb2_grpc
 
@@ -33,13 +30,14 @@ def to_input(params: pb.GenerateParams) -> GenerateInput:
     )
 
 
-def loaded_to_proto(entry) -> pb.LoadedAdapter:
+def loaded_to_proto(loaded: LoadedAdapter) -> pb.LoadedAdapter:
+    entry = loaded.entry
     state = pb.ADAPTER_CACHE_STATE_LOADED if entry.loaded else pb.ADAPTER_CACHE_STATE_CACHED
     msg = pb.LoadedAdapter(
         name=entry.resolved.name,
         version=entry.resolved.version,
         content_sha256=entry.resolved.content_sha256,
-        lora_int_id=lora_int_id(entry.resolved.content_sha256),
+        lora_int_id=loaded.lora_id,
         state=state,
         pinned=entry.pinned,
         in_flight=entry.in_flight,
@@ -67,30 +65,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             )
 
     async def GenerateUnary(self, request, context):
-        started = time.perf_counter()
-        req = to_input(request.params)
-        req.stream = False  # one final output from the engine instead of a delta per token
-        texts: dict[int, list[str]] = {}
-        tokens: dict[int, list[int]] = {}
-        finish: dict[int, str] = {}
-        prompt_tokens, adapter, ttft = 0, "", None
-        async for d in self.core.generate(req):
-            ttft = ttft if ttft is not None else time.perf_counter() - started
-            texts.setdefault(d.index, []).append(d.text)
-            tokens.setdefault(d.index, []).extend(d.token_ids)
-            finish[d.index] = d.finish_reason or finish.get(d.index, "")
-            prompt_tokens, adapter = d.prompt_tokens, d.adapter_version
+        done = await self.core.complete(to_input(request.params))
         reply = pb.GenerateUnaryResponse(
-            prompt_tokens=prompt_tokens,
-            adapter_version=adapter,
+            prompt_tokens=done.prompt_tokens,
+            adapter_version=done.adapter_version,
             completions=[
                 pb.Completion(
-                    index=i, text="".join(texts[i]), token_ids=tokens[i], finish_reason=FINISH.get(finish[i], 0)
+                    index=c.index, text=c.text, token_ids=c.token_ids, finish_reason=FINISH.get(c.finish_reason, 0)
                 )
-                for i in sorted(texts)
+                for c in done.choices
             ],
         )
-        reply.time_to_first_token.FromNanoseconds(int((ttft or 0) * 1e9))
+        reply.time_to_first_token.FromNanoseconds(int(done.time_to_first_token_s * 1e9))
         return reply
 
     async def PreloadAdapter(self, request, context):
@@ -101,19 +87,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return pb.UnloadAdapterResponse(unloaded=await self.core.unload(request.adapter))
 
     async def ListLoadedAdapters(self, request, context):
-        engine = self.core.engine
+        state = self.core.state()
         return pb.ListLoadedAdaptersResponse(
-            adapters=[loaded_to_proto(e) for e in self.core.loaded()],
-            isolation_mode=engine.isolation,
-            isolation_detail=engine.isolation_why,
-            queued_requests=self.core.scheduler.queued,
+            adapters=[loaded_to_proto(a) for a in state.adapters],
+            isolation_mode=state.isolation_mode,
+            isolation_detail=state.isolation_detail,
+            queued_requests=state.queued_requests,
         )
 
     async def GetInferenceInfo(self, request, context):
-        engine = self.core.engine
+        state = self.core.state()
         return pb.GetInferenceInfoResponse(
             **self.info,
-            dtype=engine.dtype,
-            isolation_mode=engine.isolation,
-            has_chat_template=bool(getattr(engine.tokenizer, "chat_template", None)),
+            dtype=state.dtype,
+            isolation_mode=state.isolation_mode,
+            has_chat_template=state.has_chat_template,
         )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import struct
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 from tunedock.client import InferenceClient, RegistryClient
+from tunedock.errors import ResourceExhausted
 from tunedock.v1 import inference_pb2 as pb
 from tunedock.v1 import inference_pb2_grpc
 
@@ -79,7 +82,7 @@ def test_adapters_change_output_and_match_engine_and_peft(stub, inference_stack,
     outputs = {name: tokens(stub, prompt, f"inf-{name}") for name in ("a", "b")}
     base = tokens(stub, prompt)
     assert len({tuple(base), tuple(outputs["a"]), tuple(outputs["b"])}) == 3
-    from services.inference.adapters import lora_int_id
+    core = inference_stack.inference.server.core
 
     for name in ("a", "b"):
         reply = generate(stub, prompt, f"inf-{name}")
@@ -87,7 +90,7 @@ def test_adapters_change_output_and_match_engine_and_peft(stub, inference_stack,
         with RegistryClient(inference_stack.registry.address) as registry:
             sha = registry.resolve(f"inf-{name}").content_sha256
         direct = inference_stack.engine_tokens(
-            prompt, inference_stack.engine.lora_request(f"inf-{name}:1", lora_int_id(sha), str(adapters[name]))
+            prompt, inference_stack.engine.lora_request(f"inf-{name}:1", core.lora_ids(sha), str(adapters[name]))
         )
         assert outputs[name] == direct
         assert outputs[name] == _peft_greedy(tiny_model_dir, adapters[name], prompt)
@@ -240,6 +243,10 @@ def test_incompatible_adapters_are_refused_and_the_engine_keeps_serving(
     assert tokens(stub, PROMPTS[0], "inf-a") == tokens(stub, PROMPTS[0], "inf-a")  # still serving
     loaded = {a.name for a in stub.ListLoadedAdapters(pb.ListLoadedAdaptersRequest()).adapters}
     assert "inf-rank-too-big" not in loaded and "inf-otherbase" not in loaded
+    # inf-otherbase has inf-a's bytes: refusing it must leave the files inf-a serves from (the engine
+    # reads them again whenever inf-a comes back into a slot, and dies on a missing adapter).
+    entries = inference_stack.inference.server.core.cache.entries.values()
+    assert [e.resolved.ref for e in entries if not (e.path / "adapter_model.safetensors").exists()] == []
 
 
 @pytest.mark.parametrize("hidden", [512, 128], ids=["wider-base", "narrower-base"])
@@ -289,7 +296,7 @@ def test_client_cancellation_aborts_the_engine_request(stub, inference_stack, ad
     while core.metrics.in_flight._value.get() > 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert core.metrics.in_flight._value.get() == 0
-    entry = next(e for e in core.loaded() if e.resolved.name == "inf-a")
+    entry = next(a.entry for a in core.loaded() if a.entry.resolved.name == "inf-a")
     assert entry.in_flight == 0
     assert len(tokens(stub, PROMPTS[3], "inf-a")) == 12  # the engine has room for the next request
 
@@ -357,3 +364,86 @@ def test_server_info_says_what_the_replica_serves(inference_stack, tiny_model_di
     )
     assert info.isolation_mode == isolation and info.routing_key == "x-tunedock-adapter"
     assert info.max_tokens_limit == 4096 and info.max_prompt_chars == 200_000 and info.version
+
+
+def test_adapters_whose_ids_fold_together_serve_their_own_weights(stub, inference_stack, adapters):
+    """vLLM keys an adapter by its lora_int_id: two contents on one id would serve one's weights for the
+    other. In an id space of 2, two of the three adapters' hashes fold onto one id (pigeonhole); each
+    must still answer with its own weights."""
+    from services.inference.adapters import LoraIds
+
+    core = inference_stack.inference.server.core
+    with RegistryClient(inference_stack.registry.address) as registry:
+        shas = {n: registry.resolve(f"inf-{n}").content_sha256 for n in "abc"}
+    fold = {n: int(sha[:15], 16) % 2 for n, sha in shas.items()}
+    pair = next((x, y) for x in "abc" for y in "abc" if x < y and fold[x] == fold[y])
+    expected = {n: tokens(stub, PROMPTS[0], f"inf-{n}") for n in pair}
+    assert expected[pair[0]] != expected[pair[1]]
+    saved, core.lora_ids = core.lora_ids, LoraIds(space=2)
+    try:
+        got = {n: tokens(stub, PROMPTS[0], f"inf-{n}") for n in pair}
+        ids = {n: core.lora_ids(shas[n]) for n in pair}
+    finally:
+        core.lora_ids = saved
+    assert sorted(ids.values()) == [1, 2]
+    assert got == expected
+    full = LoraIds(space=2)
+    first = (full(shas["a"]), full(shas["b"]))
+    assert sorted(first) == [1, 2] and (full(shas["a"]), full(shas["b"])) == first  # one id per content, kept
+    with pytest.raises(ResourceExhausted, match="adapter ids of this replica are taken"):
+        full(shas["c"])
+
+
+def test_an_eviction_does_not_stall_open_streams(stub, inference_stack, adapters, monkeypatch):
+    """Evicting an adapter deletes its files; on a slow disk that must not stop the tokens of the other
+    streams open (one event loop sends them all). 31 streams on inf-a run; a 32nd, on inf-b, ends early
+    and its release evicts every idle adapter, each deletion made to take 1.5 s here."""
+    import services.inference.adapters as cache_module
+
+    real_rmtree = shutil.rmtree
+    deleting: list[float] = []
+
+    def slow_rmtree(path, *args, **kwargs):
+        deleting.append(time.monotonic())
+        time.sleep(1.5)
+        real_rmtree(path, *args, **kwargs)
+
+    core = inference_stack.inference.server.core
+    tokens(stub, PROMPTS[0], "inf-b")  # cached and checked: its next request acquires it without I/O
+    monkeypatch.setattr(cache_module.shutil, "rmtree", slow_rmtree)
+    bound = core.cache.max_bytes
+    first_tokens = threading.Semaphore(0)
+
+    def stream(adapter: str, max_tokens: int) -> tuple[list[float], int]:
+        params = pb.GenerateParams(
+            prompt=PROMPTS[1], adapter=adapter, sampling=pb.SamplingParams(max_tokens=max_tokens)
+        )
+        times, count = [], 0
+        for message in stub.Generate(pb.GenerateRequest(params=params), timeout=120):
+            times.append(time.monotonic())
+            count = message.completion_tokens
+            if len(times) == 1:
+                first_tokens.release()
+        return times, count
+
+    with ThreadPoolExecutor(32) as pool:
+        streams = [pool.submit(stream, "inf-a", 128) for _ in range(31)]  # in use: never evicted
+        for _ in streams:
+            assert first_tokens.acquire(timeout=60)
+        core.cache.max_bytes = 1  # every adapter not in use is over the bound now
+        try:
+            evicting = pool.submit(stream, "inf-b", 4)  # its release evicts (inf-b among the idle)
+            evicted_at = evicting.result()[0][-1]
+            gaps, last_token = [], 0.0
+            for future in streams:
+                times, count = future.result()
+                gaps.append(max((b - a for a, b in itertools.pairwise(times) if b > evicted_at), default=0.0))
+                last_token = max(last_token, times[-1])
+                assert count == 128, "a base stream ended early: the test needs them open"
+        finally:
+            core.cache.max_bytes = bound
+    worst = max(gaps)
+    print(f"largest token gap across 31 streams during the eviction: {worst * 1000:.0f} ms")
+    assert deleting and deleting[0] < last_token, "no adapter's files were deleted while the streams were open"
+    assert not any(e.resolved.name == "inf-b" for e in core.cache.entries.values())
+    assert worst < 1.0, f"a stream waited {worst:.2f}s for its next token while an adapter's files were deleted"
