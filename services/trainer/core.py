@@ -28,12 +28,15 @@ from services.common.audit import audit
 from services.common.auth import WorkerTokens, principal
 from services.common.basemodels import resolve_local_base
 from services.common.blobs import CHUNK, BlobStore
+from services.common.registry_answers import registry_answer
 from services.trainer.config import TrainConfig, config_from_spec, extract_options
 from services.trainer.data.records import parse_dataset
 from services.trainer.executor import EXIT_PLATFORM, Executor, Launch
 from services.trainer.store import TERMINAL, DatasetRow, JobRecord, JobStore, now
-from services.trainer.validation import check_against_base, check_same_base, inspect_base
-from tunedock.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, TuneDockError, Unavailable
+from services.trainer.validation import check_against_base, check_same_base
+from tunedock.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, TuneDockError
+from tunedock.jobs import METHODS
+from tunedock.model_files import inspect_base
 from tunedock.refs import Ref, check_name
 from tunedock.tiny_model import tiny_model_path
 from tunedock.v1 import trainer_pb2 as pb
@@ -241,10 +244,8 @@ class TrainerCore:
         with RegistryClient(self.registry_address, timeout=30, token=self.registry_token) as registry:
             try:
                 version = registry.get(ref)
-            except NotFound as exc:
-                raise NotFound(f"{field} {ref!r}: {exc.message}") from None
             except TuneDockError as exc:
-                raise Unavailable(f"adapter registry unavailable: {exc.message}") from None
+                raise registry_answer(exc, f"{field} {ref!r}", "trainer") from None
         if not principal().may_access(version.project):
             raise NotFound(f"{field} {ref!r}: artifact {Ref.parse(ref).name!r} not found")
         return version
@@ -344,7 +345,7 @@ class TrainerCore:
         return {
             "default_base_model": self.default_base(),
             "base_model_sources": ["local-path", "hub-cache", "registry"],
-            "methods": ["full", "freeze", "lora", "qlora"],
+            "methods": list(METHODS),
             "dataset_formats": list(FORMAT_ENUM),
             "executor": getattr(self.executor, "kind", ""),
             "device": getattr(self.executor, "device", "cpu"),

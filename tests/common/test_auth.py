@@ -268,3 +268,51 @@ def test_the_entrypoint_refuses_a_public_bind_without_auth(tmp_path):
     assert result.returncode == 2
     assert "refusing to serve 0.0.0.0 without authentication" in result.stderr
     assert not (tmp_path / "registry").exists()  # refused before anything was created
+
+
+@pytest.mark.parametrize(
+    ("grant", "status"),
+    [(None, "UNAUTHENTICATED"), (([], ["*"]), "PERMISSION_DENIED")],
+    ids=["unknown-token", "token-without-registry-read"],
+)
+def test_a_trainer_whose_registry_token_is_refused_fails_fast_naming_it(secured, tmp_path, grant, status):
+    """A misconfigured service token is the operator's to fix, not an outage: the caller hears at once
+    which status the registry gave and which setting to change, and nothing is stored."""
+    from services.trainer.server import build_server as build_trainer
+    from services.trainer.settings import TrainerSettings
+    from tunedock.client import TrainerClient
+    from tunedock.errors import FailedPrecondition
+    from tunedock.tokenfile import load_key
+    from tunedock.v1 import trainer_pb2 as tpb
+
+    registry, issued, tokens = secured
+    service_token = tmp_path / "service.token"
+    service_token.write_text("td_not-a-token" if grant is None else add_token(tokens, f"svc-{status}", *grant))
+    load_key(tmp_path / "worker.key")
+    trainer = ServerThread(
+        lambda: build_trainer(
+            TrainerSettings(
+                port=0,
+                metrics_port=-1,
+                worker_port=0,
+                data_dir=tmp_path,
+                token_file=str(tokens),
+                worker_key_file=str(tmp_path / "worker.key"),
+                registry_address=registry.address,
+                registry_token_file=str(service_token),
+            )
+        )
+    )
+    time.sleep(2.1)  # the registry re-reads its token file at most every 2 s
+    try:
+        with TrainerClient(trainer.address, token=issued["admin"]) as client:
+            started = time.monotonic()
+            with pytest.raises(FailedPrecondition) as info:
+                client.submit(tpb.JobSpec(output_name="x-lora", extract=tpb.ExtractSpec(source="some-model@prod")))
+            assert time.monotonic() - started < 5
+            assert list(client.list()) == []
+    finally:
+        trainer.stop(grace=0.5)
+    message = info.value.message
+    assert f"refused the trainer's own credentials ({status}" in message
+    assert "TUNEDOCK_TRAINER_REGISTRY_TOKEN_FILE" in message and "'some-model@prod'" in message
