@@ -182,6 +182,9 @@ def test_compare_and_plan_on_the_tiny_model(env, tiny_model_dir, tmp_path):
         (["train", "--method", "sgd", "--base", "x", "--data", "ds-1"], "unknown method 'sgd'", 2),
         (["generate", "--adapter", "no-such-adapter", "hi"], "adapter 'no-such-adapter'", 4),
         (["plan", "--base", "/nowhere"], "/nowhere is not a model directory", 2),
+        # Text in square brackets is printed as sent, not taken for rich markup.
+        (["generate", "--adapter", "bad[in=1024, out=512]", "hi"], "'bad[in=1024, out=512]': use 1-128", 1),
+        (["generate", "--adapter", "x[/red]\\[bold]", "hi"], "'x[/red]\\\\[bold]'", 1),
     ],
 )
 def test_bad_input_gives_one_line_and_an_exit_code(env, args, message, code):
@@ -201,6 +204,52 @@ def test_services_not_running(env):
             "error: cannot reach the TuneDock service; is `tunedock up` running? (addresses: --trainer/--registry/"
             "--inference or TUNEDOCK_TRAINER_ADDRESS etc.)"
         ]
+
+
+def test_exit_codes_follow_the_error_class(env):
+    """The class of the error, not its text, picks the code: nothing listening is Unreachable (3), a
+    server's own UNAVAILABLE is Unavailable (3, its message kept), NOT_FOUND 4, UNAUTHENTICATED 5."""
+    import grpc
+
+    from tunedock.cli.common import exit_code
+    from tunedock.client import RegistryClient
+    from tunedock.client.errors import SERVER_ANSWERED, from_rpc_error
+    from tunedock.errors import NotFound, Unauthenticated, Unavailable, Unreachable
+
+    with RegistryClient("127.0.0.1:1", timeout=5) as down, pytest.raises(Unreachable) as unreachable:
+        down.resolve("anything")
+    with RegistryClient(env["TUNEDOCK_REGISTRY_ADDRESS"], timeout=10) as registry, pytest.raises(NotFound) as missing:
+        registry.resolve("no-such-artifact")
+
+    class Answered(grpc.RpcError):  # a server's UNAVAILABLE carries the pushback the interceptor sets
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self):
+            return "job store unreachable: sqlite says disk I/O error"
+
+        def trailing_metadata(self):
+            return ((SERVER_ANSWERED, "-1"),)
+
+    answered = from_rpc_error(Answered())
+    assert type(answered).__mro__[1] is Unavailable and not isinstance(answered, Unreachable)
+    assert [exit_code(e) for e in (unreachable.value, answered, missing.value)] == [3, 3, 4]
+    assert exit_code(Unauthenticated("x")) == 2  # raised before any call: the input was wrong
+    assert exit_code(from_rpc_error(_status_error(grpc.StatusCode.UNAUTHENTICATED))) == 5
+    assert exit_code(from_rpc_error(_status_error(grpc.StatusCode.ALREADY_EXISTS))) == 1
+
+
+def _status_error(status):
+    import grpc
+
+    class Failed(grpc.RpcError):
+        def code(self):
+            return status
+
+        def details(self):
+            return status.name
+
+    return Failed()
 
 
 @pytest.mark.vllm

@@ -57,6 +57,15 @@ class Unavailable(TuneDockError):
     status = "UNAVAILABLE"
 
 
+class Unreachable(Unavailable):
+    """No TuneDock server answered: nothing listens at the address, DNS failed, or a proxy had no backend.
+
+    Raised by the SDK only (a server that answers UNAVAILABLE itself marks its answer, see
+    `tunedock.client.errors`), so callers can tell "start the service" from "the service says a
+    dependency is down" by class.
+    """
+
+
 class Aborted(TuneDockError):
     """A concurrent change won; the client may retry."""
 

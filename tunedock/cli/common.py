@@ -16,8 +16,9 @@ import sys
 import typer
 from google.protobuf import json_format
 from rich.console import Console
+from rich.markup import escape
 
-from tunedock.errors import TuneDockError
+from tunedock.errors import DeadlineExceeded, NotFound, TuneDockError, Unauthenticated, Unavailable, Unreachable
 
 
 def _console(stderr: bool = False) -> Console:
@@ -37,12 +38,29 @@ SPARK = "▁▂▃▄▅▆▇█"
 
 
 def fail(message: str, code: int) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    """Print `message` as sent (escaped: server text like "[in=1024, out=512]" is not rich markup) and exit."""
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
-# How gRPC describes a server it could not reach at all (as opposed to one that answered UNAVAILABLE).
-UNREACHABLE = ("failed to connect", "connections to all backends failing", "Connection refused", "DNS resolution")
+UNREACHABLE_HINT = (
+    "cannot reach the TuneDock service; is `tunedock up` running? (addresses: --trainer/--registry/--inference or "
+    "TUNEDOCK_TRAINER_ADDRESS etc.)"
+)
+UNAUTHENTICATED_HINT = "; set TUNEDOCK_TOKEN (or TUNEDOCK_TOKEN_FILE) to a token from the admin"
+EXIT_CODES: list[tuple[type[TuneDockError], int]] = [
+    (Unavailable, 3),  # Unreachable too: nothing answered, or the service says what is down
+    (DeadlineExceeded, 3),
+    (NotFound, 4),
+    (Unauthenticated, 5),
+]
+"""Exit code by error class (the first that matches); any other refusal by a server exits 1."""
+
+
+def exit_code(exc: TuneDockError) -> int:
+    if not callable(getattr(exc, "code", None)):
+        return 2  # raised here, before any call: the input is wrong
+    return next((code for kind, code in EXIT_CODES if isinstance(exc, kind)), 1)
 
 
 def cli_errors(fn):
@@ -53,26 +71,42 @@ def cli_errors(fn):
         try:
             return fn(*args, **kwargs)
         except TuneDockError as exc:
-            if not callable(getattr(exc, "code", None)):
-                fail(exc.message, 2)  # raised here, before any call: the input is wrong
-            status = exc.status
-            if status == "UNAVAILABLE":
-                if any(sign in exc.message for sign in UNREACHABLE):
-                    fail(
-                        "cannot reach the TuneDock service; is `tunedock up` running? (addresses: --trainer/--registry/"
-                        "--inference or TUNEDOCK_TRAINER_ADDRESS etc.)",
-                        3,
-                    )
-                fail(exc.message, 3)  # the service answered: it says what is down
-            if status == "DEADLINE_EXCEEDED":
-                fail("the service did not answer in time; is `tunedock up` running?", 3)
-            if status == "UNAUTHENTICATED":
-                fail(f"{exc.message}; set TUNEDOCK_TOKEN (or TUNEDOCK_TOKEN_FILE) to a token from the admin", 5)
-            fail(exc.message, 4 if status == "NOT_FOUND" else 1)
+            message = exc.message
+            if isinstance(exc, Unreachable):
+                message = UNREACHABLE_HINT
+            elif isinstance(exc, DeadlineExceeded):
+                message = "the service did not answer in time; is `tunedock up` running?"
+            elif isinstance(exc, Unauthenticated):
+                message += UNAUTHENTICATED_HINT
+            fail(message, exit_code(exc))
+        except JobDidNotSucceed as exc:
+            fail(str(exc), 1)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError) as exc:
             fail(str(exc), 2)
 
     return wrapper
+
+
+class JobDidNotSucceed(Exception):
+    """A job the command followed ended failed or cancelled (commands exit 1 with this message)."""
+
+
+def state_name(state: int) -> str:
+    """A JobState as the CLI says it: "succeeded", "failed", ..."""
+    from tunedock.v1 import trainer_pb2 as pb
+
+    return pb.JobState.Name(state).removeprefix("JOB_STATE_").lower()
+
+
+def succeeded(job, what: str = "job"):
+    """`job` if it succeeded, else JobDidNotSucceed saying how it ended and why (every command that follows a job)."""
+    from tunedock.v1 import trainer_pb2 as pb
+
+    if job.state != pb.JOB_STATE_SUCCEEDED:
+        raise JobDidNotSucceed(
+            f"{what} {job.id} ended {state_name(job.state)}: {job.error or f'see `tunedock jobs get {job.id}`'}"
+        )
+    return job
 
 
 def require(extra: str, modules: tuple[str, ...], what: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 
 from tunedock.cli.common import INFERENCE, REGISTRY, TRAINER, _console, cli_errors, print_json
 
@@ -97,6 +98,6 @@ def _print(answers: dict[str, dict], errors: dict[str, str]) -> None:
         version = answers[service].get("version", "")
         console.print(f"[bold]{service}[/bold] {version}")
         for key, value in lines:
-            console.print(f"  {key:<17} {value}", highlight=False, soft_wrap=True)
+            console.print(f"  {key:<17} {escape(str(value))}", highlight=False, soft_wrap=True)
     for service, message in errors.items():
-        console.print(f"[bold]{service}[/bold] [red]not reachable[/red]: {message}", highlight=False)
+        console.print(f"[bold]{service}[/bold] [red]not reachable[/red]: {escape(message)}", highlight=False)

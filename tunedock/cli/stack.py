@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from tunedock.cli.common import console, err, require
@@ -72,7 +73,7 @@ def up(
             status = stack.wait_healthy()
     except RuntimeError as exc:
         stack.stop()
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
     table = Table(title=f"TuneDock (data and logs: {home})")
     for column in ("service", "address", "health", "metrics"):

@@ -15,8 +15,10 @@ from tunedock import errors
 _BY_STATUS: dict[str, type[errors.TuneDockError]] = {
     cls.status: cls
     for cls in vars(errors).values()
-    if isinstance(cls, type) and issubclass(cls, errors.TuneDockError) and cls is not errors.TuneDockError
+    if isinstance(cls, type) and issubclass(cls, errors.TuneDockError) and cls.__bases__ == (errors.TuneDockError,)
 }
+SERVER_ANSWERED = "grpc-retry-pushback-ms"
+"""Trailing metadata a TuneDock server sets on its own UNAVAILABLE answers (services/common/interceptors.py)."""
 _RPC_CLASSES: dict[type, type] = {}
 
 
@@ -39,11 +41,18 @@ def from_rpc_error(exc: grpc.RpcError) -> errors.TuneDockError:
     code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
     details = (exc.details() if callable(getattr(exc, "details", None)) else "") or code.name
     domain = _BY_STATUS.get(code.name, errors.TuneDockError)
+    if domain is errors.Unavailable and not _server_answered(exc):
+        domain = errors.Unreachable
     translated = _rpc_class(domain)(details)
     translated._code = code
     if domain is errors.TuneDockError:
         translated.status = code.name
     return translated
+
+
+def _server_answered(exc: grpc.RpcError) -> bool:
+    trailing = exc.trailing_metadata() if callable(getattr(exc, "trailing_metadata", None)) else None
+    return any(key == SERVER_ANSWERED for key, _ in trailing or ())
 
 
 class _Stream:
