@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from services.common.lora_shapes import adapter_module_shapes
-from services.common.safetensors_info import CorruptSafetensors, read_header
 from tunedock.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from tunedock.model_files import CorruptSafetensors, read_header
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 KINDS = ("lora_adapter", "model", "delta")

@@ -16,16 +16,17 @@ import torch
 
 from services.trainer.config import TrainConfig
 from services.trainer.data.records import Example, Message, parse_dataset
-from services.trainer.training.batches import BatchPlan
-from services.trainer.training.distributed import Dist
-from services.trainer.training.events import Log, Progress
-from services.trainer.training.formatting import IGNORE, ChatFormatter, FormattingError
-from services.trainer.training.loss import CausalLMLoss
-from services.trainer.training.recipe import RunContext, tokenize_examples, train
-from services.trainer.validation import check_against_base, freeze_selection, inspect_base
+from services.trainer.validation import check_against_base, freeze_selection
+from services.trainer.worker.training.batches import BatchPlan
+from services.trainer.worker.training.distributed import Dist
+from services.trainer.worker.training.events import Log, Progress
+from services.trainer.worker.training.formatting import IGNORE, ChatFormatter, FormattingError
+from services.trainer.worker.training.loss import CausalLMLoss
+from services.trainer.worker.training.recipe import RunContext, tokenize_examples, train
 from tests.conftest import MODEL_CACHE
 from tests.trainer.conftest import memorization_jsonl
 from tunedock.errors import InvalidArgument
+from tunedock.model_files import inspect_base
 from tunedock.tiny_model import FAMILY_MATRIX, TinyModelSpec, build_tiny_model
 
 METHODS = ("full", "freeze", "lora", "qlora")
@@ -161,7 +162,7 @@ def test_packed_loss_equals_unpacked_loss(family, tmp_path):
     """Examples longer than the sliding window (16 tokens): packing must keep windows and soft-capping."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from services.trainer.training.model import attention_for
+    from services.trainer.worker.training.model import attention_for
 
     base = family_dir(family)
     attention, _ = attention_for(AutoConfig.from_pretrained(base), "cpu")
@@ -247,7 +248,7 @@ def _peft_greedy(base: Path, adapter: Path, prompt: str, max_tokens: int) -> lis
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from services.trainer.training.model import attention_for
+    from services.trainer.worker.training.model import attention_for
 
     attention, _ = attention_for(AutoConfig.from_pretrained(base), "cpu")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation=attention)

@@ -20,7 +20,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-METHODS = ("full", "freeze", "lora", "qlora")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _UNITS = {
     "": 1,
@@ -78,7 +77,7 @@ class ModelShape:
 
 
 def read_shape(base: Path) -> ModelShape:
-    from services.trainer.validation import inspect_base
+    from tunedock.model_files import inspect_base
 
     info = inspect_base(Path(base))
     config = json.loads((Path(base) / "config.json").read_text())
@@ -147,7 +146,7 @@ def estimate(
     cuda = device == "cuda"
     # On CUDA, weights that do not train are bf16 and trainable ones fp32 masters, except a
     # single-GPU Full run: bf16 weights and gradients with an 8-bit AdamW (2 bytes of state).
-    # On the CPU everything is fp32. (services/trainer/training/model.py)
+    # On the CPU everything is fp32. (services/trainer/worker/training/model.py)
     grads, optimizer = 4 * trainable, 8 * trainable
     if method == "full":
         weights = (2 if cuda else 4) * total
@@ -170,7 +169,7 @@ def estimate(
     per_layer += batch * shape.heads * seq * seq * act_bytes
     # With checkpointing only each layer's input is kept, plus one layer recomputed at a time.
     activations = grad_layers * tokens * shape.hidden * act_bytes + per_layer if grad_ckpt else grad_layers * per_layer
-    # The loss (services/trainer/training/loss.py) keeps only the hidden states of the positions it covers
+    # The loss (services/trainer/worker/training/loss.py) keeps only the hidden states of the positions it covers
     # and computes their logits a chunk at a time (about 2**26 logits): on a GPU one chunk's fp32
     # logits and log-softmax exist at once; nothing of them is saved for backward.
     chunk = min(tokens, max(256, 2**26 // shape.vocab))
