@@ -5,7 +5,7 @@
 Builds a TinyLlama-1.1B-shaped base (hidden 2048, 22 layers, bf16, random weights) and a "tuned"
 copy whose every linear module moved by a rank-32 change plus noise, then extracts a rank-64
 LoRA adapter two ways, each in its own process:
-- streamed: services.trainer.training.extract (one tensor pair at a time from safetensors);
+- streamed: services.trainer.worker.training.extract (one tensor pair at a time from safetensors);
 - baseline: both models loaded with transformers in float32, then the same SVDs.
 Target: the streamed peak RSS stays within the two models' weight files (memory-mapped) plus
 one tensor's float32 working set, the adapter it builds and the Python/torch runtime (measured
@@ -62,19 +62,19 @@ def watch():
         time.sleep(0.02)
 threading.Thread(target=watch, daemon=True).start()
 import torch
-from services.trainer.training import extract, fidelity  # noqa: F401  (the imports are the runtime, not the work)
+from services.trainer.worker.training import extract, fidelity  # noqa: F401  (imports: the runtime, not work)
 from transformers import AutoModelForCausalLM  # noqa: F401
 runtime = int(open("/proc/self/statm").read().split()[1]) * 4096
 started = time.perf_counter()
 if mode == "streamed":
     from services.trainer.config import ExtractOptions
-    from services.trainer.training.extract import extract_lora
+    from services.trainer.worker.training.extract import extract_lora
     result = extract_lora(root / "base", sorted((root / "tuned").glob("*.safetensors")), False,
                           ExtractOptions(rank=rank, max_rank=rank), root / "adapter", str(root / "base"), "bench:1")
     kept = result.retained_share
 else:
     from transformers import AutoModelForCausalLM
-    from services.trainer.training.extract import top_singular
+    from services.trainer.worker.training.extract import top_singular
     base = dict(AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32).named_parameters())
     tuned = dict(AutoModelForCausalLM.from_pretrained(root / "tuned", dtype=torch.float32).named_parameters())
     kept_energy = total = 0.0

@@ -26,6 +26,7 @@ import argparse
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -98,7 +99,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
-    from tunedock.cli.local_fleet import LocalFleet
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the fleet is test support, not shipped
+    from tests.support.local_fleet import LocalFleet
     from tunedock.client import RegistryClient
     from tunedock.tiny_model import build_tiny_model
 

@@ -5,7 +5,7 @@
 
 For each method (full, freeze, lora, qlora) and each implementation, one fresh subprocess
 (so peak memory is that run's alone) trains for the same steps on the same batches:
-- `tunedock`: services.trainer.training.recipe.train, the flow the trainer service runs;
+- `tunedock`: services.trainer.worker.training.recipe.train, the flow the trainer service runs;
 - `raw`: a plain loop written the way the peft docs show it (AdamW, model(**batch).loss,
   backward, step), on the same model, data, dtype and batches.
 Prints trainable params, peak memory (CUDA max allocated, or process peak RSS on the CPU),
@@ -84,7 +84,7 @@ def one_run(args) -> dict:
 
     from services.trainer.config import TrainConfig
     from services.trainer.data.records import parse_dataset
-    from services.trainer.training import recipe
+    from services.trainer.worker.training import recipe
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     examples = parse_dataset(Path(args.data).read_bytes()).examples
@@ -108,8 +108,8 @@ def one_run(args) -> dict:
     work = Path(args.work) / f"{args.impl}-{args.method}"
     started = time.perf_counter()
     if args.impl == "tunedock":
-        from services.trainer.training.distributed import Dist
-        from services.trainer.training.events import Progress
+        from services.trainer.worker.training.distributed import Dist
+        from services.trainer.worker.training.events import Progress
 
         steps: list[Progress] = []
         result = recipe.train(
@@ -143,8 +143,9 @@ def raw_loop(cfg, examples, evals, device, work: Path, started: float) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from services.trainer.training.batches import BatchPlan
-    from services.trainer.training.recipe import peak_memory_bytes, tokenize_examples
+    from services.trainer.worker.training.batches import BatchPlan
+    from services.trainer.worker.training.memory import peak_memory_bytes
+    from services.trainer.worker.training.recipe import tokenize_examples
 
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)

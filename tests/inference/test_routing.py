@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.inference.test_inference_service import _train_adapter
-from tunedock.cli.local_fleet import LocalFleet
+from tests.support.local_fleet import LocalFleet
 from tunedock.client import InferenceClient, RegistryClient
 from tunedock.v1 import inference_pb2 as ipb
 

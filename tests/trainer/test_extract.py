@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from services.trainer.config import ExtractOptions, TrainConfig
-from services.trainer.training.distributed import Dist
-from services.trainer.training.extract import canonical, extract_lora
-from services.trainer.training.recipe import RunContext, train
+from services.trainer.worker.training.distributed import Dist
+from services.trainer.worker.training.extract import canonical, extract_lora
+from services.trainer.worker.training.recipe import RunContext, train
 from tunedock.errors import FailedPrecondition, InvalidArgument
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from services.trainer.attempt import split
 from services.trainer.data.records import parse_dataset
-from services.trainer.training.formatting import ChatFormatter
+from services.trainer.worker.attempt import split
+from services.trainer.worker.training.formatting import ChatFormatter
 from tests.trainer.conftest import memorization_jsonl
 from tunedock.client import RegistryClient, TrainerClient
 from tunedock.client.channel import connect

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from services.trainer.config import TrainConfig
-from services.trainer.training.batches import BatchPlan
-from services.trainer.training.distributed import Dist
-from services.trainer.training.events import Eval, Log, Progress
-from services.trainer.training.loss import CausalLMLoss, summed_loss
-from services.trainer.training.model import QuantSpec, load_base, prepare_4bit
-from services.trainer.training.recipe import Recipe, RunContext, expand_delta, tokenize_examples, train
+from services.trainer.worker.training.batches import BatchPlan
+from services.trainer.worker.training.distributed import Dist
+from services.trainer.worker.training.events import Eval, Log, Progress
+from services.trainer.worker.training.loss import CausalLMLoss, summed_loss
+from services.trainer.worker.training.model import QuantSpec, load_base, prepare_4bit
+from services.trainer.worker.training.recipe import Recipe, RunContext, expand_delta, tokenize_examples, train
 
 
 def _config(tiny_model_dir, method, **overrides) -> TrainConfig:
@@ -225,7 +225,7 @@ def test_module_loss_equals_the_models_own_loss(tiny_model_dir, memorization_exa
 
 
 def test_loss_only_on_assistant_tokens(tokenizer, memorization_examples, tmp_path):
-    from services.trainer.training.formatting import IGNORE, ChatFormatter
+    from services.trainer.worker.training.formatting import IGNORE, ChatFormatter
 
     t = ChatFormatter(tokenizer)(memorization_examples[0], 512)
     learned = tokenizer.decode([tok for tok, lab in zip(t.input_ids, t.labels, strict=True) if lab != IGNORE])

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import random
-import resource
 import shutil
 import time
 from collections.abc import Callable
@@ -31,14 +30,15 @@ import torch
 from services.common.basemodels import base_fingerprint
 from services.trainer.config import TrainConfig
 from services.trainer.data.records import Example
-from services.trainer.training import checkpoint
-from services.trainer.training.batches import BatchPlan, TokenStore, epoch_order
-from services.trainer.training.distributed import Dist
-from services.trainer.training.events import Checkpoint, Eval, Event, Log, Progress
-from services.trainer.training.formatting import ChatFormatter, FormattingError
-from services.trainer.training.loss import CausalLMLoss
-from services.trainer.training.memory import TensorMemory
-from services.trainer.training.model import (
+from services.trainer.validation import freeze_selection
+from services.trainer.worker.training import checkpoint
+from services.trainer.worker.training.batches import BatchPlan, TokenStore, epoch_order
+from services.trainer.worker.training.distributed import Dist
+from services.trainer.worker.training.events import Checkpoint, Eval, Event, Log, Progress
+from services.trainer.worker.training.formatting import ChatFormatter, FormattingError
+from services.trainer.worker.training.loss import CausalLMLoss
+from services.trainer.worker.training.memory import TensorMemory, peak_memory_bytes
+from services.trainer.worker.training.model import (
     DTYPES,
     LoraSpec,
     Precision,
@@ -54,7 +54,7 @@ from services.trainer.training.model import (
     sharded_full_model,
     upcast_trainable,
 )
-from services.trainer.validation import decoder_layer_prefix, freeze_selection
+from tunedock.model_files import decoder_layer_prefix
 
 
 @dataclass
@@ -136,12 +136,6 @@ def tokenize_examples(
         if tokenized.loss_tokens:
             kept.append(tokenized)
     return TokenStore.build(kept, directory), len(examples) - len(kept)
-
-
-def peak_memory_bytes(device: str) -> int:
-    if device.startswith("cuda"):
-        return int(torch.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # ---------------------------------------------------------------------------------- recipe

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from services.trainer.training.anatomy import decoder_of
-from services.trainer.training.distributed import Dist
+from services.trainer.worker.training.anatomy import decoder_of
+from services.trainer.worker.training.distributed import Dist
 
 VISION_PARTS = ("vision_tower", "multi_modal_projector", "vision_model", "audio_tower")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -244,7 +244,7 @@ def sharded_full_model(base_model: str, dist: Dist, attention: str, precision: P
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from services.trainer.training.loss import CausalLMLoss
+    from services.trainer.worker.training.loss import CausalLMLoss
 
     config = AutoConfig.from_pretrained(base_model)
     with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real

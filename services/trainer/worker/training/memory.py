@@ -9,7 +9,16 @@ counted once) at the largest micro-batch seen.
 
 from __future__ import annotations
 
+import resource
+
 import torch
+
+
+def peak_memory_bytes(device: str) -> int:
+    """The process's peak: the CUDA allocator's on a GPU, the RSS high-water mark on the CPU."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class TensorMemory:

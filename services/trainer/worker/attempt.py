@@ -1,6 +1,6 @@
 """What every kind of job's attempt uses: reporting to the trainer, patience with the platform, data, bases, publishing.
 
-Training, merge and extraction attempts (services.trainer.worker, services.trainer.extraction)
+Training, merge and extraction attempts (services.trainer.worker, services.trainer.worker.extraction)
 share these, so a registry outage is waited out, and an event reaches the trainer, the same way
 whatever the job does.
 """
@@ -20,7 +20,7 @@ from google.protobuf import duration_pb2
 
 from services.trainer.data.records import Example, parse_dataset
 from tunedock.errors import DeadlineExceeded, FailedPrecondition, TuneDockError, Unavailable
-from tunedock.v1 import adapter_registry_pb2, trainer_pb2
+from tunedock.v1 import adapter_registry_pb2, common_pb2, trainer_pb2
 
 log = logging.getLogger("tunedock.worker")
 
@@ -41,7 +41,7 @@ class PlatformUnavailable(Exception):
 
 def event_fields(event) -> dict:
     """A training event as the JobEvent field that carries it (the one place records meet protos)."""
-    from services.trainer.training.events import Checkpoint, Eval, Log, Progress
+    from services.trainer.worker.training.events import Checkpoint, Eval, Log, Progress
 
     if isinstance(event, Progress):
         eta = duration_pb2.Duration()
@@ -118,7 +118,7 @@ class Reporter:
         self.cancelled = self.cancelled or reply.cancel_requested
 
     def __call__(self, event) -> None:
-        from services.trainer.training.events import Log
+        from services.trainer.worker.training.events import Log
 
         if isinstance(event, Log):
             print(event.message, flush=True)
@@ -207,3 +207,22 @@ def publish(
             return registry.publish_dir(directory, name, kind=kind, lineage=lineage, labels=labels, idempotency_key=key)
 
     return with_patience(attempt, "the registry", notice)
+
+
+def report_success(reporter: Reporter, published, metrics: dict[str, float], note: str = "") -> str:
+    """The end of every successful attempt: the published version, then SUCCEEDED; returns "name:version".
+
+    The trainer records the job's output and metrics from the PublishedEvent, so it comes first.
+    """
+    version = published.version
+    ref = f"{version.name}:{version.version}"
+    reporter.send(
+        published=trainer_pb2.PublishedEvent(
+            ref=ref,
+            content_sha256=version.content_sha256,
+            metrics=[common_pb2.Metric(name=k, value=v) for k, v in sorted(metrics.items())],
+        )
+    )
+    message = f"published {ref}" + (f" ({note})" if note else "")
+    reporter.send(state=trainer_pb2.StateEvent(state=trainer_pb2.JOB_STATE_SUCCEEDED, message=message))
+    return ref

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from services.trainer.data.records import Example
-from services.trainer.training.formatting import IGNORE, ChatFormatter
+from services.trainer.worker.training.formatting import IGNORE, ChatFormatter
 
 DEFAULT_PROMPTS = (
     "Tell me about the moon.",

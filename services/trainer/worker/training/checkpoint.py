@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from services.trainer.training.distributed import Dist
+from services.trainer.worker.training.distributed import Dist
 
 MARKER = "COMPLETE"
 

@@ -33,19 +33,20 @@ from pathlib import Path
 
 from google.protobuf import struct_pb2
 
-from services.trainer.attempt import (
+from services.trainer.config import TrainConfig, config_from_spec
+from services.trainer.executor import EXIT_PLATFORM
+from services.trainer.worker.attempt import (
     AttemptSuperseded,
     Heartbeat,
     PlatformUnavailable,
     Reporter,
     load_examples,
     publish,
+    report_success,
     resolve_base,
     split,
     with_patience,
 )
-from services.trainer.config import TrainConfig, config_from_spec
-from services.trainer.executor import EXIT_PLATFORM
 from tunedock.client.channel import connect
 from tunedock.client.errors import translating
 from tunedock.errors import TuneDockError
@@ -120,7 +121,7 @@ def kept_output(final: Path) -> tuple[str, dict] | None:
 
 
 def run(job_id: str, attempt: int, trainer: str) -> int:
-    from services.trainer.training.distributed import Dist
+    from services.trainer.worker.training.distributed import Dist
 
     dist = Dist.from_env()
     channel = connect(trainer)
@@ -145,7 +146,7 @@ def run(job_id: str, attempt: int, trainer: str) -> int:
         if job.spec.merge_adapter:
             return run_merge(job, reporter, assignment.registry_address, work) if dist.is_primary else 0
         if job.spec.HasField("extract"):
-            from services.trainer.extraction import run_extract
+            from services.trainer.worker.extraction import run_extract
 
             return run_extract(job, assignment, reporter, work) if dist.is_primary else 0
         return run_training(job, assignment, reporter, dist, work)
@@ -170,7 +171,7 @@ def run(job_id: str, attempt: int, trainer: str) -> int:
 
 
 def run_training(job, assignment, reporter: Reporter, dist, work: Path) -> int:
-    from services.trainer.training.recipe import RunContext, train
+    from services.trainer.worker.training.recipe import RunContext, train
 
     cfg = config_from_spec(job.spec)
     checkpoints = Path(assignment.checkpoint_dir)
@@ -236,15 +237,7 @@ def run_training(job, assignment, reporter: Reporter, dist, work: Path) -> int:
             labels,
             reporter.notice,
         )
-    ref = f"{published.version.name}:{published.version.version}"
-    reporter.send(
-        published=trainer_pb2.PublishedEvent(
-            ref=ref,
-            content_sha256=published.version.content_sha256,
-            metrics=[common_pb2.Metric(name=k, value=v) for k, v in sorted(metrics.items())],
-        )
-    )
-    reporter.send(state=trainer_pb2.StateEvent(state=trainer_pb2.JOB_STATE_SUCCEEDED, message=f"published {ref}"))
+    report_success(reporter, published, metrics)
     shutil.rmtree(final, ignore_errors=True)
     return 0
 
@@ -252,7 +245,7 @@ def run_training(job, assignment, reporter: Reporter, dist, work: Path) -> int:
 def run_merge(job: trainer_pb2.Job, reporter: Reporter, registry_address: str, work: Path) -> int:
     """A merge job: adapter + its full-precision base -> a `model` artifact."""
     from services.common.basemodels import base_fingerprint
-    from services.trainer.training.merge import merge_adapter
+    from services.trainer.worker.training.merge import merge_adapter
     from tunedock.client import RegistryClient
 
     spec = job.spec
@@ -273,13 +266,7 @@ def run_merge(job: trainer_pb2.Job, reporter: Reporter, registry_address: str, w
     published = publish(
         registry_address, out, spec.output_name, "model", f"job:{job.id}:output", lineage, labels, reporter.notice
     )
-    ref = f"{published.version.name}:{published.version.version}"
-    reporter.send(
-        published=trainer_pb2.PublishedEvent(
-            ref=ref, content_sha256=published.version.content_sha256, metrics=list(lineage.metrics)
-        )
-    )
-    reporter.send(state=trainer_pb2.StateEvent(state=trainer_pb2.JOB_STATE_SUCCEEDED, message=f"published {ref}"))
+    report_success(reporter, published, {m.name: m.value for m in lineage.metrics})
     return 0
 
 

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from services.trainer.training.anatomy import decoder_of, head_of
-from services.trainer.training.formatting import IGNORE
+from services.trainer.worker.training.anatomy import decoder_of, head_of
+from services.trainer.worker.training.formatting import IGNORE
 
 CHUNK_ELEMENTS = 2**26  # logits per chunk (fp32: 256 MiB), whatever the vocabulary
 

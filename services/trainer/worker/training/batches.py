@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from services.trainer.training.formatting import IGNORE, Tokenized
+from services.trainer.worker.training.formatting import IGNORE, Tokenized
 
 
 @dataclass

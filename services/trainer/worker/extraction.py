@@ -2,9 +2,9 @@
 
 1. download the source (`model` or `delta`) and find the base it was trained from;
 2. refuse a base other than the source's (fingerprints differ) before any work;
-3. cut the adapter out of the difference (services.trainer.training.extract), one module at a time,
+3. cut the adapter out of the difference (services.trainer.worker.training.extract), one module at a time,
    reporting progress per module;
-4. measure fidelity against the tuned model on the job's eval data (services.trainer.training.fidelity);
+4. measure fidelity against the tuned model on the job's eval data (services.trainer.worker.training.fidelity);
 5. publish a `lora_adapter` with lineage extracted_from, the rank, the fidelity metrics, and
    `extraction.json` (every module's energies, what was dropped, the greedy samples) beside it.
 """
@@ -17,16 +17,17 @@ from pathlib import Path
 
 from google.protobuf import duration_pb2
 
-from services.trainer.attempt import (
+from services.trainer.config import extract_options
+from services.trainer.validation import check_same_base
+from services.trainer.worker.attempt import (
     Reporter,
     load_examples,
     publish,
+    report_success,
     resolve_base,
     split,
     with_patience,
 )
-from services.trainer.config import extract_options
-from services.trainer.validation import check_same_base
 from tunedock.errors import FailedPrecondition
 from tunedock.v1 import adapter_registry_pb2, common_pb2, trainer_pb2
 
@@ -36,8 +37,8 @@ DEFAULT_MAX_SEQ_LENGTH = 512
 
 def run_extract(job: trainer_pb2.Job, assignment, reporter: Reporter, work: Path) -> int:
     from services.common.basemodels import base_fingerprint
-    from services.trainer.training.extract import extract_lora
-    from services.trainer.training.fidelity import load_pair, measure, sequences
+    from services.trainer.worker.training.extract import extract_lora
+    from services.trainer.worker.training.fidelity import load_pair, measure, sequences
     from tunedock.client import RegistryClient
 
     spec = job.spec
@@ -147,21 +148,9 @@ def run_extract(job: trainer_pb2.Job, assignment, reporter: Reporter, work: Path
         labels,
         reporter.notice,
     )
-    out_ref = f"{published.version.name}:{published.version.version}"
     summary = {k: v for k, v in metrics.items() if not k.startswith("retained_energy.")}
-    reporter.send(
-        published=trainer_pb2.PublishedEvent(
-            ref=out_ref,
-            content_sha256=published.version.content_sha256,
-            metrics=[common_pb2.Metric(name=k, value=v) for k, v in sorted(summary.items())],
-        )
-    )
-    reporter.send(
-        state=trainer_pb2.StateEvent(
-            state=trainer_pb2.JOB_STATE_SUCCEEDED,
-            message=f"published {out_ref} (rank {extraction.rank}, greedy agreement {fidelity.greedy_agreement:.0%})",
-        )
-    )
+    note = f"rank {extraction.rank}, greedy agreement {fidelity.greedy_agreement:.0%}"
+    report_success(reporter, published, summary, note)
     return 0
 
 
@@ -178,10 +167,8 @@ def _eval_examples(job: trainer_pb2.Job, reporter: Reporter):
 
 
 def _peak_memory() -> int:
-    import resource
-
     import torch
 
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    from services.trainer.worker.training.memory import peak_memory_bytes
+
+    return peak_memory_bytes("cuda" if torch.cuda.is_available() else "cpu")

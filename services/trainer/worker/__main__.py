@@ -1,0 +1,3 @@
+from services.trainer.worker.run import main
+
+raise SystemExit(main())
