@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,3 +181,17 @@ class ServiceClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def pages(call: Callable, request, items: str, timeout: float | None) -> Iterator:
+    """Every item of a paged list RPC: `call(request)` again with each next_page_token until there is none.
+
+    `items` names the reply's repeated field ("jobs", "versions", ...); `request` is copied, not changed.
+    """
+    request = type(request).FromString(request.SerializeToString())
+    while True:
+        page = call(request, timeout=timeout)
+        yield from getattr(page, items)
+        if not page.next_page_token:
+            return
+        request.page_token = page.next_page_token

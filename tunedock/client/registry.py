@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunedock.client.channel import ServiceClient
+from tunedock.client.channel import ServiceClient, pages
 from tunedock.v1 import adapter_registry_pb2 as pb
 from tunedock.v1 import adapter_registry_pb2_grpc, common_pb2
 
@@ -105,33 +105,17 @@ class RegistryClient(ServiceClient):
         self, kind: str = "", base_model: str = "", labels: Mapping[str, str] | None = None, page_size: int = 0
     ) -> Iterator[pb.Artifact]:
         """Every matching artifact, following page tokens."""
-        token = ""
-        while True:
-            page = self.stub.ListArtifacts(
-                pb.ListArtifactsRequest(
-                    kind=KINDS.get(kind, pb.ARTIFACT_KIND_UNSPECIFIED),
-                    base_model=base_model,
-                    page_size=page_size,
-                    page_token=token,
-                    labels=[common_pb2.Label(key=k, value=v) for k, v in (labels or {}).items()],
-                ),
-                timeout=self.timeout,
-            )
-            yield from page.artifacts
-            if not page.next_page_token:
-                return
-            token = page.next_page_token
+        request = pb.ListArtifactsRequest(
+            kind=KINDS.get(kind, pb.ARTIFACT_KIND_UNSPECIFIED),
+            base_model=base_model,
+            page_size=page_size,
+            labels=[common_pb2.Label(key=k, value=v) for k, v in (labels or {}).items()],
+        )
+        return pages(self.stub.ListArtifacts, request, "artifacts", self.timeout)
 
     def list_versions(self, name: str, page_size: int = 0) -> Iterator[pb.ArtifactVersion]:
-        token = ""
-        while True:
-            page = self.stub.ListVersions(
-                pb.ListVersionsRequest(name=name, page_size=page_size, page_token=token), timeout=self.timeout
-            )
-            yield from page.versions
-            if not page.next_page_token:
-                return
-            token = page.next_page_token
+        request = pb.ListVersionsRequest(name=name, page_size=page_size)
+        return pages(self.stub.ListVersions, request, "versions", self.timeout)
 
     def set_alias(self, name: str, alias: str, version: int) -> pb.SetAliasResponse:
         return self.stub.SetAlias(pb.SetAliasRequest(name=name, alias=alias, version=version), timeout=self.timeout)

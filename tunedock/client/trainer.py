@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from tunedock.client.channel import ServiceClient
+from tunedock.client.channel import ServiceClient, pages
 from tunedock.v1 import trainer_pb2 as pb
 from tunedock.v1 import trainer_pb2_grpc
 
@@ -38,15 +38,8 @@ class TrainerClient(ServiceClient):
         return self.stub.GetDataset(pb.GetDatasetRequest(id=dataset_id), timeout=self.timeout).dataset
 
     def list_datasets(self, project: str = "", page_size: int = 0) -> Iterator[pb.Dataset]:
-        token = ""
-        while True:
-            page = self.stub.ListDatasets(
-                pb.ListDatasetsRequest(page_size=page_size, page_token=token, project=project), timeout=self.timeout
-            )
-            yield from page.datasets
-            if not page.next_page_token:
-                return
-            token = page.next_page_token
+        request = pb.ListDatasetsRequest(page_size=page_size, project=project)
+        return pages(self.stub.ListDatasets, request, "datasets", self.timeout)
 
     def submit(self, spec: pb.JobSpec) -> pb.Job:
         return self.stub.SubmitJob(pb.SubmitJobRequest(spec=spec), timeout=self.timeout).job
@@ -94,16 +87,8 @@ class TrainerClient(ServiceClient):
     def list(
         self, state: pb.JobState = pb.JOB_STATE_UNSPECIFIED, page_size: int = 0, project: str = ""
     ) -> Iterator[pb.Job]:
-        token = ""
-        while True:
-            page = self.stub.ListJobs(
-                pb.ListJobsRequest(state=state, page_size=page_size, page_token=token, project=project),
-                timeout=self.timeout,
-            )
-            yield from page.jobs
-            if not page.next_page_token:
-                return
-            token = page.next_page_token
+        request = pb.ListJobsRequest(state=state, page_size=page_size, project=project)
+        return pages(self.stub.ListJobs, request, "jobs", self.timeout)
 
     def cancel(self, job_id: str) -> pb.Job:
         return self.stub.CancelJob(pb.CancelJobRequest(id=job_id), timeout=self.timeout).job
