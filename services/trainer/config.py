@@ -11,12 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from tunedock.errors import InvalidArgument
+from tunedock.jobs import ADAPTER_METHODS, DEFAULTS, METHODS
 from tunedock.v1 import common_pb2, trainer_pb2
-
-METHODS = ("full", "freeze", "lora", "qlora")
-SCHEDULES = {0: "cosine", 1: "constant", 2: "linear", 3: "cosine"}
-OPTIMIZERS = {0: "", 1: "adamw", 2: "adamw_8bit", 3: "paged_adamw_8bit", 4: "paged_adamw_32bit", 5: "sgd"}
-DTYPES = {0: "bfloat16", 1: "float32", 2: "bfloat16", 3: "float16"}
 
 
 @dataclass
@@ -36,26 +32,26 @@ class TrainConfig:
     output_name: str = ""
     """Registry name of the output."""
     # LoRA / QLoRA
-    lora_r: int = 8
+    lora_r: int = DEFAULTS.lora_r
     """Rank of the LoRA update."""
-    lora_alpha: float = 16.0
-    """LoRA scaling numerator (alpha/r, or alpha/sqrt(r) with rsLoRA)."""
+    lora_alpha: float = 0.0
+    """LoRA scaling numerator (alpha/r, or alpha/sqrt(r) with rsLoRA); 0: 2 r."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA input."""
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULTS.target_modules))
     """Module names to adapt, or ["all-linear"]."""
     use_rslora: bool = False
     """Rank-stabilized scaling."""
-    quant_type: str = "nf4"
+    quant_type: str = DEFAULTS.quant_type
     """QLoRA 4-bit type: nf4 | fp4."""
     double_quant: bool = True
     """QLoRA: quantize the quantization constants too."""
-    compute_dtype: str = "bfloat16"
+    compute_dtype: str = DEFAULTS.compute_dtype
     """Matmul dtype on GPUs (bfloat16, float16 with loss scaling, float32); also QLoRA's 4-bit compute dtype."""
     paged_optimizer: bool = True
     """QLoRA: paged optimizer where CUDA exists."""
     # Freeze
-    trainable_layers: int = 2
+    trainable_layers: int = DEFAULTS.trainable_layers
     """Freeze: train the last N layers (negative: first |N|)."""
     trainable_layer_indices: list[int] = field(default_factory=list)
     """Freeze: explicit layer indices (override trainable_layers)."""
@@ -68,22 +64,24 @@ class TrainConfig:
     optimizer: str = ""
     """adamw | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit | sgd; empty: the method's default."""
     # Hyperparameters
-    epochs: float = 1.0
+    epochs: float = DEFAULTS.epochs
+    """Epochs to train when max_steps is 0 (max_steps wins when both are set)."""
     max_steps: int = 0
     learning_rate: float = 0.0
-    lr_schedule: str = "cosine"
+    """0: the method's default (jobs.DEFAULTS.learning_rate)."""
+    lr_schedule: str = DEFAULTS.lr_schedule
     warmup_steps: int = 0
-    batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    max_seq_length: int = 512
+    batch_size: int = DEFAULTS.batch_size
+    gradient_accumulation_steps: int = DEFAULTS.gradient_accumulation_steps
+    max_seq_length: int = DEFAULTS.max_seq_length
     seed: int = 0
     gradient_checkpointing: bool = False
     packing: bool = False
     eval_every_steps: int = 0
     checkpoint_every_steps: int = 0
-    log_every_steps: int = 1
+    log_every_steps: int = DEFAULTS.log_every_steps
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = DEFAULTS.max_grad_norm
     processes_per_node: int = 1
     """Training processes per node (torchrun); batch_size is per process."""
     nodes: int = 1
@@ -97,7 +95,9 @@ class TrainConfig:
         if not self.dataset_ids:
             raise InvalidArgument("at least one training dataset id is required (upload with `tunedock data upload`)")
         if not self.learning_rate:
-            self.learning_rate = 2e-4 if self.method in ("lora", "qlora") else 2e-5
+            self.learning_rate = DEFAULTS.learning_rate(self.method)
+        if not self.lora_alpha:
+            self.lora_alpha = DEFAULTS.lora_alpha_per_rank * max(self.lora_r, 1)
         checks = [
             (self.lora_r > 0, f"LoRA rank r must be > 0, got {self.lora_r}"),
             (self.lora_alpha > 0, f"lora alpha must be > 0, got {self.lora_alpha}"),
@@ -134,85 +134,101 @@ class TrainConfig:
 
     @property
     def is_lora(self) -> bool:
-        return self.method in ("lora", "qlora")
+        return self.method in ADAPTER_METHODS
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _enum(table: dict, value: int, field: str):
-    """Look up an enum value; an unknown number (a newer client, a typo) is the caller's error."""
-    if value not in table:
-        raise InvalidArgument(f"{field}: unknown value {value}")
-    return table[value]
+def _named(enum, value: int, field: str) -> str | None:
+    """A proto enum value by its name (LR_SCHEDULE_LINEAR -> "linear"); None when unset, so the default
+    applies. An unknown number (a newer client, a typo) is the caller's error."""
+    if value == 0:
+        return None
+    try:
+        name = enum.Name(value)
+    except ValueError:
+        raise InvalidArgument(f"{field}: unknown value {value}") from None
+    return name.removeprefix(enum.Name(0).removesuffix("UNSPECIFIED")).lower()
+
+
+def _given(**fields) -> dict:
+    """The fields a spec sets: proto zeros and None are left out, so TrainConfig's defaults apply."""
+    return {k: v for k, v in fields.items() if v not in (None, 0, 0.0, "", [])}
 
 
 def config_from_spec(spec: trainer_pb2.JobSpec) -> TrainConfig:
-    """The small builder: proto JobSpec -> TrainConfig (defaults filled, validated)."""
+    """The small builder: proto JobSpec -> TrainConfig (unset fields take its defaults, validated)."""
     which = spec.method.WhichOneof("config")
     if which is None:
         raise InvalidArgument("method is required: set one of full, freeze, lora or qlora")
     h = spec.hyperparameters
-    kwargs: dict = dict(
-        base_model=spec.base_model,
-        method=which,
-        dataset_ids=list(spec.train_dataset_ids),
-        eval_dataset_ids=list(spec.eval_dataset_ids),
+    kwargs = _given(
         validation_split=spec.validation_split,
         output_name=spec.output_name,
-        epochs=h.epochs or (0.0 if h.max_steps else 1.0),
+        epochs=h.epochs,
         max_steps=h.max_steps,
         learning_rate=h.learning_rate,
-        lr_schedule=_enum(SCHEDULES, h.lr_schedule, "hyperparameters.lr_schedule"),
+        lr_schedule=_named(common_pb2.LrSchedule, h.lr_schedule, "hyperparameters.lr_schedule"),
         warmup_steps=h.warmup_steps,
-        batch_size=h.batch_size or 4,
-        gradient_accumulation_steps=h.gradient_accumulation_steps or 1,
-        max_seq_length=h.max_seq_length or 512,
+        batch_size=h.batch_size,
+        gradient_accumulation_steps=h.gradient_accumulation_steps,
+        max_seq_length=h.max_seq_length,
         seed=h.seed,
         gradient_checkpointing=h.gradient_checkpointing,
         packing=h.packing,
         eval_every_steps=h.eval_every_steps,
         checkpoint_every_steps=h.checkpoint_every_steps,
-        log_every_steps=h.log_every_steps or 1,
+        log_every_steps=h.log_every_steps,
         weight_decay=h.weight_decay,
-        max_grad_norm=h.max_grad_norm or 1.0,
-        processes_per_node=h.processes_per_node or 1,
-        nodes=h.nodes or 1,
+        max_grad_norm=h.max_grad_norm,
+        processes_per_node=h.processes_per_node,
+        nodes=h.nodes,
+    )
+    if h.max_steps and not h.epochs:
+        kwargs["epochs"] = 0.0  # max_steps alone: no epoch bound
+    kwargs.update(
+        base_model=spec.base_model,
+        method=which,
+        dataset_ids=list(spec.train_dataset_ids),
+        eval_dataset_ids=list(spec.eval_dataset_ids),
     )
     lora: common_pb2.LoraConfig | None = None
     if which == "full":
-        kwargs["optimizer"] = _enum(OPTIMIZERS, spec.method.full.optimizer, "full.optimizer")
+        kwargs |= _given(optimizer=_named(common_pb2.Optimizer, spec.method.full.optimizer, "full.optimizer"))
     elif which == "freeze":
         f = spec.method.freeze
-        kwargs.update(
-            trainable_layers=f.trainable_layers,
+        kwargs |= _given(
             trainable_layer_indices=list(f.trainable_layer_indices),
             trainable_modules=list(f.trainable_modules),
             extra_modules=list(f.extra_modules),
-            optimizer=_enum(OPTIMIZERS, f.optimizer, "freeze.optimizer"),
+            optimizer=_named(common_pb2.Optimizer, f.optimizer, "freeze.optimizer"),
             publish_expanded=f.publish_expanded,
         )
+        kwargs["trainable_layers"] = f.trainable_layers  # 0 is a value here (the indices decide)
     elif which == "lora":
         lora = spec.method.lora
     else:
         q = spec.method.qlora
         lora = q.lora
-        kwargs.update(
-            quant_type="fp4" if q.quant_type == common_pb2.QUANT_TYPE_FP4 else "nf4",
-            double_quant=q.double_quant if q.HasField("double_quant") else True,
-            compute_dtype=_enum(DTYPES, q.compute_dtype, "qlora.compute_dtype"),
-            paged_optimizer=q.paged_optimizer if q.HasField("paged_optimizer") else True,
+        kwargs |= _given(
+            quant_type=_named(common_pb2.QuantType, q.quant_type, "qlora.quant_type"),
+            compute_dtype=_named(common_pb2.Dtype, q.compute_dtype, "qlora.compute_dtype"),
         )
+        if q.HasField("double_quant"):
+            kwargs["double_quant"] = q.double_quant
+        if q.HasField("paged_optimizer"):
+            kwargs["paged_optimizer"] = q.paged_optimizer
     if lora is not None:
-        r = lora.r if lora.HasField("r") else 8
-        kwargs.update(
-            lora_r=r,
-            lora_alpha=lora.alpha or 2.0 * max(r, 1),
+        kwargs |= _given(
+            lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules) or ["all-linear"],
+            target_modules=list(lora.target_modules),
             use_rslora=lora.use_rslora,
-            optimizer=_enum(OPTIMIZERS, lora.optimizer, "lora.optimizer"),
+            optimizer=_named(common_pb2.Optimizer, lora.optimizer, "lora.optimizer"),
         )
+        if lora.HasField("r"):
+            kwargs["lora_r"] = lora.r
     return TrainConfig(**kwargs)
 
 

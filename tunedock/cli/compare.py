@@ -15,8 +15,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from tunedock.cli.common import INFERENCE, REGISTRY, TRAINER, cli_errors, console, err, fail, print_json
+from tunedock.cli.common import INFERENCE, REGISTRY, TRAINER, cli_errors, console, err, print_json, succeeded
 from tunedock.cli.train import build_spec, resolve_datasets
+from tunedock.jobs import ADAPTER_METHODS, METHODS
 
 PROMPTS = ["Tell me about the moon.", "What is your favourite thing?"]
 
@@ -80,7 +81,7 @@ def _compare(
     tag = os.urandom(3).hex()
     with TrainerClient(trainer) as client, RegistryClient(registry) as reg:
         dataset_ids = resolve_datasets(client, data)
-        for method in planner.METHODS:
+        for method in METHODS:
             spec = build_spec(
                 method=method,
                 base=base,
@@ -160,7 +161,6 @@ def _compare(
 
 def _run(client, job_id: str, label: str, quiet: bool):
     """Follow a job to its end, one line per progress event; (the job, tokens/s of each step)."""
-    from tunedock.v1 import trainer_pb2 as pb
 
     rates = []
     for event in client.watch(job_id, timeout=24 * 3600):
@@ -171,15 +171,12 @@ def _run(client, job_id: str, label: str, quiet: bool):
             if not quiet:
                 detail = f"loss {p.loss:.3f}" if p.tokens_per_second else "modules"
                 err.print(f"  {label:14} {p.step}/{p.total_steps} {detail}", highlight=False)
-    done = client.get(job_id)
-    if done.state != pb.JOB_STATE_SUCCEEDED:
-        fail(f"{label} job {done.id} ended {pb.JobState.Name(done.state)[10:].lower()}: {done.error}", 1)
-    return done, rates
+    return succeeded(client.get(job_id), f"{label} job"), rates
 
 
 def _served_as(client, row: dict, tag: str, rank: int, energy: float, quiet: bool) -> None:
     """LoRA/QLoRA serve as trained; Full and Freeze through an adapter extracted from them, with its fidelity."""
-    if row["method"] in ("lora", "qlora"):
+    if row["method"] in ADAPTER_METHODS:
         row.update(served=row["output"], extract_rank=None, agreement=None, kl=None, served_eval_loss=row["eval_loss"])
         return
     job = client.extract(
@@ -244,7 +241,7 @@ def _table(rows, base, steps, batch_size, max_seq_length, budget, serve) -> Tabl
     )
     for r in rows:
         if not serve:
-            served = "its LoRA adapter" if r["method"] in ("lora", "qlora") else "its own model (or extract it)"
+            served = "its LoRA adapter" if r["method"] in ADAPTER_METHODS else "its own model (or extract it)"
         elif r.get("extract_rank") is None:
             served = "its LoRA adapter"
         else:

@@ -17,8 +17,10 @@ from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from tunedock.cli.common import JobDidNotSucceed, succeeded
 from tunedock.cli.local_stack import LocalStack
 from tunedock.client import RegistryClient, TrainerClient
 from tunedock.client.channel import connect
@@ -56,9 +58,7 @@ def _train(console: Console, trainer: TrainerClient, base: str, name: str, metho
                 f"  step {p.step:>3}/{p.total_steps}  loss {p.loss:6.3f}  {p.tokens_per_second:7.0f} tok/s  "
                 f"peak {p.peak_memory_bytes / 2**20:5.0f} MiB"
             )
-    done = trainer.get(job.id)
-    if done.state != tpb.JOB_STATE_SUCCEEDED:
-        raise DemoFailed(f"{name} ended {tpb.JobState.Name(done.state)}: {done.error}")
+    done = succeeded(trainer.get(job.id), f"{name} job")
     console.print(f"  published [green]{done.output_ref}[/green]")
     return done.output_ref
 
@@ -66,9 +66,7 @@ def _train(console: Console, trainer: TrainerClient, base: str, name: str, metho
 def _extract(console: Console, trainer: TrainerClient, source: str, name: str) -> tuple[str, int]:
     """A LoRA adapter cut out of a Freeze or Full result (the rank that keeps 90% of the change, capped)."""
     job = trainer.extract(source, name, energy=0.9, allow_dropped=True)
-    done = trainer.wait(job.id, timeout=900)
-    if done.state != tpb.JOB_STATE_SUCCEEDED:
-        raise DemoFailed(f"extracting {source} ended {tpb.JobState.Name(done.state)}: {done.error}")
+    done = succeeded(trainer.wait(job.id, timeout=900), f"extracting {source}: job")
     m = {x.name: x.value for x in done.metrics}
     console.print(
         f"[bold]{name}[/bold]: extracted from {source}: rank {m['extract_rank']:.0f} keeps "
@@ -175,8 +173,8 @@ def run_demo(home: Path, base_model: str, port_offset: int = 0, console: Console
                 raise DemoFailed("the prod alias did not serve the LoRA adapter it points at")
         console.print(f"[green]demo finished in {time.perf_counter() - started:.0f}s[/green]")
         return 0
-    except DemoFailed as exc:
-        console.print(f"[red]demo failed:[/red] {exc}")
+    except (DemoFailed, JobDidNotSucceed) as exc:
+        console.print(f"[red]demo failed:[/red] {escape(str(exc))}")
         return 1
     finally:
         codes = stack.stop()

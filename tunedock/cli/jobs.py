@@ -6,7 +6,7 @@ import typer
 from google.protobuf import json_format
 from rich.table import Table
 
-from tunedock.cli.common import TRAINER, cli_errors, console, fail, print_json
+from tunedock.cli.common import TRAINER, cli_errors, console, print_json, state_name, succeeded
 from tunedock.cli.train import watch_job
 
 
@@ -25,7 +25,6 @@ jobs_app = typer.Typer(help="Fine-tune jobs.", no_args_is_help=True)
 def jobs_ls(trainer: str = typer.Option(TRAINER), as_json: bool = typer.Option(False, "--json")) -> None:
     """List jobs, newest first."""
     from tunedock.client import TrainerClient
-    from tunedock.v1 import trainer_pb2 as pb
 
     with TrainerClient(trainer) as client:
         jobs = list(client.list())
@@ -36,7 +35,7 @@ def jobs_ls(trainer: str = typer.Option(TRAINER), as_json: bool = typer.Option(F
     for j in jobs:
         table.add_row(
             j.id,
-            pb.JobState.Name(j.state)[10:].lower(),
+            state_name(j.state),
             job_kind(j.spec),
             f"{j.step}/{j.total_steps}",
             j.output_ref,
@@ -60,12 +59,9 @@ def jobs_get(job_id: str, trainer: str = typer.Option(TRAINER), as_json: bool = 
 def jobs_watch(job_id: str, trainer: str = typer.Option(TRAINER)) -> None:
     """Follow a job's progress until it ends."""
     from tunedock.client import TrainerClient
-    from tunedock.v1 import trainer_pb2 as pb
 
     with TrainerClient(trainer) as client:
-        done = watch_job(client, job_id)
-    if done.state != pb.JOB_STATE_SUCCEEDED:
-        fail(f"job {job_id} {pb.JobState.Name(done.state)[10:].lower()}: {done.error}", 1)
+        done = succeeded(watch_job(client, job_id))
     console.print(f"published [green]{done.output_ref}[/green]")
 
 

@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from tunedock.cli.common import cli_errors, console, print_json, require
+from tunedock.jobs import METHODS
 
 
 @cli_errors
@@ -42,8 +43,7 @@ def plan(
     shape = planner.read_shape(path)
     overhead = planner.runtime_overhead(device)
     estimates = [
-        planner.estimate(shape, m, batch_size, max_seq_length, device, r, layers, grad_ckpt, overhead)
-        for m in planner.METHODS
+        planner.estimate(shape, m, batch_size, max_seq_length, device, r, layers, grad_ckpt, overhead) for m in METHODS
     ]
     if as_json:
         print_json(

@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
-from tunedock.cli.common import TRAINER, cli_errors, console, err, fail, print_json, sparkline
+from tunedock.cli.common import TRAINER, cli_errors, console, err, print_json, sparkline, state_name, succeeded
+from tunedock.jobs import DEFAULTS, METHODS
+
+TARGETS = ", ".join(DEFAULTS.target_modules)
 
 
 def build_spec(
@@ -98,8 +102,6 @@ def watch_job(client, job_id: str, quiet: bool = False):
     """Live progress: a bar with step/total, loss, tokens/s, ETA and a loss sparkline. Returns the final job."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from tunedock.v1 import trainer_pb2 as pb
-
     losses: list[float] = []
     columns = [
         TextColumn("[bold]{task.description}"),
@@ -121,9 +123,9 @@ def watch_job(client, job_id: str, quiet: bool = False):
                     stats = f"peak {p.peak_memory_bytes / 2**20:,.0f} MiB"
                 progress.update(task, total=p.total_steps, completed=p.step, stats=stats)
             elif kind == "state":
-                progress.update(task, description=f"{job_id} {pb.JobState.Name(event.state.state)[10:].lower()}")
+                progress.update(task, description=f"{job_id} {state_name(event.state.state)}")
             elif kind == "log" and not quiet:
-                progress.console.print(f"  {event.log.message}", highlight=False)
+                progress.console.print(f"  {escape(event.log.message)}", highlight=False)
             elif kind == "eval" and not quiet:
                 progress.console.print(f"  eval loss {event.eval.eval_loss:.4f} at step {event.eval.step}")
     return client.get(job_id)
@@ -132,17 +134,13 @@ def watch_job(client, job_id: str, quiet: bool = False):
 def follow(client, job, watch: bool, as_json: bool):
     """After a submit: say how to follow the job, or follow it to its end. Returns the succeeded job when
     watched; a job that ended otherwise exits 1 with its error."""
-    from tunedock.v1 import trainer_pb2 as pb
-
     if not watch:
         print_json(job) if as_json else console.print(f"submitted {job.id}; follow with `tunedock jobs watch {job.id}`")
         return None
     done = watch_job(client, job.id, quiet=as_json)
     if as_json:
         print_json(done)
-    if done.state != pb.JOB_STATE_SUCCEEDED:
-        fail(f"job {done.id} {pb.JobState.Name(done.state)[10:].lower()}: {done.error or 'see `tunedock jobs get`'}", 1)
-    return done
+    return succeeded(done)
 
 
 def train(
@@ -157,20 +155,24 @@ def train(
     eval_data: list[str] = typer.Option([], help="evaluation dataset id or file (repeatable)"),
     validation_split: float = typer.Option(0.0, help="hold out this fraction for eval when no --eval-data"),
     steps: int = typer.Option(0, help="optimizer steps (0: use --epochs)"),
-    epochs: float = typer.Option(1.0, help="epochs when --steps is 0"),
-    lr: float = typer.Option(0.0, help="learning rate (0: 2e-4 LoRA/QLoRA, 2e-5 Full/Freeze)"),
-    batch_size: int = typer.Option(4),
-    max_seq_length: int = typer.Option(512),
+    epochs: float = typer.Option(DEFAULTS.epochs, help="epochs when --steps is 0"),
+    lr: float = typer.Option(
+        0.0,
+        help=f"learning rate (0: {DEFAULTS.adapter_learning_rate:g} LoRA/QLoRA, "
+        f"{DEFAULTS.full_learning_rate:g} Full/Freeze)",
+    ),
+    batch_size: int = typer.Option(DEFAULTS.batch_size),
+    max_seq_length: int = typer.Option(DEFAULTS.max_seq_length),
     packing: bool = typer.Option(False, help="pack examples into full sequences"),
-    r: int = typer.Option(None, help="LoRA rank (default 8)"),
-    alpha: float = typer.Option(0.0, help="LoRA alpha (default 2r)"),
+    r: int = typer.Option(None, help=f"LoRA rank (default {DEFAULTS.lora_r})"),
+    alpha: float = typer.Option(0.0, help=f"LoRA alpha (default {DEFAULTS.lora_alpha_per_rank:g}r)"),
     dropout: float = typer.Option(0.0, help="LoRA dropout"),
-    target: list[str] = typer.Option([], help="LoRA target module (repeatable; default all-linear)"),
+    target: list[str] = typer.Option([], help=f"LoRA target module (repeatable; default {TARGETS})"),
     rslora: bool = typer.Option(False, help="rank-stabilized LoRA"),
-    layers: int = typer.Option(2, help="Freeze: last N layers train (negative: first N)"),
+    layers: int = typer.Option(DEFAULTS.trainable_layers, help="Freeze: last N layers train (negative: first N)"),
     modules: list[str] = typer.Option([], help="Freeze: modules inside those layers (repeatable)"),
     extra: list[str] = typer.Option([], help="Freeze: embed_tokens, norm or lm_head (repeatable)"),
-    quant: str = typer.Option("nf4", help="QLoRA: nf4 or fp4"),
+    quant: str = typer.Option(DEFAULTS.quant_type, help="QLoRA: nf4 or fp4"),
     grad_ckpt: bool = typer.Option(False, help="gradient checkpointing"),
     checkpoint_every: int = typer.Option(0, help="checkpoint every N steps"),
     processes: int = typer.Option(1, help="training processes per node (torchrun; one per GPU); batch is per process"),
@@ -189,7 +191,7 @@ def _train(watch, trainer, as_json, **options):
     from tunedock.client import TrainerClient
 
     method = options["method"]
-    if method not in ("full", "freeze", "lora", "qlora"):
+    if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose full, freeze, lora or qlora")
     with TrainerClient(trainer) as client:
         if not options["name"]:

@@ -1,0 +1,72 @@
+"""JobSpec -> TrainConfig: unset fields take the one set of defaults (tunedock.jobs), enums go by name."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.trainer.config import config_from_spec
+from tunedock.errors import InvalidArgument
+from tunedock.jobs import DEFAULTS
+from tunedock.v1 import common_pb2
+from tunedock.v1 import trainer_pb2 as pb
+
+
+def _spec(method: common_pb2.MethodConfig, **hyper) -> pb.JobSpec:
+    return pb.JobSpec(
+        base_model="/m",
+        output_name="x",
+        train_dataset_ids=["ds-1"],
+        method=method,
+        hyperparameters=pb.Hyperparameters(**hyper),
+    )
+
+
+def test_unset_fields_take_the_shared_defaults():
+    lora = config_from_spec(_spec(common_pb2.MethodConfig(lora=common_pb2.LoraConfig())))
+    assert (lora.epochs, lora.batch_size, lora.max_seq_length, lora.lr_schedule) == (
+        DEFAULTS.epochs,
+        DEFAULTS.batch_size,
+        DEFAULTS.max_seq_length,
+        DEFAULTS.lr_schedule,
+    )
+    assert (lora.lora_r, lora.lora_alpha, lora.target_modules) == (8, 16.0, ["all-linear"])
+    assert lora.learning_rate == DEFAULTS.adapter_learning_rate
+    full = config_from_spec(_spec(common_pb2.MethodConfig(full=common_pb2.FullConfig())))
+    assert full.learning_rate == DEFAULTS.full_learning_rate and full.optimizer == ""
+    qlora = config_from_spec(_spec(common_pb2.MethodConfig(qlora=common_pb2.QLoraConfig())))
+    assert (qlora.quant_type, qlora.compute_dtype, qlora.double_quant, qlora.paged_optimizer) == (
+        "nf4",
+        "bfloat16",
+        True,
+        True,
+    )
+    steps_only = config_from_spec(_spec(common_pb2.MethodConfig(lora=common_pb2.LoraConfig()), max_steps=7))
+    assert (steps_only.max_steps, steps_only.epochs) == (7, 0.0)
+
+
+def test_enums_are_read_by_name():
+    spec = _spec(
+        common_pb2.MethodConfig(
+            qlora=common_pb2.QLoraConfig(
+                lora=common_pb2.LoraConfig(r=4, optimizer=common_pb2.OPTIMIZER_PAGED_ADAMW_8BIT),
+                quant_type=common_pb2.QUANT_TYPE_FP4,
+                compute_dtype=common_pb2.DTYPE_FLOAT16,
+                double_quant=False,
+            )
+        ),
+        lr_schedule=common_pb2.LR_SCHEDULE_LINEAR,
+    )
+    cfg = config_from_spec(spec)
+    assert (cfg.optimizer, cfg.quant_type, cfg.compute_dtype, cfg.lr_schedule) == (
+        "paged_adamw_8bit",
+        "fp4",
+        "float16",
+        "linear",
+    )
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.double_quant) == (4, 8.0, False)
+
+
+def test_an_unknown_enum_number_is_refused_naming_the_field():
+    spec = _spec(common_pb2.MethodConfig(lora=common_pb2.LoraConfig(optimizer=99)))
+    with pytest.raises(InvalidArgument, match=r"lora.optimizer: unknown value 99"):
+        config_from_spec(spec)
