@@ -16,26 +16,31 @@ No grpc here: the servicer converts protos to these calls.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from services.adapter_registry.domain import NewVersion, Page, StoredFile, Version
+from services.adapter_registry.domain import Event, NewVersion, StoredFile, Version
 from services.adapter_registry.metadata import MetadataStore
 from services.adapter_registry.validation import DeclaredFile, check_contents, check_manifest
 from services.common.audit import audit
 from services.common.auth import principal
 from services.common.blobs import CHUNK, BlobStore
+from services.common.changes import Changes
+from services.common.pages import Page
 from tunedock.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from tunedock.refs import Ref, check_alias, check_name, check_version
 
 log = logging.getLogger(__name__)
+WATCH_POLL_S = 1.0
+"""A Watch also reads the store this often, so events committed by other registry replicas reach it."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,7 @@ class PublishSession:
             self._added_blobs.clear()  # committed: they are referenced now
         if created:
             audit("registry.publish", version.ref, version.project, content_sha256=version.content_sha256)
+            self.registry.changes.notify()
         return version, created
 
     def abort(self) -> None:
@@ -164,6 +170,8 @@ class Registry:
         self.max_artifact_bytes = max_artifact_bytes
         self.max_files = max_files
         self.blob_lock = threading.RLock()
+        self.changes = Changes()
+        """Wakes Watch streams when this replica commits an event (other replicas' are polled)."""
 
     def begin_publish(self, manifest: ManifestIn) -> PublishSession:
         check_name(manifest.name)
@@ -256,12 +264,14 @@ class Registry:
         project = self.check_visible(name)
         result = self.metadata.set_alias(name, alias, version)
         audit("registry.alias", f"{name}@{alias}", project, version=version, previous_version=result[1])
+        self.changes.notify()
         return result
 
     def delete_alias(self, name: str, alias: str) -> int:
         project = self.check_visible(check_name(name))
         previous = self.metadata.delete_alias(name, alias)
         audit("registry.delete_alias", f"{name}@{alias}", project, previous_version=previous)
+        self.changes.notify()
         return previous
 
     def delete_version(self, name: str, version: int, force: bool) -> list[str]:
@@ -273,6 +283,7 @@ class Registry:
             for sha in unreferenced:
                 self.blobs.delete(sha)
         audit("registry.delete_version", f"{name}:{version}", project, force=force, removed_aliases=removed)
+        self.changes.notify()
         return removed
 
     def watch_start(self, after_event_id: int, name: str) -> int:
@@ -282,6 +293,18 @@ class Registry:
         if name:
             check_name(name)
         return after_event_id or self.metadata.last_event_id()
+
+    async def watch(self, after_event_id: int, name: str) -> AsyncIterator[Event]:
+        """Events after `after_event_id` (0: from now on), then new ones as they are committed; never ends."""
+        after = await asyncio.to_thread(self.watch_start, after_event_id, name)
+        while True:
+            changed = self.changes.current()
+            events = await asyncio.to_thread(self.events_after, after, name)
+            for event in events:
+                yield event
+                after = event.id
+            if not events:
+                await self.changes.wait(changed, WATCH_POLL_S)
 
     def collect_garbage(self) -> int:
         """Remove staging leftovers and blobs no version references (after a crash). Returns blobs removed."""

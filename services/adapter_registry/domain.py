@@ -91,12 +91,6 @@ class Event:
     created_at: datetime
 
 
-@dataclass
-class Page:
-    items: list = field(default_factory=list)
-    next_token: str = ""
-
-
 def content_hash(files) -> str:
     """sha256 over the sorted "path\\0sha256\\n" lines: identical trees hash alike."""
     digest = hashlib.sha256()

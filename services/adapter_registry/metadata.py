@@ -9,7 +9,6 @@ several registry replicas. Registry writes are rare next to reads, so this costs
 
 from __future__ import annotations
 
-import base64
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,10 +18,12 @@ from sqlalchemy import exists, func, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.adapter_registry.domain import Artifact, Event, NewVersion, Page, StoredFile, Version
+from services.adapter_registry.domain import Artifact, Event, NewVersion, StoredFile, Version
 from services.adapter_registry.models import AliasRow, ArtifactRow, EventRow, FileRow, LabelRow, VersionRow
 from services.common.db import is_sqlite, open_engine
 from services.common.db import migrate as migrate_store
+from services.common.pages import Page, bad_token, decode_token, encode_token
+from services.common.pages import page_size as page_size_
 from tunedock.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from tunedock.refs import LATEST, MAX_VERSION, Ref, parse_decimal
 
@@ -196,8 +197,8 @@ class MetadataStore:
         projects: set[str] | None = None,
     ) -> Page:
         """`projects`: only artifacts in these projects (None: all)."""
-        page_size = _page_size(page_size)
-        after = _decode_token(page_token)
+        page_size = page_size_(page_size)
+        after = decode_token(page_token)
         with self._read() as s:
             latest = (
                 select(VersionRow.name, func.max(VersionRow.version).label("v")).group_by(VersionRow.name).subquery()
@@ -241,11 +242,11 @@ class MetadataStore:
                 )
                 for a, v in rows[:page_size]
             ]
-            return Page(items, _encode_token(names[-1]) if len(rows) > page_size else "")
+            return Page(items, encode_token(names[-1]) if len(rows) > page_size else "")
 
     def list_versions(self, name: str, page_size: int = 50, page_token: str = "") -> Page:
-        page_size = _page_size(page_size)
-        after = _decode_token(page_token)
+        page_size = page_size_(page_size)
+        after = decode_token(page_token)
         with self._read() as s:
             if s.get(ArtifactRow, name) is None:
                 raise NotFound(f"artifact {name!r} not found")
@@ -253,11 +254,11 @@ class MetadataStore:
             if after:
                 before = parse_decimal(after, MAX_VERSION)
                 if before is None:
-                    raise InvalidArgument("page_token is not one this server issued; pass next_page_token unchanged")
+                    raise bad_token()
                 query = query.where(VersionRow.version < before)
             rows = list(s.scalars(query.limit(page_size + 1)))
             items = [self._version(s, r) for r in rows[:page_size]]
-            return Page(items, _encode_token(str(rows[page_size - 1].version)) if len(rows) > page_size else "")
+            return Page(items, encode_token(str(rows[page_size - 1].version)) if len(rows) > page_size else "")
 
     # ---- aliases and deletes -----------------------------------------------------------
 
@@ -393,29 +394,3 @@ def _project_of(s: Session, name: str) -> str:
     if artifact is None:  # a version always has its artifact row; a missing one is a broken store
         raise NotFound(f"artifact {name!r} not found")
     return artifact.project
-
-
-MAX_PAGE_SIZE = 1000
-"""Largest page of a list (a bigger page_size is cut to it)."""
-
-
-def _page_size(size: int) -> int:
-    if size < 0:
-        raise InvalidArgument(f"page_size must be >= 0, got {size}")
-    return min(size or 50, MAX_PAGE_SIZE)
-
-
-def _encode_token(value: str) -> str:
-    return base64.urlsafe_b64encode(f"p1:{value}".encode()).decode()
-
-
-def _decode_token(token: str) -> str:
-    if not token:
-        return ""
-    try:
-        decoded = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
-    except (ValueError, UnicodeDecodeError):
-        decoded = ""
-    if not decoded.startswith("p1:") or len(decoded) == 3:
-        raise InvalidArgument("page_token is not one this server issued; pass next_page_token unchanged")
-    return decoded[3:]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 
 from services.adapter_registry.core import Registry
-from services.adapter_registry.metadata import MAX_PAGE_SIZE, MetadataStore
+from services.adapter_registry.metadata import MetadataStore
 from services.adapter_registry.servicer import AdapterRegistryServicer
 from services.adapter_registry.settings import RegistrySettings
 from services.common.auth import method_roles
 from services.common.blobs import open_blob_store
+from services.common.pages import MAX_PAGE_SIZE
 from services.common.server import GrpcServer, ServiceBinding
 from tunedock import __version__
 from tunedock.v1 import adapter_registry_pb2, adapter_registry_pb2_grpc

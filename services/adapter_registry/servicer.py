@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from google.protobuf import json_format
@@ -29,7 +28,6 @@ EVENT_TYPES = {
     "alias_deleted": pb.EVENT_TYPE_ALIAS_DELETED,
     "version_deleted": pb.EVENT_TYPE_VERSION_DELETED,
 }
-WATCH_POLL_S = 1.0  # also picks up events written by other registry replicas
 
 
 def labels_to_dict(labels) -> dict[str, str]:
@@ -96,11 +94,6 @@ class AdapterRegistryServicer(adapter_registry_pb2_grpc.AdapterRegistryServiceSe
     def __init__(self, registry: Registry, info: dict | None = None) -> None:
         self.registry = registry
         self.info = info or {}
-        self._changed = asyncio.Event()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
 
     async def Publish(self, request_iterator, context):
         first = await anext(aiter(request_iterator), None)
@@ -133,7 +126,6 @@ class AdapterRegistryServicer(adapter_registry_pb2_grpc.AdapterRegistryServiceSe
         finally:
             session.close()
         if created:
-            self._notify()
             log.info(
                 "published %s",
                 version.ref,
@@ -185,30 +177,19 @@ class AdapterRegistryServicer(adapter_registry_pb2_grpc.AdapterRegistryServiceSe
         version, previous = await asyncio.to_thread(
             self.registry.set_alias, request.name, request.alias, request.version
         )
-        self._notify()
         return pb.SetAliasResponse(version=version_to_proto(version), previous_version=previous)
 
     async def DeleteAlias(self, request, context):
         previous = await asyncio.to_thread(self.registry.delete_alias, request.name, request.alias)
-        self._notify()
         return pb.DeleteAliasResponse(previous_version=previous)
 
     async def DeleteVersion(self, request, context):
         removed = await asyncio.to_thread(self.registry.delete_version, request.name, request.version, request.force)
-        self._notify()
         return pb.DeleteVersionResponse(removed_aliases=removed)
 
     async def Watch(self, request, context):
-        after = await asyncio.to_thread(self.registry.watch_start, request.after_event_id, request.name)
-        while True:
-            changed = self._changed
-            events = await asyncio.to_thread(self.registry.events_after, after, request.name)
-            for event in events:
-                yield event_to_proto(event)
-                after = event.id
-            if not events:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), WATCH_POLL_S)
+        async for event in self.registry.watch(request.after_event_id, request.name):
+            yield event_to_proto(event)
 
     async def GetRegistryInfo(self, request, context):
         return pb.GetRegistryInfoResponse(**self.info)

@@ -7,15 +7,17 @@ clients speak, and storing them whole means a watcher replays exactly what was r
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, Boolean, DateTime, Integer, LargeBinary, String, Text, func, select
+from sqlalchemy import JSON, Boolean, DateTime, Integer, LargeBinary, String, Text, and_, func, or_, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from services.common.db import migrate, open_engine
+from services.common.pages import Page, bad_token, decode_token, encode_token, page_size
 from tunedock.errors import NotFound, Unavailable
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -122,6 +124,27 @@ def _record(row: JobRow) -> JobRecord:
     )
 
 
+def _keyset(session, query, table, size: int, token: str, convert: Callable) -> Page:
+    """A page of `query` newest first, by (created_at, id) descending, after the item `token` names."""
+    size = page_size(size)
+    after = decode_token(token)
+    if after:
+        when, _, last_id = after.partition("|")
+        try:
+            created = datetime.fromisoformat(when)
+        except ValueError:
+            raise bad_token() from None
+        if not last_id:
+            raise bad_token()
+        query = query.where(or_(table.created_at < created, and_(table.created_at == created, table.id < last_id)))
+    rows = list(session.scalars(query.order_by(table.created_at.desc(), table.id.desc()).limit(size + 1)))
+    items = [convert(r) for r in rows[:size]]
+    if len(rows) <= size:
+        return Page(items)
+    last = rows[size - 1]
+    return Page(items, encode_token(f"{_aware_required(last.created_at).isoformat()}|{last.id}"))
+
+
 class JobStore:
     """Sync API; the service calls it from worker threads. Writes are serialized in-process."""
 
@@ -158,12 +181,13 @@ class JobStore:
                 raise NotFound(f"dataset {dataset_id!r} not found; upload it with `tunedock data upload FILE`")
             return row
 
-    def list_datasets(self, offset: int, limit: int, projects: set[str] | None = None) -> list[DatasetRow]:
+    def list_datasets(self, page_size: int, page_token: str = "", projects: set[str] | None = None) -> Page[DatasetRow]:
+        """Newest first, keyset-paged; `projects`: only these (None: all)."""
         with self._sessions() as s:
-            query = select(DatasetRow).order_by(DatasetRow.created_at.desc(), DatasetRow.id).offset(offset)
+            query = select(DatasetRow)
             if projects is not None:
                 query = query.where(DatasetRow.project.in_(sorted(projects)))
-            return list(s.scalars(query.limit(limit)))
+            return _keyset(s, query, DatasetRow, page_size, page_token, lambda row: row)
 
     # jobs
     def add_job(self, job_id: str, spec: bytes, event: bytes, project: str = "default") -> JobRecord:
@@ -182,14 +206,17 @@ class JobStore:
                 raise NotFound(f"job {job_id!r} not found")
             return _record(row)
 
-    def list_jobs(self, state: str, offset: int, limit: int, projects: set[str] | None = None) -> list[JobRecord]:
+    def list_jobs(
+        self, state: str, page_size: int, page_token: str = "", projects: set[str] | None = None
+    ) -> Page[JobRecord]:
+        """Newest first, keyset-paged, optionally in one state; `projects`: only these (None: all)."""
         with self._sessions() as s:
-            query = select(JobRow).order_by(JobRow.created_at.desc(), JobRow.id.desc())
+            query = select(JobRow)
             if projects is not None:
                 query = query.where(JobRow.project.in_(sorted(projects)))
             if state:
                 query = query.where(JobRow.state == state)
-            return [_record(r) for r in s.scalars(query.offset(offset).limit(limit))]
+            return _keyset(s, query, JobRow, page_size, page_token, _record)
 
     def jobs_in_state(self, state: str) -> list[JobRecord]:
         with self._sessions() as s:

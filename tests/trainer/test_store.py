@@ -33,7 +33,7 @@ def test_jobs_and_events_persist_across_reopen(url):
     assert [data for _, data in reopened.events_after("job-1", 2)] == [b"progress"]
     assert [j.id for j in reopened.jobs_in_state("queued")] == ["job-2"]
     assert reopened.count_state("running") == 1
-    assert [j.id for j in reopened.list_jobs("", 0, 10)] == ["job-2", "job-1"]
+    assert [j.id for j in reopened.list_jobs("", 10).items] == ["job-2", "job-1"]
     with pytest.raises(NotFound):
         reopened.get_job("job-3")
     reopened.close()
@@ -73,5 +73,24 @@ def test_a_store_from_before_projects_gains_the_column(url):
     store = JobStore(url)
     assert store.get_job("job-old").project == "default"
     store.add_job("job-new", b"spec", state_event("queued"), project="team-a")
-    assert [j.id for j in store.list_jobs("", 0, 10, {"team-a"})] == ["job-new"]
+    assert [j.id for j in store.list_jobs("", 10, "", {"team-a"}).items] == ["job-new"]
+    store.close()
+
+
+def test_lists_page_by_keyset_so_new_items_neither_repeat_nor_vanish(url):
+    from tunedock.errors import InvalidArgument
+
+    store = JobStore(url)
+    for i in range(5):
+        store.add_job(f"job-{i}", b"spec", state_event("queued"))
+    first = store.list_jobs("", 2)
+    assert [j.id for j in first.items] == ["job-4", "job-3"] and first.next_token
+    store.add_job("job-new", b"spec", state_event("queued"))  # lands before the first page: not seen below
+    second = store.list_jobs("", 2, first.next_token)
+    third = store.list_jobs("", 2, second.next_token)
+    assert [j.id for j in second.items + third.items] == ["job-2", "job-1", "job-0"] and third.next_token == ""
+    assert [j.id for j in store.list_jobs("queued", 50).items][:2] == ["job-new", "job-4"]
+    for token in ("not-a-token", "cDE6"):  # garbage; a token without an item
+        with pytest.raises(InvalidArgument, match="pass next_page_token unchanged"):
+            store.list_jobs("", 2, token)
     store.close()
