@@ -13,9 +13,9 @@ on, each attempt gets a worker token scoped to its job (`WorkerTokens`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -28,6 +28,8 @@ from services.common.audit import audit
 from services.common.auth import WorkerTokens, principal
 from services.common.basemodels import resolve_local_base
 from services.common.blobs import CHUNK, BlobStore
+from services.common.changes import Changes
+from services.common.pages import Page
 from services.common.registry_answers import registry_answer
 from services.trainer.config import TrainConfig, config_from_spec, extract_options
 from services.trainer.data.records import parse_dataset
@@ -98,18 +100,19 @@ class TrainerCore:
         self.max_lora_rank = max_lora_rank
         self.default_base_model = default_base_model
         """The base of jobs that name none; empty: the embedded tiny model (what inference serves by default)."""
-        self._changed: dict[str, asyncio.Event] = {}
+        self.changes = Changes()
+        """Wakes WatchJob streams of a job when its events change."""
         self._schedule_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------------------ datasets
 
-    def store_dataset(self, name: str, fmt: str, path: Path, project: str = "") -> DatasetRow:
+    def begin_upload(self, name: str, fmt: str, project: str = "") -> DatasetUpload:
+        """An upload to feed chunk by chunk; `finish` validates and stores it, `close` always."""
+        return DatasetUpload(self, name, fmt, project)
+
+    def _store_dataset(self, name: str, fmt: str, path: Path, project: str) -> DatasetRow:
         project = principal().project_for_write(project)
         size = path.stat().st_size
-        if size > self.max_dataset_bytes:
-            raise ResourceExhausted(
-                f"dataset is {size / 2**20:.1f} MiB; the limit is {self.max_dataset_bytes / 2**20:.0f} MiB"
-            )
         data = path.read_bytes()
         parsed = parse_dataset(data, fmt)
         sha = hashlib.sha256(data).hexdigest()
@@ -137,8 +140,8 @@ class TrainerCore:
             raise NotFound(f"dataset {dataset_id!r} not found; upload it with `tunedock data upload FILE`")
         return row
 
-    def list_datasets(self, offset: int, limit: int, project: str) -> list[DatasetRow]:
-        return self.store.list_datasets(offset, limit, principal().readable_projects(project))
+    def list_datasets(self, page_size: int, page_token: str, project: str) -> Page[DatasetRow]:
+        return self.store.list_datasets(page_size, page_token, principal().readable_projects(project))
 
     def get_job(self, job_id: str) -> JobRecord:
         caller = principal()
@@ -148,8 +151,8 @@ class TrainerCore:
             raise NotFound(f"job {job_id!r} not found")
         return job
 
-    def list_jobs(self, state: str, offset: int, limit: int, project: str) -> list[JobRecord]:
-        return self.store.list_jobs(state, offset, limit, principal().readable_projects(project))
+    def list_jobs(self, state: str, page_size: int, page_token: str, project: str) -> Page[JobRecord]:
+        return self.store.list_jobs(state, page_size, page_token, principal().readable_projects(project))
 
     def dataset_bytes(self, job_id: str, dataset_id: str):
         job = self.get_job(job_id)
@@ -513,15 +516,13 @@ class TrainerCore:
     # --------------------------------------------------------------------------------- watch
 
     def _notify(self, job_id: str) -> None:
-        event = self._changed.pop(job_id, None)
-        if event is not None:
-            event.set()
+        self.changes.notify(job_id)
 
     async def watch(self, job_id: str, after: int = 0):
         """Past events after `after`, then new ones, until the job has ended and all were sent."""
         await asyncio.to_thread(self.get_job, job_id)
         while True:
-            changed = self._changed.setdefault(job_id, asyncio.Event())
+            changed = self.changes.current(job_id)
             events = await asyncio.to_thread(self.store.events_after, job_id, after)
             for seq, data in events:
                 event = pb.JobEvent.FromString(data)
@@ -532,8 +533,7 @@ class TrainerCore:
                 job = await asyncio.to_thread(self.store.get_job, job_id)
                 if job.state in TERMINAL and not await asyncio.to_thread(self.store.events_after, job_id, after):
                     return
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), 1.0)
+                await self.changes.wait(changed, 1.0)
 
 
 def launch_for(spec: pb.JobSpec) -> Launch:
@@ -547,7 +547,34 @@ def launch_for(spec: pb.JobSpec) -> Launch:
     )
 
 
-def staging_file(data_dir: Path) -> Path:
-    directory = data_dir / "trainer" / "staging"
-    directory.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkstemp(dir=directory, suffix=".upload")[1])
+class DatasetUpload:
+    """One dataset upload in progress: bytes into a staging file, the size limit checked as they arrive
+    (the one place it is checked), so an oversized upload stops at the limit, not at its end."""
+
+    def __init__(self, core: TrainerCore, name: str, fmt: str, project: str) -> None:
+        self.core, self.name, self.format, self.project = core, name, fmt, project
+        directory = core.data_dir / "trainer" / "staging"
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(dir=directory, suffix=".upload")
+        self.path = Path(path)
+        self._file = os.fdopen(fd, "wb")
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        limit = self.core.max_dataset_bytes
+        if self.size > limit:
+            raise ResourceExhausted(
+                f"dataset is larger than the limit of {limit / 2**20:.0f} MiB (refused after {self.size / 2**20:.1f} "
+                "MiB): split it into several datasets, or raise the trainer's --max-dataset-mb "
+                "(TUNEDOCK_TRAINER_MAX_DATASET_MB)"
+            )
+        self._file.write(data)
+
+    def finish(self) -> DatasetRow:
+        self._file.close()
+        return self.core._store_dataset(self.name, self.format, self.path, self.project)
+
+    def close(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from services.trainer.core import FORMAT_ENUM, STATE_ENUM, STATE_NAME, TrainerCore, staging_file
+from services.trainer.core import FORMAT_ENUM, STATE_ENUM, STATE_NAME, TrainerCore
 from services.trainer.store import DatasetRow, JobRecord
 from tunedock import __version__
-from tunedock.errors import InvalidArgument, ResourceExhausted
-from tunedock.refs import parse_decimal
+from tunedock.errors import InvalidArgument
 from tunedock.v1 import common_pb2, trainer_pb2_grpc
 from tunedock.v1 import trainer_pb2 as pb
 
@@ -51,15 +50,6 @@ def dataset_to_proto(row: DatasetRow) -> pb.Dataset:
     return msg
 
 
-def _page(page_size: int, token: str) -> tuple[int, int]:
-    if page_size < 0:
-        raise InvalidArgument(f"page_size must be >= 0, got {page_size}")
-    offset = parse_decimal(token) if token else 0
-    if offset is None:
-        raise InvalidArgument("page_token is not one this server issued; pass next_page_token unchanged")
-    return offset, min(page_size or 50, 1000)
-
-
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def __init__(self, core: TrainerCore) -> None:
         self.core = core
@@ -69,20 +59,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if first is None or not first.HasField("header"):
             raise InvalidArgument("the first message of an UploadDataset stream must be the header")
         fmt = FORMAT_NAME.get(first.header.format, "")
-        path = staging_file(self.core.data_dir)
+        upload = self.core.begin_upload(first.header.name, fmt, first.header.project)
         try:
-            size = 0
-            with path.open("wb") as fh:
-                async for request in request_iterator:
-                    size += len(request.data)
-                    if size > self.core.max_dataset_bytes:
-                        raise ResourceExhausted(
-                            f"dataset exceeds the limit of {self.core.max_dataset_bytes / 2**20:.0f} MiB"
-                        )
-                    fh.write(request.data)
-            row = await asyncio.to_thread(self.core.store_dataset, first.header.name, fmt, path, first.header.project)
+            async for request in request_iterator:
+                upload.write(request.data)
+            row = await asyncio.to_thread(upload.finish)
         finally:
-            path.unlink(missing_ok=True)
+            upload.close()
         return pb.UploadDatasetResponse(dataset=dataset_to_proto(row))
 
     async def GetDataset(self, request, context):
@@ -91,10 +74,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         )
 
     async def ListDatasets(self, request, context):
-        offset, limit = _page(request.page_size, request.page_token)
-        rows = await asyncio.to_thread(self.core.list_datasets, offset, limit + 1, request.project)
-        token = str(offset + limit) if len(rows) > limit else ""
-        return pb.ListDatasetsResponse(datasets=[dataset_to_proto(r) for r in rows[:limit]], next_page_token=token)
+        page = await asyncio.to_thread(self.core.list_datasets, request.page_size, request.page_token, request.project)
+        return pb.ListDatasetsResponse(
+            datasets=[dataset_to_proto(r) for r in page.items], next_page_token=page.next_token
+        )
 
     async def SubmitJob(self, request, context):
         return pb.SubmitJobResponse(job=job_to_proto(await self.core.submit(request.spec)))
@@ -103,11 +86,11 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return pb.GetJobResponse(job=job_to_proto(await asyncio.to_thread(self.core.get_job, request.id)))
 
     async def ListJobs(self, request, context):
-        offset, limit = _page(request.page_size, request.page_token)
         state = STATE_NAME.get(request.state, "") if request.state else ""
-        rows = await asyncio.to_thread(self.core.list_jobs, state, offset, limit + 1, request.project)
-        token = str(offset + limit) if len(rows) > limit else ""
-        return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in rows[:limit]], next_page_token=token)
+        page = await asyncio.to_thread(
+            self.core.list_jobs, state, request.page_size, request.page_token, request.project
+        )
+        return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in page.items], next_page_token=page.next_token)
 
     async def CancelJob(self, request, context):
         return pb.CancelJobResponse(job=job_to_proto(await self.core.cancel(request.id)))
