@@ -38,12 +38,12 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def migrate(url: str, package: str) -> None:
-    """Bring a store's schema to the newest Alembic revision of `package`'s migrations."""
+def migrate(url: str, package: str, revision: str = "head") -> None:
+    """Bring a store's schema to `revision` (the newest by default) of `package`'s Alembic migrations."""
     from alembic import command
     from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", str(resources.files(package) / "migrations"))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    command.upgrade(config, "head")
+    command.upgrade(config, revision)

@@ -1,6 +1,6 @@
-"""Flat training configuration built from a JobSpec proto, with defaults and validation.
+"""Flat training configuration built from a JobSpec, with defaults and validation.
 
-Like torchtune's config builders: the proto (nested, optional fields) becomes one flat,
+Like torchtune's config builders: the spec (nested, optional fields) becomes one flat,
 documented dataclass that the training flow reads top to bottom. Validation that needs
 no model lives in `__post_init__`; checks against the base model's config and weights
 (layer ranges, module names) live in `services.trainer.validation`.
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from services.trainer.domain import ExtractSpec, JobSpec, LoraConfig
 from tunedock.errors import InvalidArgument
 from tunedock.jobs import ADAPTER_METHODS, DEFAULTS, METHODS
-from tunedock.v1 import common_pb2, trainer_pb2
 
 
 @dataclass
@@ -140,26 +140,14 @@ class TrainConfig:
         return asdict(self)
 
 
-def _named(enum, value: int, field: str) -> str | None:
-    """A proto enum value by its name (LR_SCHEDULE_LINEAR -> "linear"); None when unset, so the default
-    applies. An unknown number (a newer client, a typo) is the caller's error."""
-    if value == 0:
-        return None
-    try:
-        name = enum.Name(value)
-    except ValueError:
-        raise InvalidArgument(f"{field}: unknown value {value}") from None
-    return name.removeprefix(enum.Name(0).removesuffix("UNSPECIFIED")).lower()
-
-
 def _given(**fields) -> dict:
-    """The fields a spec sets: proto zeros and None are left out, so TrainConfig's defaults apply."""
-    return {k: v for k, v in fields.items() if v not in (None, 0, 0.0, "", [])}
+    """The fields a spec sets: zeros, "" and None are left out, so TrainConfig's defaults apply."""
+    return {k: v for k, v in fields.items() if v not in (None, 0, 0.0, "", [], ())}
 
 
-def config_from_spec(spec: trainer_pb2.JobSpec) -> TrainConfig:
-    """The small builder: proto JobSpec -> TrainConfig (unset fields take its defaults, validated)."""
-    which = spec.method.WhichOneof("config")
+def config_from_spec(spec: JobSpec) -> TrainConfig:
+    """The small builder: a training job's JobSpec -> TrainConfig (unset fields take its defaults, validated)."""
+    which = spec.method.kind
     if which is None:
         raise InvalidArgument("method is required: set one of full, freeze, lora or qlora")
     h = spec.hyperparameters
@@ -169,7 +157,7 @@ def config_from_spec(spec: trainer_pb2.JobSpec) -> TrainConfig:
         epochs=h.epochs,
         max_steps=h.max_steps,
         learning_rate=h.learning_rate,
-        lr_schedule=_named(common_pb2.LrSchedule, h.lr_schedule, "hyperparameters.lr_schedule"),
+        lr_schedule=h.lr_schedule,
         warmup_steps=h.warmup_steps,
         batch_size=h.batch_size,
         gradient_accumulation_steps=h.gradient_accumulation_steps,
@@ -193,31 +181,29 @@ def config_from_spec(spec: trainer_pb2.JobSpec) -> TrainConfig:
         dataset_ids=list(spec.train_dataset_ids),
         eval_dataset_ids=list(spec.eval_dataset_ids),
     )
-    lora: common_pb2.LoraConfig | None = None
-    if which == "full":
-        kwargs |= _given(optimizer=_named(common_pb2.Optimizer, spec.method.full.optimizer, "full.optimizer"))
-    elif which == "freeze":
-        f = spec.method.freeze
+    lora: LoraConfig | None = None
+    m = spec.method
+    if m.full is not None:
+        kwargs |= _given(optimizer=m.full.optimizer)
+    elif m.freeze is not None:
+        f = m.freeze
         kwargs |= _given(
             trainable_layer_indices=list(f.trainable_layer_indices),
             trainable_modules=list(f.trainable_modules),
             extra_modules=list(f.extra_modules),
-            optimizer=_named(common_pb2.Optimizer, f.optimizer, "freeze.optimizer"),
+            optimizer=f.optimizer,
             publish_expanded=f.publish_expanded,
         )
         kwargs["trainable_layers"] = f.trainable_layers  # 0 is a value here (the indices decide)
-    elif which == "lora":
-        lora = spec.method.lora
-    else:
-        q = spec.method.qlora
+    elif m.lora is not None:
+        lora = m.lora
+    elif m.qlora is not None:
+        q = m.qlora
         lora = q.lora
-        kwargs |= _given(
-            quant_type=_named(common_pb2.QuantType, q.quant_type, "qlora.quant_type"),
-            compute_dtype=_named(common_pb2.Dtype, q.compute_dtype, "qlora.compute_dtype"),
-        )
-        if q.HasField("double_quant"):
+        kwargs |= _given(quant_type=q.quant_type, compute_dtype=q.compute_dtype)
+        if q.double_quant is not None:
             kwargs["double_quant"] = q.double_quant
-        if q.HasField("paged_optimizer"):
+        if q.paged_optimizer is not None:
             kwargs["paged_optimizer"] = q.paged_optimizer
     if lora is not None:
         kwargs |= _given(
@@ -225,9 +211,9 @@ def config_from_spec(spec: trainer_pb2.JobSpec) -> TrainConfig:
             lora_dropout=lora.dropout,
             target_modules=list(lora.target_modules),
             use_rslora=lora.use_rslora,
-            optimizer=_named(common_pb2.Optimizer, lora.optimizer, "lora.optimizer"),
+            optimizer=lora.optimizer,
         )
-        if lora.HasField("r"):
+        if lora.r is not None:
             kwargs["lora_r"] = lora.r
     return TrainConfig(**kwargs)
 
@@ -263,12 +249,14 @@ class ExtractOptions:
             raise InvalidArgument(f"extract.max_dropped_share must be in [0, 1), got {self.max_dropped_share}")
 
 
-def extract_options(spec: trainer_pb2.ExtractSpec) -> ExtractOptions:
-    """The small builder of an extraction: proto ExtractSpec -> ExtractOptions (zero means the default)."""
+def extract_options(spec: ExtractSpec) -> ExtractOptions:
+    """The small builder of an extraction: ExtractSpec -> ExtractOptions (zero means the default)."""
     return ExtractOptions(
-        rank=spec.rank,
-        energy=spec.energy or 0.9,
-        max_rank=spec.max_rank or 64,
-        allow_dropped=spec.allow_dropped,
-        max_dropped_share=spec.max_dropped_share or 0.05,
+        **_given(
+            rank=spec.rank,
+            energy=spec.energy,
+            max_rank=spec.max_rank,
+            allow_dropped=spec.allow_dropped,
+            max_dropped_share=spec.max_dropped_share,
+        )
     )

@@ -20,9 +20,8 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
-
-from google.protobuf import timestamp_pb2
 
 from services.common.audit import audit
 from services.common.auth import WorkerTokens, principal
@@ -33,6 +32,7 @@ from services.common.pages import Page
 from services.common.registry_answers import registry_answer
 from services.trainer.config import TrainConfig, config_from_spec, extract_options
 from services.trainer.data.records import parse_dataset
+from services.trainer.domain import JobEvent, JobSpec, State, StateEvent
 from services.trainer.executor import EXIT_PLATFORM, Executor, Launch
 from services.trainer.store import TERMINAL, DatasetRow, JobRecord, JobStore, now
 from services.trainer.validation import check_against_base, check_same_base
@@ -41,32 +41,16 @@ from tunedock.jobs import METHODS
 from tunedock.model_files import inspect_base
 from tunedock.refs import Ref, check_name
 from tunedock.tiny_model import tiny_model_path
-from tunedock.v1 import trainer_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-STATE_ENUM = {
-    "validating": pb.JOB_STATE_VALIDATING,
-    "queued": pb.JOB_STATE_QUEUED,
-    "running": pb.JOB_STATE_RUNNING,
-    "succeeded": pb.JOB_STATE_SUCCEEDED,
-    "failed": pb.JOB_STATE_FAILED,
-    "cancelled": pb.JOB_STATE_CANCELLED,
-}
-STATE_NAME = {v: k for k, v in STATE_ENUM.items()}
 MAX_PLATFORM_RETRIES = 10
 """Attempts a job may restart because our infrastructure failed it (beyond max_attempts of its own)."""
-FORMAT_ENUM = {"alpaca": pb.DATASET_FORMAT_ALPACA, "chat": pb.DATASET_FORMAT_CHAT, "text": pb.DATASET_FORMAT_TEXT}
+DATASET_FORMATS = ("alpaca", "chat", "text")
 
 
-def state_event(state: str, message: str = "") -> bytes:
-    return _event(state=pb.StateEvent(state=STATE_ENUM[state], message=message))
-
-
-def _event(**kwargs) -> bytes:
-    ts = timestamp_pb2.Timestamp()
-    ts.GetCurrentTime()
-    return pb.JobEvent(time=ts, **kwargs).SerializeToString()
+def state_event(state: State, message: str = "") -> JobEvent:
+    return JobEvent(time=now(), state=StateEvent(state=state, message=message))
 
 
 class TrainerCore:
@@ -155,8 +139,7 @@ class TrainerCore:
         return self.store.list_jobs(state, page_size, page_token, principal().readable_projects(project))
 
     def dataset_bytes(self, job_id: str, dataset_id: str):
-        job = self.get_job(job_id)
-        spec = pb.JobSpec.FromString(job.spec)
+        spec = self.get_job(job_id).spec
         if dataset_id not in (*spec.train_dataset_ids, *spec.eval_dataset_ids):
             raise NotFound(f"dataset {dataset_id!r} is not used by job {job_id}")
         row = self.store.get_dataset(dataset_id)
@@ -179,19 +162,20 @@ class TrainerCore:
                 raise FailedPrecondition(f"could not build the default base model: {done.stderr.strip()[-500:]}")
         return str(path)
 
-    def validate(self, spec: pb.JobSpec) -> TrainConfig | None:
-        spec.project = principal().project_for_write(spec.project)
-        if spec.merge_adapter and spec.HasField("extract"):
+    def validate(self, spec: JobSpec) -> tuple[JobSpec, TrainConfig | None]:
+        """The spec as it will run (project, default base, extraction defaults filled in) and, for a
+        training job, its TrainConfig; refuses what would fail, saying what to fix."""
+        spec = spec.model_copy(update={"project": principal().project_for_write(spec.project)})
+        if spec.merge_adapter and spec.extract is not None:
             raise InvalidArgument("a job either merges (merge_adapter) or extracts (extract), not both")
         if spec.merge_adapter:
             self._validate_merge(spec)
-            return None
-        if spec.HasField("extract"):
-            self._validate_extract(spec)
-            return None
+            return spec, None
+        if spec.extract is not None:
+            return self._validate_extract(spec), None
         defaulted = not spec.base_model
         if defaulted:
-            spec.base_model = self.default_base(build=True)
+            spec = spec.model_copy(update={"base_model": self.default_base(build=True)})
         cfg = config_from_spec(spec)
         if not spec.output_name:
             raise InvalidArgument("output_name is required: the registry name the result is published under")
@@ -211,7 +195,7 @@ class TrainerCore:
                 "this trainer runs workers locally: use processes_per_node for several processes on this node"
             )
         if cfg.base_model.startswith("registry://"):
-            return cfg  # resolved and downloaded by the worker
+            return spec, cfg  # resolved and downloaded by the worker
         base = resolve_local_base(cfg.base_model)
         if base is None:
             whose = " (this trainer's default base: set --default-base-model on the trainer, or base_model)"
@@ -221,9 +205,9 @@ class TrainerCore:
                 "artifact"
             )
         check_against_base(cfg, inspect_base(base))
-        return cfg
+        return spec, cfg
 
-    def _validate_merge(self, spec: pb.JobSpec) -> None:
+    def _validate_merge(self, spec: JobSpec) -> None:
         from tunedock.v1 import adapter_registry_pb2
 
         if not spec.output_name:
@@ -253,7 +237,7 @@ class TrainerCore:
             raise NotFound(f"{field} {ref!r}: artifact {Ref.parse(ref).name!r} not found")
         return version
 
-    def _validate_extract(self, spec: pb.JobSpec) -> None:
+    def _validate_extract(self, spec: JobSpec) -> JobSpec:
         """An extraction: its source is a Full or Freeze result of a base this trainer can reach; knobs in range.
 
         Filled in here so the stored spec says what ran: max_rank (this trainer's max_lora_rank when
@@ -264,6 +248,7 @@ class TrainerCore:
         from tunedock.v1 import adapter_registry_pb2
 
         x = spec.extract
+        assert x is not None
         if not spec.output_name:
             raise InvalidArgument("output_name is required: the registry name the extracted adapter is published under")
         check_name(spec.output_name)
@@ -274,7 +259,8 @@ class TrainerCore:
                 f"extract.max_rank {x.max_rank} is above {self.max_lora_rank}, the inference replicas' max_lora_rank "
                 "(trainer setting max_lora_rank): such an adapter could not be served; raise max_lora_rank on both"
             )
-        x.max_rank = x.max_rank or self.max_lora_rank
+        x = x.model_copy(update={"max_rank": x.max_rank or self.max_lora_rank})
+        spec = spec.model_copy(update={"extract": x})
         extract_options(x)  # range checks, with messages naming the field
         version = self._source_version(x.source, "extract.source")
         kinds = (adapter_registry_pb2.ARTIFACT_KIND_MODEL, adapter_registry_pb2.ARTIFACT_KIND_DELTA)
@@ -306,34 +292,31 @@ class TrainerCore:
             if self.get_dataset(dataset_id).project != spec.project:
                 raise FailedPrecondition(f"dataset {dataset_id!r} belongs to another project than the job's")
         if not spec.eval_dataset_ids and version.lineage.job_id:
-            self._copy_eval_data(spec, version.lineage.job_id)
+            spec = self._with_eval_data(spec, version.lineage.job_id)
+        return spec
 
-    def _copy_eval_data(self, spec: pb.JobSpec, source_job_id: str) -> None:
+    def _with_eval_data(self, spec: JobSpec, source_job_id: str) -> JobSpec:
+        """`spec` measuring fidelity on the source job's held-out data (its eval sets, or its split)."""
         try:
             source = self.store.get_job(source_job_id)
         except NotFound:
-            return  # trained elsewhere: fidelity is measured on built-in prompts
+            return spec  # trained elsewhere: fidelity is measured on built-in prompts
         if source.project != spec.project:
-            return
-        trained = pb.JobSpec.FromString(source.spec)
-        spec.eval_dataset_ids[:] = trained.eval_dataset_ids
+            return spec
+        trained = source.spec
+        update: dict = {"eval_dataset_ids": trained.eval_dataset_ids}
+        hyper: dict = {"max_seq_length": spec.hyperparameters.max_seq_length or trained.hyperparameters.max_seq_length}
         if not trained.eval_dataset_ids and trained.validation_split:
-            spec.train_dataset_ids[:] = trained.train_dataset_ids
-            spec.validation_split = trained.validation_split
-            spec.hyperparameters.seed = trained.hyperparameters.seed
-        spec.hyperparameters.max_seq_length = (
-            spec.hyperparameters.max_seq_length or trained.hyperparameters.max_seq_length
-        )
+            update |= {"train_dataset_ids": trained.train_dataset_ids, "validation_split": trained.validation_split}
+            hyper["seed"] = trained.hyperparameters.seed
+        return spec.model_copy(update=update | {"hyperparameters": spec.hyperparameters.model_copy(update=hyper)})
 
-    async def submit(self, spec: pb.JobSpec) -> JobRecord:
-        named_base = bool(spec.base_model)
-        await asyncio.to_thread(self.validate, spec)  # fills in the default base of a training job
-        defaulted = not named_base and bool(spec.base_model)
+    async def submit(self, requested: JobSpec) -> JobRecord:
+        spec, _ = await asyncio.to_thread(self.validate, requested)  # fills in the default base of a training job
+        defaulted = not requested.base_model and bool(spec.base_model) and spec.kind == "train"
         job_id = f"job-{uuid.uuid4().hex[:12]}"
         note = f"no base_model given: training on this trainer's default base {spec.base_model}" if defaulted else ""
-        job = await asyncio.to_thread(
-            self.store.add_job, job_id, spec.SerializeToString(), state_event("queued", note), spec.project
-        )
+        job = await asyncio.to_thread(self.store.add_job, job_id, spec, state_event("queued", note), spec.project)
         audit("trainer.submit", job_id, spec.project, output_name=spec.output_name)
         log.info("job %s queued", job_id, extra={"job_id": job_id, "output": spec.output_name})
         self._notify(job_id)
@@ -349,7 +332,7 @@ class TrainerCore:
             "default_base_model": self.default_base(),
             "base_model_sources": ["local-path", "hub-cache", "registry"],
             "methods": list(METHODS),
-            "dataset_formats": list(FORMAT_ENUM),
+            "dataset_formats": list(DATASET_FORMATS),
             "executor": getattr(self.executor, "kind", ""),
             "device": getattr(self.executor, "device", "cpu"),
             "gpu_count": gpu_count,
@@ -368,7 +351,7 @@ class TrainerCore:
             running = await asyncio.to_thread(self.store.count_state, "running")
             queued = await asyncio.to_thread(self.store.jobs_in_state, "queued")
             for job in queued[: max(0, self.max_concurrent - running)]:
-                if not self.executor.can_start(launch_for(pb.JobSpec.FromString(job.spec))):
+                if not self.executor.can_start(launch_for(job.spec)):
                     break  # oldest first: a job waiting for GPUs is not overtaken by smaller ones
                 attempt = job.attempt + 1
                 message = "started" if attempt == 1 else f"attempt {attempt}: resuming from the last checkpoint"
@@ -384,7 +367,7 @@ class TrainerCore:
                 await self.executor.start(job.id, attempt, self._launch(job, attempt))
 
     def _launch(self, job: JobRecord, attempt: int) -> Launch:
-        spec = pb.JobSpec.FromString(job.spec)
+        spec = job.spec
         launch = launch_for(spec)
         if self.worker_tokens is None:
             return launch
@@ -484,26 +467,24 @@ class TrainerCore:
         job = await asyncio.to_thread(self._live_attempt, job_id, attempt)
         return job.state == "cancelled"
 
-    async def report(self, job_id: str, attempt: int, event: pb.JobEvent) -> bool:
+    async def report(self, job_id: str, attempt: int, event: JobEvent) -> bool:
         """Record a worker's event; returns whether the worker should stop."""
         job = await asyncio.to_thread(self._live_attempt, job_id, attempt)
         if job.state == "cancelled":
             return True
         fields: dict = {}
-        kind = event.WhichOneof("event")
-        if kind == "progress":
+        if event.progress is not None:
             fields.update(step=event.progress.step, total_steps=event.progress.total_steps)
-        elif kind == "published":
-            fields.update(output_ref=event.published.ref, metrics={m.name: m.value for m in event.published.metrics})
-        elif kind == "state":
-            state = STATE_NAME.get(event.state.state)
+        elif event.published is not None:
+            fields.update(output_ref=event.published.ref, metrics=dict(event.published.metrics))
+        elif event.state is not None:
+            state = event.state.state
             if state not in ("succeeded", "failed"):
                 raise InvalidArgument("workers may only report the states succeeded or failed")
             fields.update(state=state, ended_at=now())
             if state == "failed":
                 fields["error"] = event.state.message
-        event.ClearField("sequence")
-        await asyncio.to_thread(self.store.update, job_id, [event.SerializeToString()], **fields)
+        await asyncio.to_thread(self.store.update, job_id, [event], **fields)
         self._notify(job_id)
         return False
 
@@ -518,17 +499,15 @@ class TrainerCore:
     def _notify(self, job_id: str) -> None:
         self.changes.notify(job_id)
 
-    async def watch(self, job_id: str, after: int = 0):
+    async def watch(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent]:
         """Past events after `after`, then new ones, until the job has ended and all were sent."""
         await asyncio.to_thread(self.get_job, job_id)
         while True:
             changed = self.changes.current(job_id)
             events = await asyncio.to_thread(self.store.events_after, job_id, after)
-            for seq, data in events:
-                event = pb.JobEvent.FromString(data)
-                event.sequence = seq
+            for event in events:
                 yield event
-                after = seq
+                after = event.sequence
             if not events:
                 job = await asyncio.to_thread(self.store.get_job, job_id)
                 if job.state in TERMINAL and not await asyncio.to_thread(self.store.events_after, job_id, after):
@@ -536,15 +515,11 @@ class TrainerCore:
                 await self.changes.wait(changed, 1.0)
 
 
-def launch_for(spec: pb.JobSpec) -> Launch:
-    if spec.merge_adapter:
-        return Launch(method="merge")
-    if spec.HasField("extract"):
-        return Launch(method="extract")
+def launch_for(spec: JobSpec) -> Launch:
+    if spec.kind != "train":
+        return Launch(method=spec.kind)
     h = spec.hyperparameters
-    return Launch(
-        method=spec.method.WhichOneof("config") or "", processes_per_node=h.processes_per_node or 1, nodes=h.nodes or 1
-    )
+    return Launch(method=spec.method.kind or "", processes_per_node=h.processes_per_node or 1, nodes=h.nodes or 1)
 
 
 class DatasetUpload:

@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from typing import cast
 
-from services.trainer.core import FORMAT_ENUM, STATE_ENUM, STATE_NAME, TrainerCore
+from grpc import aio
+
+from services.common.protoconv import enum_name, enum_number, from_proto, to_proto
+from services.trainer.core import TrainerCore
+from services.trainer.domain import JobEvent, JobSpec
 from services.trainer.store import DatasetRow, JobRecord
 from tunedock import __version__
 from tunedock.errors import InvalidArgument
 from tunedock.v1 import common_pb2, trainer_pb2_grpc
 from tunedock.v1 import trainer_pb2 as pb
 
-FORMAT_NAME = {v: k for k, v in FORMAT_ENUM.items()}
+STATES = pb.JobState.DESCRIPTOR
+FORMATS = pb.DatasetFormat.DESCRIPTOR
 
 
 def job_to_proto(job: JobRecord) -> pb.Job:
     msg = pb.Job(
         id=job.id,
-        spec=pb.JobSpec.FromString(job.spec),
-        state=STATE_ENUM[job.state],
+        spec=to_proto(job.spec, pb.JobSpec()),
+        state=cast(pb.JobState, enum_number(STATES, job.state)),
         error=job.error,
         step=job.step,
         total_steps=job.total_steps,
@@ -39,7 +46,7 @@ def dataset_to_proto(row: DatasetRow) -> pb.Dataset:
     msg = pb.Dataset(
         id=row.id,
         name=row.name,
-        format=FORMAT_ENUM[row.format],
+        format=cast(pb.DatasetFormat, enum_number(FORMATS, row.format)),
         num_records=row.num_records,
         size=row.size,
         sha256=row.sha256,
@@ -54,11 +61,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def __init__(self, core: TrainerCore) -> None:
         self.core = core
 
-    async def UploadDataset(self, request_iterator, context):
+    async def UploadDataset(
+        self, request_iterator: AsyncIterator[pb.UploadDatasetRequest], context: aio.ServicerContext
+    ) -> pb.UploadDatasetResponse:
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("header"):
             raise InvalidArgument("the first message of an UploadDataset stream must be the header")
-        fmt = FORMAT_NAME.get(first.header.format, "")
+        fmt = enum_name(FORMATS, first.header.format, "header.format")
         upload = self.core.begin_upload(first.header.name, fmt, first.header.project)
         try:
             async for request in request_iterator:
@@ -68,38 +77,45 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             upload.close()
         return pb.UploadDatasetResponse(dataset=dataset_to_proto(row))
 
-    async def GetDataset(self, request, context):
+    async def GetDataset(self, request: pb.GetDatasetRequest, context: aio.ServicerContext) -> pb.GetDatasetResponse:
         return pb.GetDatasetResponse(
             dataset=dataset_to_proto(await asyncio.to_thread(self.core.get_dataset, request.id))
         )
 
-    async def ListDatasets(self, request, context):
+    async def ListDatasets(
+        self, request: pb.ListDatasetsRequest, context: aio.ServicerContext
+    ) -> pb.ListDatasetsResponse:
         page = await asyncio.to_thread(self.core.list_datasets, request.page_size, request.page_token, request.project)
         return pb.ListDatasetsResponse(
             datasets=[dataset_to_proto(r) for r in page.items], next_page_token=page.next_token
         )
 
-    async def SubmitJob(self, request, context):
-        return pb.SubmitJobResponse(job=job_to_proto(await self.core.submit(request.spec)))
+    async def SubmitJob(self, request: pb.SubmitJobRequest, context: aio.ServicerContext) -> pb.SubmitJobResponse:
+        job = await self.core.submit(from_proto(JobSpec, request.spec, "spec."))
+        return pb.SubmitJobResponse(job=job_to_proto(job))
 
-    async def GetJob(self, request, context):
+    async def GetJob(self, request: pb.GetJobRequest, context: aio.ServicerContext) -> pb.GetJobResponse:
         return pb.GetJobResponse(job=job_to_proto(await asyncio.to_thread(self.core.get_job, request.id)))
 
-    async def ListJobs(self, request, context):
-        state = STATE_NAME.get(request.state, "") if request.state else ""
+    async def ListJobs(self, request: pb.ListJobsRequest, context: aio.ServicerContext) -> pb.ListJobsResponse:
+        state = enum_name(STATES, request.state, "state")
         page = await asyncio.to_thread(
             self.core.list_jobs, state, request.page_size, request.page_token, request.project
         )
         return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in page.items], next_page_token=page.next_token)
 
-    async def CancelJob(self, request, context):
+    async def CancelJob(self, request: pb.CancelJobRequest, context: aio.ServicerContext) -> pb.CancelJobResponse:
         return pb.CancelJobResponse(job=job_to_proto(await self.core.cancel(request.id)))
 
-    async def WatchJob(self, request, context):
+    async def WatchJob(
+        self, request: pb.WatchJobRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchJobResponse]:
         async for event in self.core.watch(request.id, request.after_sequence):
-            yield pb.WatchJobResponse(event=event)
+            yield pb.WatchJobResponse(event=to_proto(event, pb.JobEvent()))
 
-    async def GetTrainerInfo(self, request, context):
+    async def GetTrainerInfo(
+        self, request: pb.GetTrainerInfoRequest, context: aio.ServicerContext
+    ) -> pb.GetTrainerInfoResponse:
         return pb.GetTrainerInfoResponse(version=__version__, **self.core.info())
 
 
@@ -107,20 +123,25 @@ class TrainerWorkerServicer(trainer_pb2_grpc.TrainerWorkerServiceServicer):
     def __init__(self, core: TrainerCore) -> None:
         self.core = core
 
-    async def GetAssignment(self, request, context):
+    async def GetAssignment(
+        self, request: pb.GetAssignmentRequest, context: aio.ServicerContext
+    ) -> pb.GetAssignmentResponse:
         job, checkpoint_dir = await asyncio.to_thread(self.core.assignment, request.job_id)
         return pb.GetAssignmentResponse(
             job=job_to_proto(job), checkpoint_dir=str(checkpoint_dir), registry_address=self.core.registry_address
         )
 
-    async def Heartbeat(self, request, context):
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: aio.ServicerContext) -> pb.HeartbeatResponse:
         return pb.HeartbeatResponse(cancel_requested=await self.core.heartbeat(request.job_id, request.attempt))
 
-    async def ReportEvent(self, request, context):
-        stop = await self.core.report(request.job_id, request.attempt, request.event)
+    async def ReportEvent(self, request: pb.ReportEventRequest, context: aio.ServicerContext) -> pb.ReportEventResponse:
+        event = from_proto(JobEvent, request.event, "event.").model_copy(update={"sequence": 0})
+        stop = await self.core.report(request.job_id, request.attempt, event)
         return pb.ReportEventResponse(cancel_requested=stop)
 
-    async def DownloadDataset(self, request, context):
+    async def DownloadDataset(
+        self, request: pb.DownloadDatasetRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.DownloadDatasetResponse]:
         chunks = await asyncio.to_thread(self.core.dataset_bytes, request.job_id, request.dataset_id)
         while (data := await asyncio.to_thread(next, chunks, None)) is not None:
             yield pb.DownloadDatasetResponse(data=data)

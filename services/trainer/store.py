@@ -1,7 +1,7 @@
 """Trainer persistence: datasets, jobs and their event logs (SQLite by default, PostgreSQL too).
 
-Job specs and events are stored as serialized protos: they are the contract workers and
-clients speak, and storing them whole means a watcher replays exactly what was reported.
+Job specs and events are the trainer's domain models (services/trainer/domain.py), stored as
+their JSON: the store owns its schema, and a watcher replays exactly what was reported.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, Boolean, DateTime, Integer, LargeBinary, String, Text, and_, func, or_, select
+from sqlalchemy import JSON, Boolean, DateTime, Integer, String, Text, and_, func, or_, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from services.common.db import migrate, open_engine
 from services.common.pages import Page, bad_token, decode_token, encode_token, page_size
+from services.trainer.domain import JobEvent, JobSpec
 from tunedock.errors import NotFound, Unavailable
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -43,7 +44,8 @@ class DatasetRow(Base):
 class JobRow(Base):
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    spec: Mapped[bytes] = mapped_column(LargeBinary)
+    spec: Mapped[dict] = mapped_column(JSON)
+    """The JobSpec model's JSON."""
     state: Mapped[str] = mapped_column(String(16), index=True)
     error: Mapped[str] = mapped_column(Text, default="")
     step: Mapped[int] = mapped_column(Integer, default=0)
@@ -66,13 +68,14 @@ class JobEventRow(Base):
     __tablename__ = "job_events"
     job_id: Mapped[str] = mapped_column(String(40), primary_key=True)
     seq: Mapped[int] = mapped_column(Integer, primary_key=True)
-    data: Mapped[bytes] = mapped_column(LargeBinary)
+    event: Mapped[dict] = mapped_column(JSON)
+    """The JobEvent model's JSON (its sequence is `seq`)."""
 
 
 @dataclass
 class JobRecord:
     id: str
-    spec: bytes
+    spec: JobSpec
     state: str
     error: str
     step: int
@@ -107,7 +110,7 @@ def _aware_required(value: datetime) -> datetime:
 def _record(row: JobRow) -> JobRecord:
     return JobRecord(
         row.id,
-        row.spec,
+        JobSpec.model_validate(row.spec),
         row.state,
         row.error,
         row.step,
@@ -190,13 +193,19 @@ class JobStore:
             return _keyset(s, query, DatasetRow, page_size, page_token, lambda row: row)
 
     # jobs
-    def add_job(self, job_id: str, spec: bytes, event: bytes, project: str = "default") -> JobRecord:
+    def add_job(self, job_id: str, spec: JobSpec, event: JobEvent, project: str = "default") -> JobRecord:
         with self._write() as s:
             row = JobRow(
-                id=job_id, spec=spec, state="queued", created_at=now(), metrics={}, last_seq=1, project=project
+                id=job_id,
+                spec=spec.model_dump(mode="json"),
+                state="queued",
+                created_at=now(),
+                metrics={},
+                last_seq=1,
+                project=project,
             )
             s.add(row)
-            s.add(JobEventRow(job_id=job_id, seq=1, data=event))
+            s.add(JobEventRow(job_id=job_id, seq=1, event=_event_json(event)))
             return _record(row)
 
     def get_job(self, job_id: str) -> JobRecord:
@@ -227,7 +236,7 @@ class JobStore:
         with self._sessions() as s:
             return s.scalar(select(func.count()).select_from(JobRow).where(JobRow.state == state)) or 0
 
-    def update(self, job_id: str, event_bytes: list[bytes] | None = None, **fields) -> tuple[JobRecord, list[int]]:
+    def update(self, job_id: str, events: list[JobEvent] | None = None, **fields) -> tuple[JobRecord, list[int]]:
         """Set fields and append events (sequence numbers assigned here) in one transaction."""
         with self._write() as s:
             row = s.get(JobRow, job_id)
@@ -236,13 +245,21 @@ class JobStore:
             for key, value in fields.items():
                 setattr(row, key, value)
             seqs = []
-            for data in event_bytes or []:
+            for event in events or []:
                 row.last_seq += 1
-                s.add(JobEventRow(job_id=job_id, seq=row.last_seq, data=data))
+                s.add(JobEventRow(job_id=job_id, seq=row.last_seq, event=_event_json(event)))
                 seqs.append(row.last_seq)
             return _record(row), seqs
 
-    def events_after(self, job_id: str, after: int) -> list[tuple[int, bytes]]:
+    def events_after(self, job_id: str, after: int) -> list[JobEvent]:
+        """The job's events after sequence `after`, in order, each with its sequence."""
         with self._sessions() as s:
             query = select(JobEventRow).where(JobEventRow.job_id == job_id, JobEventRow.seq > after)
-            return [(e.seq, e.data) for e in s.scalars(query.order_by(JobEventRow.seq))]
+            return [
+                JobEvent.model_validate({**e.event, "sequence": e.seq})
+                for e in s.scalars(query.order_by(JobEventRow.seq))
+            ]
+
+
+def _event_json(event: JobEvent) -> dict:
+    return event.model_dump(mode="json", exclude_none=True, exclude={"sequence"})

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import pytest
 
+from services.common.protoconv import from_proto
 from services.trainer.config import config_from_spec
+from services.trainer.domain import JobSpec
 from tunedock.errors import InvalidArgument
 from tunedock.jobs import DEFAULTS
 from tunedock.v1 import common_pb2
 from tunedock.v1 import trainer_pb2 as pb
 
 
-def _spec(method: common_pb2.MethodConfig, **hyper) -> pb.JobSpec:
+def _spec(method: common_pb2.MethodConfig, **hyper) -> JobSpec:
+    """The domain spec a gRPC client's proto becomes (the servicer's conversion)."""
+    return from_proto(JobSpec, _proto(method, **hyper))
+
+
+def _proto(method: common_pb2.MethodConfig, **hyper) -> pb.JobSpec:
     return pb.JobSpec(
         base_model="/m",
         output_name="x",
@@ -67,6 +74,35 @@ def test_enums_are_read_by_name():
 
 
 def test_an_unknown_enum_number_is_refused_naming_the_field():
-    spec = _spec(common_pb2.MethodConfig(lora=common_pb2.LoraConfig(optimizer=99)))
-    with pytest.raises(InvalidArgument, match=r"lora.optimizer: unknown value 99"):
-        config_from_spec(spec)
+    with pytest.raises(InvalidArgument, match=r"spec.method.lora.optimizer: unknown value 99"):
+        from_proto(JobSpec, _proto(common_pb2.MethodConfig(lora=common_pb2.LoraConfig(optimizer=99))), "spec.")
+
+
+def test_specs_and_events_round_trip_through_the_wire_types_unchanged():
+    from services.common.protoconv import to_proto
+    from services.trainer.domain import JobEvent
+
+    specs = [
+        _proto(
+            common_pb2.MethodConfig(
+                qlora=common_pb2.QLoraConfig(
+                    lora=common_pb2.LoraConfig(r=0, target_modules=["q_proj"]), double_quant=False
+                )
+            ),
+            seed=7,
+            lr_schedule=common_pb2.LR_SCHEDULE_CONSTANT,
+        ),
+        pb.JobSpec(output_name="x", extract=pb.ExtractSpec()),  # an empty extract is still an extraction
+        pb.JobSpec(output_name="m", merge_adapter="a:1", labels=[common_pb2.Label(key="k", value="v")]),
+    ]
+    for proto in specs:
+        domain = from_proto(JobSpec, proto)
+        assert to_proto(domain, pb.JobSpec()) == proto
+        assert JobSpec.model_validate_json(domain.model_dump_json()) == domain  # as the store keeps it
+    assert from_proto(JobSpec, specs[0]).method.qlora.lora.r == 0  # set to 0 is not unset
+    assert from_proto(JobSpec, specs[1]).kind == "extract" and from_proto(JobSpec, specs[2]).kind == "merge"
+    event = pb.JobEvent(
+        sequence=4, published=pb.PublishedEvent(ref="a:1", metrics=[common_pb2.Metric(name="l", value=0.5)])
+    )
+    event.time.GetCurrentTime()
+    assert to_proto(from_proto(JobEvent, event), pb.JobEvent()) == event

@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 
 from services.trainer.core import state_event
+from services.trainer.domain import JobEvent, JobSpec, ProgressEvent
 from services.trainer.store import JobStore
 from tests.postgres import postgres_database
 from tunedock.errors import NotFound
+from tunedock.v1 import common_pb2
+from tunedock.v1 import trainer_pb2 as pb
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -22,15 +25,17 @@ def url(request, tmp_path):
 
 def test_jobs_and_events_persist_across_reopen(url):
     store = JobStore(url)
-    store.add_job("job-1", b"spec", state_event("queued"))
-    store.add_job("job-2", b"spec2", state_event("queued"))
-    job, seqs = store.update("job-1", [state_event("running"), b"progress"], state="running", attempt=1, step=3)
+    store.add_job("job-1", JobSpec(), state_event("queued"))
+    store.add_job("job-2", JobSpec(output_name="two"), state_event("queued"))
+    progress = JobEvent(progress=ProgressEvent(step=3, total_steps=10, loss=1.5))
+    job, seqs = store.update("job-1", [state_event("running"), progress], state="running", attempt=1, step=3)
     assert seqs == [2, 3] and job.state == "running"
     store.close()
     reopened = JobStore(url)
     assert reopened.get_job("job-1").step == 3 and reopened.get_job("job-1").attempt == 1
-    assert [seq for seq, _ in reopened.events_after("job-1", 0)] == [1, 2, 3]
-    assert [data for _, data in reopened.events_after("job-1", 2)] == [b"progress"]
+    assert [e.sequence for e in reopened.events_after("job-1", 0)] == [1, 2, 3]
+    assert reopened.events_after("job-1", 2) == [progress.model_copy(update={"sequence": 3})]
+    assert reopened.get_job("job-2").spec == JobSpec(output_name="two")
     assert [j.id for j in reopened.jobs_in_state("queued")] == ["job-2"]
     assert reopened.count_state("running") == 1
     assert [j.id for j in reopened.list_jobs("", 10).items] == ["job-2", "job-1"]
@@ -67,12 +72,13 @@ def test_a_store_from_before_projects_gains_the_column(url):
                 "INSERT INTO jobs VALUES ('job-old', :spec, 'succeeded', '', 1, 1, 1, 'x:1', '{}', false, "
                 "CURRENT_TIMESTAMP, NULL, NULL, 0)"
             ),
-            {"spec": b"spec"},
+            {"spec": pb.JobSpec(output_name="old").SerializeToString()},
         )
     engine.dispose()
     store = JobStore(url)
     assert store.get_job("job-old").project == "default"
-    store.add_job("job-new", b"spec", state_event("queued"), project="team-a")
+    assert store.get_job("job-old").spec == JobSpec(output_name="old")
+    store.add_job("job-new", JobSpec(), state_event("queued"), project="team-a")
     assert [j.id for j in store.list_jobs("", 10, "", {"team-a"}).items] == ["job-new"]
     store.close()
 
@@ -82,10 +88,10 @@ def test_lists_page_by_keyset_so_new_items_neither_repeat_nor_vanish(url):
 
     store = JobStore(url)
     for i in range(5):
-        store.add_job(f"job-{i}", b"spec", state_event("queued"))
+        store.add_job(f"job-{i}", JobSpec(), state_event("queued"))
     first = store.list_jobs("", 2)
     assert [j.id for j in first.items] == ["job-4", "job-3"] and first.next_token
-    store.add_job("job-new", b"spec", state_event("queued"))  # lands before the first page: not seen below
+    store.add_job("job-new", JobSpec(), state_event("queued"))  # lands before the first page: not seen below
     second = store.list_jobs("", 2, first.next_token)
     third = store.list_jobs("", 2, second.next_token)
     assert [j.id for j in second.items + third.items] == ["job-2", "job-1", "job-0"] and third.next_token == ""
@@ -93,4 +99,58 @@ def test_lists_page_by_keyset_so_new_items_neither_repeat_nor_vanish(url):
     for token in ("not-a-token", "cDE6"):  # garbage; a token without an item
         with pytest.raises(InvalidArgument, match="pass next_page_token unchanged"):
             store.list_jobs("", 2, token)
+    store.close()
+
+
+def test_jobs_stored_as_protos_by_the_previous_schema_are_converted(url):
+    """Revision 0004 turns the serialized JobSpec and JobEvent rows of a 0003 store into the domain's JSON."""
+    from sqlalchemy import text
+
+    from services.common.db import migrate, open_engine
+
+    migrate(url, "services.trainer", "0003")
+    spec = pb.JobSpec(
+        base_model="/models/qwen",
+        output_name="old-lora",
+        train_dataset_ids=["ds-1"],
+        method=common_pb2.MethodConfig(lora=common_pb2.LoraConfig(r=4, optimizer=common_pb2.OPTIMIZER_ADAMW_8BIT)),
+        hyperparameters=pb.Hyperparameters(max_steps=20, seed=3),
+        labels=[common_pb2.Label(key="team", value="a")],
+    )
+    events = [
+        pb.JobEvent(state=pb.StateEvent(state=pb.JOB_STATE_QUEUED, message="")),
+        pb.JobEvent(progress=pb.ProgressEvent(step=5, total_steps=20, loss=1.25)),
+        pb.JobEvent(
+            published=pb.PublishedEvent(ref="old-lora:1", metrics=[common_pb2.Metric(name="eval_loss", value=0.5)])
+        ),
+    ]
+    for event in events:
+        event.time.FromSeconds(1_700_000_000)
+    engine = open_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO jobs (id, spec, state, error, step, total_steps, attempt, output_ref, metrics, "
+                "cancel_requested, created_at, last_seq, project, failures) VALUES ('job-old', :spec, 'succeeded', "
+                "'', 20, 20, 1, 'old-lora:1', '{}', false, CURRENT_TIMESTAMP, 3, 'team-a', 0)"
+            ),
+            {"spec": spec.SerializeToString()},
+        )
+        for seq, event in enumerate(events, 1):
+            conn.execute(
+                text("INSERT INTO job_events (job_id, seq, data) VALUES ('job-old', :seq, :data)"),
+                {"seq": seq, "data": event.SerializeToString()},
+            )
+    engine.dispose()
+    from services.common.protoconv import to_proto
+
+    store = JobStore(url)  # migrates to the newest revision
+    job = store.get_job("job-old")
+    assert to_proto(job.spec, pb.JobSpec()) == spec
+    assert job.spec.method.lora.optimizer == "adamw_8bit" and job.spec.labels == {"team": "a"}
+    replayed = store.events_after("job-old", 0)
+    assert [e.sequence for e in replayed] == [1, 2, 3]
+    for seq, (old, new) in enumerate(zip(events, replayed, strict=True), 1):
+        old.sequence = seq
+        assert to_proto(new, pb.JobEvent()) == old
     store.close()

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from google.protobuf import duration_pb2
 
+from services.common.protoconv import from_proto
 from services.trainer.config import extract_options
+from services.trainer.domain import ExtractSpec
 from services.trainer.validation import check_same_base
 from services.trainer.worker.attempt import (
     Reporter,
@@ -43,7 +45,7 @@ def run_extract(job: trainer_pb2.Job, assignment, reporter: Reporter, work: Path
 
     spec = job.spec
     x = spec.extract
-    options = extract_options(x)
+    options = extract_options(from_proto(ExtractSpec, x))
     registry_address = assignment.registry_address
     started = time.time()
     with RegistryClient(registry_address, timeout=600) as registry:

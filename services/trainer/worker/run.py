@@ -33,7 +33,9 @@ from pathlib import Path
 
 from google.protobuf import struct_pb2
 
+from services.common.protoconv import from_proto
 from services.trainer.config import TrainConfig, config_from_spec
+from services.trainer.domain import JobSpec
 from services.trainer.executor import EXIT_PLATFORM
 from services.trainer.worker.attempt import (
     AttemptSuperseded,
@@ -173,7 +175,7 @@ def run(job_id: str, attempt: int, trainer: str) -> int:
 def run_training(job, assignment, reporter: Reporter, dist, work: Path) -> int:
     from services.trainer.worker.training.recipe import RunContext, train
 
-    cfg = config_from_spec(job.spec)
+    cfg = config_from_spec(from_proto(JobSpec, job.spec))
     checkpoints = Path(assignment.checkpoint_dir)
     final = checkpoints / "final"
     kept = kept_output(final)
