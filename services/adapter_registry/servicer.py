@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 
 from google.protobuf import json_format
+from grpc import aio
 
 from services.adapter_registry.core import ManifestIn, Registry
 from services.adapter_registry.domain import Artifact, Event, Version
@@ -95,7 +97,9 @@ class AdapterRegistryServicer(adapter_registry_pb2_grpc.AdapterRegistryServiceSe
         self.registry = registry
         self.info = info or {}
 
-    async def Publish(self, request_iterator, context):
+    async def Publish(
+        self, request_iterator: AsyncIterator[pb.PublishRequest], context: aio.ServicerContext
+    ) -> pb.PublishResponse:
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("manifest"):
             raise InvalidArgument("the first message of a Publish stream must be the manifest")
@@ -133,17 +137,19 @@ class AdapterRegistryServicer(adapter_registry_pb2_grpc.AdapterRegistryServiceSe
             )
         return pb.PublishResponse(version=version_to_proto(version), deduplicated=not created)
 
-    async def GetVersion(self, request, context):
+    async def GetVersion(self, request: pb.GetVersionRequest, context: aio.ServicerContext) -> pb.GetVersionResponse:
         version = await asyncio.to_thread(self.registry.resolve, request.ref)
         return pb.GetVersionResponse(version=version_to_proto(version))
 
-    async def Resolve(self, request, context):
+    async def Resolve(self, request: pb.ResolveRequest, context: aio.ServicerContext) -> pb.ResolveResponse:
         v = await asyncio.to_thread(self.registry.resolve, request.ref)
         return pb.ResolveResponse(
             name=v.name, version=v.version, content_sha256=v.content_sha256, kind=KIND_ENUMS[v.kind], project=v.project
         )
 
-    async def ListArtifacts(self, request, context):
+    async def ListArtifacts(
+        self, request: pb.ListArtifactsRequest, context: aio.ServicerContext
+    ) -> pb.ListArtifactsResponse:
         kind = KIND_NAMES.get(request.kind, "") if request.kind else ""
         if request.kind and not kind:
             raise InvalidArgument(f"unknown artifact kind {request.kind}")
@@ -160,36 +166,44 @@ class AdapterRegistryServicer(adapter_registry_pb2_grpc.AdapterRegistryServiceSe
             artifacts=[artifact_to_proto(a) for a in page.items], next_page_token=page.next_token
         )
 
-    async def ListVersions(self, request, context):
+    async def ListVersions(
+        self, request: pb.ListVersionsRequest, context: aio.ServicerContext
+    ) -> pb.ListVersionsResponse:
         page = await asyncio.to_thread(self.registry.list_versions, request.name, request.page_size, request.page_token)
         return pb.ListVersionsResponse(
             versions=[version_to_proto(v) for v in page.items], next_page_token=page.next_token
         )
 
-    async def Download(self, request, context):
+    async def Download(
+        self, request: pb.DownloadRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.DownloadResponse]:
         version, chunks = await asyncio.to_thread(self.registry.download, request.ref, request.path, request.offset)
         yield pb.DownloadResponse(version=version_to_proto(version))
         while (item := await asyncio.to_thread(next, chunks, None)) is not None:
             path, offset, data, sha = item
             yield pb.DownloadResponse(chunk=pb.FileChunk(path=path, offset=offset, data=data), file_sha256=sha)
 
-    async def SetAlias(self, request, context):
+    async def SetAlias(self, request: pb.SetAliasRequest, context: aio.ServicerContext) -> pb.SetAliasResponse:
         version, previous = await asyncio.to_thread(
             self.registry.set_alias, request.name, request.alias, request.version
         )
         return pb.SetAliasResponse(version=version_to_proto(version), previous_version=previous)
 
-    async def DeleteAlias(self, request, context):
+    async def DeleteAlias(self, request: pb.DeleteAliasRequest, context: aio.ServicerContext) -> pb.DeleteAliasResponse:
         previous = await asyncio.to_thread(self.registry.delete_alias, request.name, request.alias)
         return pb.DeleteAliasResponse(previous_version=previous)
 
-    async def DeleteVersion(self, request, context):
+    async def DeleteVersion(
+        self, request: pb.DeleteVersionRequest, context: aio.ServicerContext
+    ) -> pb.DeleteVersionResponse:
         removed = await asyncio.to_thread(self.registry.delete_version, request.name, request.version, request.force)
         return pb.DeleteVersionResponse(removed_aliases=removed)
 
-    async def Watch(self, request, context):
+    async def Watch(self, request: pb.WatchRequest, context: aio.ServicerContext) -> AsyncIterator[pb.WatchResponse]:
         async for event in self.registry.watch(request.after_event_id, request.name):
             yield event_to_proto(event)
 
-    async def GetRegistryInfo(self, request, context):
+    async def GetRegistryInfo(
+        self, request: pb.GetRegistryInfoRequest, context: aio.ServicerContext
+    ) -> pb.GetRegistryInfoResponse:
         return pb.GetRegistryInfoResponse(**self.info)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from services.common.settings import ServerSettings, setting
 from tunedock.errors import InvalidArgument
 
 
-@dataclass
 class RegistrySettings(ServerSettings):
     """Settings of `python -m services.adapter_registry`."""
 
@@ -28,8 +26,8 @@ class RegistrySettings(ServerSettings):
     max_files: int = setting(10000, "most files in one artifact")
     worker_key_file: str = setting("", "the trainer's worker-token key, so training workers can publish their output")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def model_post_init(self, context: Any, /) -> None:
+        super().model_post_init(context)
         if self.max_artifact_mb <= 0 or self.max_files <= 0:
             raise InvalidArgument("max_artifact_mb and max_files must be > 0")
         if not self.database_url:

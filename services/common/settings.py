@@ -1,27 +1,31 @@
-"""Settings: a dataclass per service, filled from defaults < environment < flags, then validated.
+"""Settings: one pydantic-settings model per service, filled from defaults < environment < flags, validated.
 
-Every field documents itself through `field(metadata={"help": ...})`; the same text
-becomes the `--flag` help. Environment variables are `<ENV_PREFIX><FIELD_NAME>` upper-case
-(e.g. `TUNEDOCK_REGISTRY_PORT`), except `data_dir`, which also honours `TUNEDOCK_HOME`.
+Every field documents itself (`setting(default, help)`); the same text becomes the `--flag` help.
+Environment variables are `<ENV_PREFIX><FIELD_NAME>` upper-case (e.g. `TUNEDOCK_REGISTRY_PORT`),
+read by pydantic-settings; `data_dir` also honours `TUNEDOCK_HOME`. Lists are comma-separated in
+both. A settings object built in code (`TrainerSettings(port=0)`, tests, the local stack) is
+exactly what it names: only `load()` reads the environment and the command line. A value that
+does not parse or breaks a rule is refused naming the setting.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import ipaddress
 import os
-import types
 import typing
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from tunedock.errors import InvalidArgument
 
 S = TypeVar("S", bound="ServerSettings")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+CommaList = Annotated[list[str], NoDecode]
+"""A list setting, written "a,b" in the environment and on the command line."""
 
 
 def default_data_dir() -> Path:
@@ -30,15 +34,16 @@ def default_data_dir() -> Path:
 
 
 def setting(default: Any, help: str, **kwargs: Any) -> Any:
-    """A documented settings field."""
+    """A documented settings field (a callable default is a factory)."""
     if callable(default) and not isinstance(default, type):
-        return field(default_factory=default, metadata={"help": help, **kwargs})
-    return field(default=default, metadata={"help": help, **kwargs})
+        return Field(default_factory=default, description=help, **kwargs)
+    return Field(default=default, description=help, **kwargs)
 
 
-@dataclass
-class ServerSettings:
+class ServerSettings(BaseSettings):
     """Settings every TuneDock server has."""
+
+    model_config = SettingsConfigDict(extra="forbid")
 
     ENV_PREFIX: ClassVar[str] = "TUNEDOCK_"
     SERVICE_NAME: ClassVar[str] = "server"
@@ -64,7 +69,25 @@ class ServerSettings:
     rpc_timeout_s: float = setting(600.0, "server-side deadline of unary calls, seconds")
     upload_timeout_s: float = setting(21600.0, "server-side deadline of uploads (publish, dataset upload), seconds")
 
-    def __post_init__(self) -> None:
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)  # the environment is `load()`'s to read (see the module docstring)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any, info: Any) -> Any:
+        if isinstance(value, str) and typing.get_origin(cls.model_fields[info.field_name].annotation) is list:
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    def model_post_init(self, context: Any, /) -> None:
         if self.port == -1:
             self.port = self.DEFAULT_PORT
         self.data_dir = Path(self.data_dir).expanduser()
@@ -109,16 +132,15 @@ class ServerSettings:
     @classmethod
     def load(cls: type[S], argv: list[str] | None = None, **overrides: Any) -> S:
         """Defaults, then environment, then `argv` flags, then `overrides`; validated."""
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            env = os.environ.get(cls.ENV_PREFIX + f.name.upper())
-            if env is not None:
-                values[f.name] = _convert(_field_type(cls, f), env, f.name)
+        values: dict[str, Any] = dict(EnvSettingsSource(cls, env_prefix=cls.ENV_PREFIX, case_sensitive=False)())
         if argv is not None:
             parsed = cls.argument_parser().parse_args(argv)
             values.update({k: v for k, v in vars(parsed).items() if v is not None})
         values.update(overrides)
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise InvalidArgument(_describe(cls, exc)) from None
 
     @classmethod
     def argument_parser(cls) -> argparse.ArgumentParser:
@@ -127,22 +149,29 @@ class ServerSettings:
             description=f"TuneDock {cls.SERVICE_NAME} service. Every flag can also be set as "
             f"{cls.ENV_PREFIX}<FLAG> in the environment.",
         )
-        for f in dataclasses.fields(cls):
-            typ = _field_type(cls, f)
-            flag = "--" + f.name.replace("_", "-")
-            help_text = f.metadata.get("help", "")
-            if typ is bool:
+        for name, info in cls.model_fields.items():
+            flag = "--" + name.replace("_", "-")
+            if info.annotation is bool:
                 parser.add_argument(
-                    flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+                    flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=info.description
                 )
-            else:
-                parser.add_argument(flag, dest=f.name, default=None, help=help_text, type=_converter(typ, f.name))
+            else:  # text: the model converts it, and says which setting did not parse
+                parser.add_argument(flag, dest=name, default=None, help=info.description)
         return parser
 
 
-def _converter(typ, name: str) -> Callable[[str], object]:
-    """argparse's `type=` for one field: the text turned into the field's type, or a clear error."""
-    return lambda text: _convert(typ, text, name)
+def _describe(cls: type[ServerSettings], exc: ValidationError) -> str:
+    """One line per problem, each naming its setting."""
+    lines = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else "settings"
+        annotation = cls.model_fields[name].annotation if name in cls.model_fields else None
+        kind = getattr(typing.get_origin(annotation) or annotation, "__name__", str(annotation))
+        if error["type"].endswith(("_parsing", "_type")):
+            lines.append(f"setting {name}: cannot read {error['input']!r} as {kind}")
+        else:
+            lines.append(f"setting {name}: {error['msg']}")
+    return "; ".join(lines)
 
 
 def is_loopback(host: str) -> bool:
@@ -160,27 +189,3 @@ def _is_hostname(host: str) -> bool:
         return True
     except ValueError:
         return all(part and len(part) < 64 and part.replace("-", "").isalnum() for part in host.split("."))
-
-
-def _field_type(cls: type, f: dataclasses.Field) -> Any:
-    hints = typing.get_type_hints(cls)
-    typ = hints[f.name]
-    if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
-        typ = next(a for a in typing.get_args(typ) if a is not type(None))
-    return typ
-
-
-def _convert(typ: Any, raw: str, name: str) -> Any:
-    try:
-        if typ is bool:
-            lowered = raw.strip().lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError(raw)
-        if typing.get_origin(typ) is list:
-            return [part.strip() for part in raw.split(",") if part.strip()]
-        return typ(raw)
-    except ValueError:
-        raise InvalidArgument(f"setting {name}: cannot read {raw!r} as {getattr(typ, '__name__', typ)}") from None

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
+from grpc import aio
+
 from services.inference.core import GenerateInput, InferenceCore, LoadedAdapter
 from tunedock.v1 import inference_pb2 as pb
 from tunedock.v1 import inference_pb2_grpc
@@ -53,25 +57,32 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         """GetInferenceInfo's fields fixed at start-up (base, limits); the engine's are read per call."""
         self.core = core
 
-    async def Generate(self, request, context):
+    async def Generate(
+        self, request: pb.GenerateRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
         async for d in self.core.generate(to_input(request.params)):
             yield pb.GenerateResponse(
                 index=d.index,
                 text_delta=d.text,
                 completion_tokens=d.completion_tokens,
                 prompt_tokens=d.prompt_tokens,
-                finish_reason=FINISH.get(d.finish_reason, 0),
+                finish_reason=FINISH.get(d.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
                 adapter_version=d.adapter_version,
             )
 
-    async def GenerateUnary(self, request, context):
+    async def GenerateUnary(
+        self, request: pb.GenerateUnaryRequest, context: aio.ServicerContext
+    ) -> pb.GenerateUnaryResponse:
         done = await self.core.complete(to_input(request.params))
         reply = pb.GenerateUnaryResponse(
             prompt_tokens=done.prompt_tokens,
             adapter_version=done.adapter_version,
             completions=[
                 pb.Completion(
-                    index=c.index, text=c.text, token_ids=c.token_ids, finish_reason=FINISH.get(c.finish_reason, 0)
+                    index=c.index,
+                    text=c.text,
+                    token_ids=c.token_ids,
+                    finish_reason=FINISH.get(c.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
                 )
                 for c in done.choices
             ],
@@ -79,14 +90,20 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         reply.time_to_first_token.FromNanoseconds(int(done.time_to_first_token_s * 1e9))
         return reply
 
-    async def PreloadAdapter(self, request, context):
+    async def PreloadAdapter(
+        self, request: pb.PreloadAdapterRequest, context: aio.ServicerContext
+    ) -> pb.PreloadAdapterResponse:
         entries = await self.core.preload(list(request.adapters), request.pin)
         return pb.PreloadAdapterResponse(adapters=[loaded_to_proto(e) for e in entries])
 
-    async def UnloadAdapter(self, request, context):
+    async def UnloadAdapter(
+        self, request: pb.UnloadAdapterRequest, context: aio.ServicerContext
+    ) -> pb.UnloadAdapterResponse:
         return pb.UnloadAdapterResponse(unloaded=await self.core.unload(request.adapter))
 
-    async def ListLoadedAdapters(self, request, context):
+    async def ListLoadedAdapters(
+        self, request: pb.ListLoadedAdaptersRequest, context: aio.ServicerContext
+    ) -> pb.ListLoadedAdaptersResponse:
         state = self.core.state()
         return pb.ListLoadedAdaptersResponse(
             adapters=[loaded_to_proto(a) for a in state.adapters],
@@ -95,7 +112,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             queued_requests=state.queued_requests,
         )
 
-    async def GetInferenceInfo(self, request, context):
+    async def GetInferenceInfo(
+        self, request: pb.GetInferenceInfoRequest, context: aio.ServicerContext
+    ) -> pb.GetInferenceInfoResponse:
         state = self.core.state()
         return pb.GetInferenceInfoResponse(
             **self.info,

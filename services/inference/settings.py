@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from services.common.lora_shapes import DEFAULT_MAX_LORA_RANK, SERVABLE_RANKS
 from services.common.settings import ServerSettings, setting
@@ -12,7 +11,6 @@ from tunedock.errors import InvalidArgument
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-@dataclass
 class InferenceSettings(ServerSettings):
     """Settings of `python -m services.inference`."""
 
@@ -58,8 +56,8 @@ class InferenceSettings(ServerSettings):
     max_tokens_limit: int = setting(4096, "largest max_tokens a request may ask for")
     max_prompt_chars: int = setting(200_000, "longest prompt (or rendered chat) a request may send, in characters")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def model_post_init(self, context: Any, /) -> None:
+        super().model_post_init(context)
         if self.isolation not in ("auto", "null-adapter", "off"):
             raise InvalidArgument(f"isolation must be auto, null-adapter or off, got {self.isolation!r}")
         if self.admission_max_wait_s <= 0:

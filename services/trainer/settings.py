@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from services.common.lora_shapes import DEFAULT_MAX_LORA_RANK
-from services.common.settings import ServerSettings, setting
+from services.common.settings import CommaList, ServerSettings, setting
 from tunedock.errors import InvalidArgument
 
 
-@dataclass
 class TrainerSettings(ServerSettings):
     """Settings of `python -m services.trainer`."""
 
@@ -57,8 +55,8 @@ class TrainerSettings(ServerSettings):
     k8s_gpus_per_process: int = setting(1, "GPUs per training process (0: workers run on CPU nodes)")
     k8s_cpu: str = setting("4", "CPU request of a worker pod")
     k8s_memory: str = setting("32Gi", "memory request and limit of a worker pod")
-    k8s_node_selector: list[str] = setting(lambda: [], "node selector of worker pods, key=value[,key=value]")
-    k8s_tolerations: list[str] = setting(
+    k8s_node_selector: CommaList = setting(lambda: [], "node selector of worker pods, key=value[,key=value]")
+    k8s_tolerations: CommaList = setting(
         lambda: [], "tolerations of worker pods: key=value:Effect or key:Effect, comma-separated"
     )
     k8s_backoff_limit: int = setting(0, "pod retries inside one Job (the trainer retries attempts from checkpoints)")
@@ -69,8 +67,8 @@ class TrainerSettings(ServerSettings):
     k8s_poll_s: float = setting(5.0, "seconds between looks at the worker Jobs")
     k8s_tls_secret: str = setting("", "Secret with tls.crt/tls.key/ca.crt for worker pods (services with mTLS)")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def model_post_init(self, context: Any, /) -> None:
+        super().model_post_init(context)
         if self.max_concurrent_jobs < 1:
             raise InvalidArgument(f"max_concurrent_jobs must be >= 1, got {self.max_concurrent_jobs}")
         if self.executor not in ("local", "kubernetes"):

@@ -54,3 +54,21 @@ def test_env_value_that_does_not_parse(monkeypatch):
     monkeypatch.setenv("TUNEDOCK_INFERENCE_MAX_LORAS", "many")
     with pytest.raises(InvalidArgument, match="setting max_loras: cannot read 'many' as int"):
         InferenceSettings.load([])
+
+
+def test_lists_and_booleans_from_env_and_flags_and_code_ignores_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("TUNEDOCK_TRAINER_K8S_NODE_SELECTOR", "pool=gpu, zone=a")
+    monkeypatch.setenv("TUNEDOCK_TRAINER_INSECURE", "yes")
+    monkeypatch.setenv("TUNEDOCK_TRAINER_MAX_ATTEMPTS", "5")
+    settings = TrainerSettings.load(["--k8s-tolerations", "gpu:NoSchedule,spot=true:NoExecute", "--no-insecure"])
+    assert settings.k8s_node_selector == ["pool=gpu", "zone=a"]
+    assert settings.k8s_tolerations == ["gpu:NoSchedule", "spot=true:NoExecute"]
+    assert settings.insecure is False and settings.max_attempts == 5  # the flag wins over the environment
+    built = TrainerSettings(data_dir=tmp_path)  # in code: exactly what it names
+    assert (built.max_attempts, built.k8s_node_selector, built.insecure) == (3, [], False)
+
+
+def test_the_help_of_every_flag_is_the_settings_text():
+    help_text = " ".join(TrainerSettings.argument_parser().format_help().split())
+    assert "--max-dataset-mb MAX_DATASET_MB largest dataset upload accepted, in MiB" in help_text
+    assert "--insecure, --no-insecure" in help_text
