@@ -44,3 +44,14 @@ class JobDefaults:
 
 
 DEFAULTS = JobDefaults()
+
+
+@dataclass(frozen=True)
+class ExtractDefaults:
+    energy: float = 0.9
+    """Share of the change an extracted adapter keeps when no rank is given."""
+    max_dropped_share: float = 0.05
+    """Share of the change that may sit in tensors LoRA cannot carry before an extraction refuses."""
+
+
+EXTRACT_DEFAULTS = ExtractDefaults()

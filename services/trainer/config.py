@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from services.trainer.domain import ExtractSpec, JobSpec, LoraConfig
 from tunedock.errors import InvalidArgument
-from tunedock.jobs import ADAPTER_METHODS, DEFAULTS, METHODS
+from tunedock.jobs import ADAPTER_METHODS, DEFAULTS, EXTRACT_DEFAULTS, METHODS
 
 
 @dataclass
@@ -224,13 +224,13 @@ class ExtractOptions:
 
     rank: int = 0
     """Fixed rank for every module; 0 chooses the smallest rank that keeps `energy`."""
-    energy: float = 0.9
+    energy: float = EXTRACT_DEFAULTS.energy
     """Share of ΔW's energy (squared Frobenius norm over all liftable modules) to keep when rank is 0."""
     max_rank: int = 64
     """Upper bound on the rank: the inference replicas' max_lora_rank."""
     allow_dropped: bool = False
     """Extract even when tensors LoRA cannot carry hold more than max_dropped_share of the change."""
-    max_dropped_share: float = 0.05
+    max_dropped_share: float = EXTRACT_DEFAULTS.max_dropped_share
     """Share of the whole change that may sit in such tensors before the extraction refuses."""
 
     def __post_init__(self) -> None:

@@ -125,7 +125,7 @@ def test_oversized_dataset_is_refused_and_not_stored(tmp_path):
             with pytest.raises(grpc.RpcError) as info:
                 client.upload_dataset(path)
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "limit of 1 MiB" in info.value.details()
+            assert "limit of 1 MiB" in info.value.details() and "--max-dataset-mb" in info.value.details()
             assert list(client.list_datasets()) == []
         assert list((tmp_path / "trainer" / "datasets").rglob("*.*")) == []
         assert list((tmp_path / "trainer" / "staging").iterdir()) == []

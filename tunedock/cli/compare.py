@@ -17,7 +17,7 @@ from rich.table import Table
 
 from tunedock.cli.common import INFERENCE, REGISTRY, TRAINER, cli_errors, console, err, print_json, succeeded
 from tunedock.cli.train import build_spec, resolve_datasets
-from tunedock.jobs import ADAPTER_METHODS, METHODS
+from tunedock.jobs import ADAPTER_METHODS, EXTRACT_DEFAULTS, METHODS
 
 PROMPTS = ["Tell me about the moon.", "What is your favourite thing?"]
 
@@ -38,7 +38,9 @@ def compare(
     extract_rank: int = typer.Option(
         0, help="rank of the adapters extracted from Full/Freeze (0: by --extract-energy)"
     ),
-    extract_energy: float = typer.Option(0.9, help="share of the change the extracted adapters keep (rank 0)"),
+    extract_energy: float = typer.Option(
+        EXTRACT_DEFAULTS.energy, help="share of the change the extracted adapters keep (rank 0)"
+    ),
     prompt: list[str] = typer.Option([], help="prompt every method answers (repeatable; default: two built in)"),
     max_tokens: int = typer.Option(32, help="tokens per answer"),
     out: Path = typer.Option(Path("compare"), help="directory for compare.json and compare.png"),

@@ -24,6 +24,7 @@ from tunedock.cli.common import JobDidNotSucceed, succeeded
 from tunedock.cli.local_stack import LocalStack
 from tunedock.client import RegistryClient, TrainerClient
 from tunedock.client.channel import connect
+from tunedock.jobs import EXTRACT_DEFAULTS
 from tunedock.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from tunedock.v1 import trainer_pb2 as tpb
 
@@ -65,7 +66,7 @@ def _train(console: Console, trainer: TrainerClient, base: str, name: str, metho
 
 def _extract(console: Console, trainer: TrainerClient, source: str, name: str) -> tuple[str, int]:
     """A LoRA adapter cut out of a Freeze or Full result (the rank that keeps 90% of the change, capped)."""
-    job = trainer.extract(source, name, energy=0.9, allow_dropped=True)
+    job = trainer.extract(source, name, energy=EXTRACT_DEFAULTS.energy, allow_dropped=True)
     done = succeeded(trainer.wait(job.id, timeout=900), f"extracting {source}: job")
     m = {x.name: x.value for x in done.metrics}
     console.print(

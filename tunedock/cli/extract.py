@@ -5,19 +5,24 @@ from __future__ import annotations
 import typer
 
 from tunedock.cli.common import TRAINER, cli_errors, console
+from tunedock.jobs import EXTRACT_DEFAULTS
 
 
 def extract(
     source: str = typer.Argument(..., help="the Full (model) or Freeze (delta) result: name:version or name@alias"),
     output: str = typer.Option(..., "--output", "-o", help="registry name of the extracted adapter"),
     rank: int = typer.Option(0, help="fixed rank for every module (0: the smallest rank that keeps --energy)"),
-    energy: float = typer.Option(0.0, help="share of the change to keep when --rank is 0 (default 0.9)"),
+    energy: float = typer.Option(
+        0.0, help=f"share of the change to keep when --rank is 0 (default {EXTRACT_DEFAULTS.energy:g})"
+    ),
     max_rank: int = typer.Option(0, help="rank cap (default: the trainer's max_lora_rank, the replicas' limit)"),
     base: str = typer.Option("", help="base model (default: the one the source was trained from)"),
     allow_dropped: bool = typer.Option(
         False, "--allow-dropped", help="extract even when much of the change is in embeddings/lm_head/norms"
     ),
-    max_dropped_share: float = typer.Option(0.0, help="share of the change those may hold (default 0.05)"),
+    max_dropped_share: float = typer.Option(
+        0.0, help=f"share of the change those may hold (default {EXTRACT_DEFAULTS.max_dropped_share:g})"
+    ),
     eval_data: list[str] = typer.Option(
         [], help="dataset id or file to measure fidelity on (default: the source job's eval split)"
     ),
