@@ -20,17 +20,18 @@ FINISH = {
 
 def to_input(params: pb.GenerateParams) -> GenerateInput:
     s = params.sampling
+    # Unset (zero) fields take GenerateInput's defaults (a dataclass's class attributes).
     return GenerateInput(
         prompt=params.prompt,
         messages=[{"role": m.role, "content": m.content} for m in params.messages.messages],
         adapter=params.adapter,
         temperature=s.temperature,
-        top_p=s.top_p or 1.0,
+        top_p=s.top_p or GenerateInput.top_p,
         top_k=s.top_k,
-        max_tokens=s.max_tokens or 64,
+        max_tokens=s.max_tokens or GenerateInput.max_tokens,
         stop=list(s.stop),
         seed=s.seed if s.HasField("seed") else None,
-        n=s.n or 1,
+        n=s.n or GenerateInput.n,
     )
 
 
