@@ -17,7 +17,7 @@ from datetime import UTC
 
 from google.protobuf.descriptor import Descriptor, EnumDescriptor
 from google.protobuf.message import Message
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from tunedock.errors import InvalidArgument
 
@@ -71,10 +71,11 @@ def from_proto(model: type[BaseModel], message: Message, path: str = ""):
             if not message.HasField(f.name):
                 continue  # the model's default: None where it allows None
             kind = f.message_type.full_name
-            if kind == _TIMESTAMP:
-                values[f.name] = value.ToDatetime(tzinfo=UTC)
-            elif kind == _DURATION:
-                values[f.name] = value.ToTimedelta()
+            if kind in (_TIMESTAMP, _DURATION):
+                try:
+                    values[f.name] = value.ToDatetime(tzinfo=UTC) if kind == _TIMESTAMP else value.ToTimedelta()
+                except (ValueError, OverflowError) as exc:
+                    raise InvalidArgument(f"{field_path}: not a valid {f.message_type.name.lower()} ({exc})") from None
             else:
                 values[f.name] = from_proto(_model_of(annotation), value, f"{field_path}.")
         elif repeated:
@@ -85,7 +86,11 @@ def from_proto(model: type[BaseModel], message: Message, path: str = ""):
             values[f.name] = enum_name(f.enum_type, value, field_path)
         else:
             values[f.name] = value
-    return model(**values)
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{path}{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InvalidArgument(problems) from None
 
 
 def to_proto(instance: BaseModel, message: Message) -> Message:
