@@ -252,6 +252,30 @@ def _status_error(status):
     return Failed()
 
 
+def test_a_local_stack_refuses_ports_in_use_instead_of_talking_to_whoever_holds_them(tmp_path):
+    """A stack left running would answer the health checks in place of the new one (whose servers exit,
+    unable to bind): `tunedock up` and the demo refuse to start, naming the ports, and start nothing."""
+    import socket
+
+    from tunedock.cli.local_stack import LocalStack
+
+    offset = 2000 + os.getpid() % 500
+    stack = LocalStack(tmp_path, port_offset=offset)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 50052 + offset))
+        holder.listen()
+        with pytest.raises(RuntimeError, match=f"port\\(s\\) {50052 + offset} on 127.0.0.1 are in use"):
+            stack.start()
+        assert stack.processes == {}
+        args = ("--data-dir", str(tmp_path), "--base-model", "/unused", "--port-offset", str(offset))
+        for command in ("up", "demo"):
+            result = tunedock(dict(os.environ), command, *args, timeout=120)
+            assert (
+                result.returncode == 1 and f"{50052 + offset} on 127.0.0.1 are in use" in result.stdout + result.stderr
+            )
+            assert "Traceback" not in result.stderr
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_local_stack_runs_with_one_generated_token(tmp_path, tiny_model_dir):

@@ -82,7 +82,11 @@ def run_demo(home: Path, base_model: str, port_offset: int = 0, console: Console
     console = console or Console()
     stack = LocalStack(home, base_model=base_model, port_offset=port_offset)
     started = time.perf_counter()
-    stack.start()
+    try:
+        stack.start()
+    except RuntimeError as exc:
+        console.print(f"[red]demo failed:[/red] {escape(str(exc))}")
+        return 1
     try:
         with console.status("starting trainer, registry and inference (the vLLM engine takes ~30 s)"):
             stack.wait_healthy(timeout=600)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,8 @@ SERVICES = (
     ("adapter_registry", "tunedock.v1.AdapterRegistryService", 50052, 9452),
     ("inference", "tunedock.v1.InferenceService", 50053, 9453),
 )
+WORKER_PORT = 50054
+"""The trainer's worker API (TrainerWorkerService)."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,30 @@ class LocalStack:
         port = next(p for m, _, p, _ in SERVICES if m == module) + self.port_offset
         return f"{self.host}:{port}"
 
+    def ports(self) -> list[int]:
+        """Every port the stack binds: gRPC and metrics of each service, the trainer's worker API."""
+        listed = [port for _, _, grpc_port, metrics in SERVICES for port in (grpc_port, metrics)]
+        return [port + self.port_offset for port in (*listed, WORKER_PORT)]
+
+    def check_ports_free(self) -> None:
+        """Refuse to start over ports in use: a stack left running would answer the health checks in
+        place of ours (whose servers then exit, unable to bind) and every command would reach it."""
+        busy = []
+        for port in self.ports():
+            with socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET) as probe:
+                try:
+                    probe.bind((self.host, port))
+                except OSError:
+                    busy.append(port)
+        if busy:
+            raise RuntimeError(
+                f"port(s) {', '.join(map(str, busy))} on {self.host} are in use, by another TuneDock stack or another "
+                "program: stop it (a stack started with `tunedock up` stops on Ctrl-C), or start this one elsewhere "
+                "with --port-offset"
+            )
+
     def start(self) -> None:
+        self.check_ports_free()
         self.credentials = local_credentials(self.data_dir)
         creds = self.credentials
         env = {**os.environ, "TUNEDOCK_HOME": str(self.data_dir), **self.extra_env}
@@ -112,7 +138,7 @@ class LocalStack:
             if module != "inference":
                 args += ["--worker-key-file", str(creds.worker_key_file)]
             if module == "trainer":
-                args += ["--worker-port", str(50054 + self.port_offset)]
+                args += ["--worker-port", str(WORKER_PORT + self.port_offset)]
                 args += ["--registry-token-file", str(creds.trainer_token_file)]
             if module == "inference":
                 args += ["--registry-token-file", str(creds.inference_token_file)]

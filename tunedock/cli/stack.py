@@ -67,8 +67,8 @@ def up(
         with console.status("building the tiny model (cached after the first run)"):
             base_model = str(build_tiny_model(cache_dir=home / "models"))
     stack = LocalStack(home, host=host, base_model=base_model, port_offset=port_offset)
-    stack.start()
     try:
+        stack.start()
         with console.status("waiting for the services to become healthy"):
             status = stack.wait_healthy()
     except RuntimeError as exc:
