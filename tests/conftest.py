@@ -50,7 +50,7 @@ class InferenceStack:
     MAX_LORAS = MAX_LORAS
     max_lora_rank = 128  # an adapter extracted at full rank (128 on the tiny model's k/v projections) is served
 
-    def __init__(self, data_dir: Path, base: Path, max_loras: int = MAX_LORAS) -> None:
+    def __init__(self, data_dir: Path, base: Path, max_loras: int = MAX_LORAS, **extra) -> None:
         from services.adapter_registry.server import build_server as build_registry
         from services.adapter_registry.settings import RegistrySettings
         from services.common.server_thread import ServerThread
@@ -73,12 +73,19 @@ class InferenceStack:
             max_model_len=512,
             dtype="float32",
             resolve_ttl_s=30.0,
+            http_port=0,  # the OpenAI-compatible API beside gRPC, as `tunedock up` serves it
+            **extra,
         )
         self.inference = ServerThread(lambda: build_inference(settings))
 
     @property
     def engine(self):
         return self.inference.server.core.engine
+
+    @property
+    def openai_base_url(self) -> str:
+        """The replica's OpenAI-compatible API, as clients are given it (`.../v1`)."""
+        return f"http://127.0.0.1:{self.inference.server.http_port}/v1"
 
     def restart_registry(self) -> None:
         """Start the registry again on the same port and data (after `registry.stop()`)."""

@@ -208,25 +208,27 @@ HOW_TO_SEND = (
 )
 
 
-def bearer_token(metadata) -> str:
-    """The token of an `authorization: Bearer <token>` header; UNAUTHENTICATED saying what is wrong with it."""
+def bearer_token(metadata, what: str = "metadata", how: str = HOW_TO_SEND) -> str:
+    """The token of an `authorization: Bearer <token>` header; UNAUTHENTICATED saying what is wrong with it.
+
+    `what` names where it travels ("metadata" in gRPC, "header" in HTTP) and `how` how to send it."""
     values = [v for k, v in (metadata or ()) if k == "authorization"]
     if not values:
-        raise errors.Unauthenticated(f"no credentials: the call has no 'authorization' metadata; {HOW_TO_SEND}")
+        raise errors.Unauthenticated(f"no credentials: the call has no 'authorization' {what}; {how}")
     if len(values) > 1:
-        raise errors.Unauthenticated(f"{len(values)} 'authorization' metadata entries; send one: {HOW_TO_SEND}")
+        raise errors.Unauthenticated(f"{len(values)} 'authorization' {what} entries; send one: {how}")
     header = values[0]  # grpc hands text headers over as str (only "-bin" keys are bytes)
     scheme, _, token = header.strip().partition(" ")
     if scheme.lower() != "bearer":
         if not header.strip():
-            what = "it is empty"
+            problem = "it is empty"
         elif not token:  # one word: the token itself, most likely (not echoed: it may be a secret)
-            what = "it holds one word with no 'Bearer ' prefix: send 'Bearer ' followed by the token"
+            problem = "it holds one word with no 'Bearer ' prefix: send 'Bearer ' followed by the token"
         else:
-            what = f"its scheme is {scheme[:20]!r}, not Bearer"
-        raise errors.Unauthenticated(f"the 'authorization' metadata must be 'Bearer <token>': {what}")
+            problem = f"its scheme is {scheme[:20]!r}, not Bearer"
+        raise errors.Unauthenticated(f"the 'authorization' {what} must be 'Bearer <token>': {problem}")
     if not token.strip():
-        raise errors.Unauthenticated("the 'authorization' metadata says 'Bearer' but carries no token after it")
+        raise errors.Unauthenticated(f"the 'authorization' {what} says 'Bearer' but carries no token after it")
     return token.strip()
 
 

@@ -64,6 +64,8 @@ class GrpcServer:
 
     port: int = 0
     metrics_port: int | None = None
+    http_port: int | None = None
+    """The service's HTTP API port where it serves one (inference's OpenAI-compatible API), else None."""
     core: Any = None
     """The service's core, for callers in the same process (tests, benchmarks)."""
 
@@ -150,7 +152,12 @@ class GrpcServer:
             "serving %s on %s",
             ", ".join(names),
             self.address,
-            extra={"grpc_port": self.port, "metrics_port": self.metrics_port, "listener_ports": self.bound},
+            extra={
+                "grpc_port": self.port,
+                "metrics_port": self.metrics_port,
+                "http_port": self.http_port,
+                "listener_ports": self.bound,
+            },
         )
         return self
 

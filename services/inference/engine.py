@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.basemodels import resolve_local_base
+from services.common.chat import ChatRenderer
 from services.common.lora_shapes import SERVABLE_MODULES
+from services.inference.tools import choose_parser
 from tunedock.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,10 @@ class EngineOptions:
     isolation: str = "auto"
     gpu_memory_utilization: float = 0.9
     seed: int = 0
+    tool_parser: str = "auto"
+    """vLLM's tool-call parser for `tool_choice` auto: a name, "auto" (by the base's template and family), "none"."""
+    json_whitespace: str = "any"
+    """Structured output: "any" whitespace between JSON tokens (as the model learned JSON), or "compact"."""
 
 
 def checkpoint_dtype(base_model: str) -> str:
@@ -62,6 +68,15 @@ def checkpoint_dtype(base_model: str) -> str:
     config = json.loads((local / "config.json").read_text())
     named = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
     return named if named in ("float32", "bfloat16", "float16") else "auto"
+
+
+def model_type(base_model: str) -> str:
+    """config.json's model_type of a local base ("" where there is none to read)."""
+    local = resolve_local_base(base_model)
+    try:
+        return str(json.loads((local / "config.json").read_text()).get("model_type", "")) if local else ""
+    except (OSError, ValueError):
+        return ""
 
 
 def plugin_installed() -> bool:
@@ -143,6 +158,7 @@ class Engine:
     def __init__(self, options: EngineOptions) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(options.kv_cache_gib))))
         from vllm import AsyncEngineArgs
+        from vllm.config import StructuredOutputsConfig
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.options = options
@@ -162,6 +178,9 @@ class Engine:
             seed=options.seed,
             disable_log_stats=True,
             gpu_memory_utilization=options.gpu_memory_utilization,
+            structured_outputs_config=StructuredOutputsConfig(
+                disable_any_whitespace=options.json_whitespace == "compact"
+            ),
         )
         # The engine's processes inherit the environment as they start: "off" keeps vLLM's own ops there.
         previous = os.environ.get("TUNEDOCK_ISOLATION_FIX")
@@ -174,6 +193,12 @@ class Engine:
             else:
                 os.environ["TUNEDOCK_ISOLATION_FIX"] = previous
         self.tokenizer = self.llm.get_tokenizer()
+        self.chat = ChatRenderer(self.tokenizer, lambda message: log.info("chat: %s", message))
+        """Renders chat prompts exactly as the trainer renders training conversations."""
+        self.tool_parser = choose_parser(
+            options.tool_parser, self.chat.template, model_type(options.base_model), self.tokenizer
+        )
+        log.info("tool-call parser: %s", self.tool_parser or "none")
         self.null_adapter = None
         if self.isolation == "null-adapter":
             from vllm.lora.request import LoRARequest
@@ -190,12 +215,15 @@ class Engine:
     def dead(self) -> bool:
         return bool(self.llm.errored)
 
-    def prompt_from_messages(self, messages: list[dict]) -> str:
-        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)  # type: ignore[arg-type]
-        return str(rendered)
+    def prompt_from_messages(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        return self.chat.prompt(messages, tools)
 
     def prompt_tokens(self, prompt: str) -> int:
-        return len(self.tokenizer(prompt)["input_ids"])
+        return len(self.encode(prompt))
+
+    def encode(self, prompt: str) -> list[int]:
+        """A raw prompt's token ids as the engine makes them (the tokenizer's own special tokens added)."""
+        return list(self.tokenizer(prompt)["input_ids"])
 
     def lora_request(self, name: str, lora_id: int, path: str):
         from vllm.lora.request import LoRARequest
@@ -203,21 +231,35 @@ class Engine:
         return LoRARequest(name, lora_id, path)
 
     async def generate(
-        self, prompt: str, sampling: dict, request_id: str, lora_request=None, stream: bool = True
+        self, prompt: str | list[int], sampling: dict, request_id: str, lora_request=None, stream: bool = True
     ) -> AsyncIterator:
-        """Outputs as they come: deltas when streaming, the final output alone otherwise (fewer wake-ups)."""
+        """Outputs as they come: deltas when streaming, the final output alone otherwise (fewer wake-ups).
+
+        `prompt` is raw text (the tokenizer's own special tokens added) or token ids (a rendered chat).
+        `sampling` holds SamplingParams' fields, plus `json_schema` (a dict) or `json_object` (True)
+        for structured output."""
         from vllm import SamplingParams
         from vllm.exceptions import VLLMValidationError
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if self.dead:
             raise Unavailable(DEAD)
         kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+        sampling = dict(sampling)
+        schema, json_object = sampling.pop("json_schema", None), sampling.pop("json_object", None)
+        if schema is not None:
+            sampling["structured_outputs"] = StructuredOutputsParams(json=schema)
+        elif json_object:
+            sampling["structured_outputs"] = StructuredOutputsParams(json_object=True)
+        engine_prompt = {"prompt_token_ids": prompt} if isinstance(prompt, list) else prompt
         try:
             params = SamplingParams(output_kind=kind, **sampling)
             async for output in self.llm.generate(
-                prompt, params, request_id, lora_request=lora_request or self.null_adapter
+                engine_prompt,  # type: ignore[arg-type]
+                params,
+                request_id,
+                lora_request=lora_request or self.null_adapter,
             ):
                 yield output
         except EngineDeadError:

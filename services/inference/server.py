@@ -20,7 +20,9 @@ from services.common.basemodels import base_fingerprint, resolve_local_base
 from services.common.lora_shapes import base_module_shapes
 from services.common.server import GrpcServer, ServiceBinding
 from services.inference.adapters import AdapterCache, AdapterResolver
+from services.inference.catalog import ModelCatalog
 from services.inference.core import InferenceCore, Limits
+from services.inference.openai_api import OpenAIFront, build_app
 from services.inference.scheduler import AdapterScheduler
 from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
@@ -28,6 +30,7 @@ from tunedock import __version__
 from tunedock.client import RegistryClient
 from tunedock.client.channel import read_token
 from tunedock.client.inference import ROUTING_KEY
+from tunedock.errors import TuneDockError
 from tunedock.v1 import adapter_registry_pb2 as rpb
 from tunedock.v1 import inference_pb2, inference_pb2_grpc
 
@@ -118,6 +121,50 @@ def device_kind() -> str:
     import torch  # the engine already imported it
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def served_model_name(settings: InferenceSettings, base_model: str) -> str:
+    """The base's id in the OpenAI API: the setting, a hub id as is, a local path's directory name."""
+    if settings.served_model_name:
+        return settings.served_model_name
+    configured = settings.base_model or base_model
+    return Path(configured).name if Path(configured).exists() else configured
+
+
+class OpenAIHttpServer:
+    """uvicorn on the service's event loop (the core is bound to it), started after the gRPC server."""
+
+    def __init__(self, settings: InferenceSettings, front: OpenAIFront) -> None:
+        import uvicorn
+
+        self.config = uvicorn.Config(
+            build_app(front),
+            host=settings.host,
+            port=settings.http_port,
+            lifespan="off",
+            access_log=False,
+            log_config=None,  # the service's own logging (JSON lines)
+            ssl_certfile=settings.tls_cert_file or None,
+            ssl_keyfile=settings.tls_key_file or None,
+            timeout_keep_alive=30,
+        )
+        self.server = uvicorn.Server(self.config)
+        self.task: asyncio.Task | None = None
+
+    async def start(self) -> int:
+        self.task = asyncio.create_task(self.server.serve())
+        while not self.server.started:
+            if self.task.done():
+                self.task.result()  # raises why it could not start
+                raise TuneDockError(f"the OpenAI HTTP API could not bind port {self.config.port}: is it in use?")
+            await asyncio.sleep(0.01)
+        return int(self.server.servers[0].sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.server.should_exit = True
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
 
 
 def default_base_model(settings: InferenceSettings) -> str:
@@ -224,6 +271,8 @@ async def build_server(settings: InferenceSettings, engine=None) -> GrpcServer:
             work_dir=work,
             isolation=settings.isolation,
             gpu_memory_utilization=settings.gpu_memory_utilization,
+            tool_parser=settings.tool_parser,
+            json_whitespace=settings.json_whitespace,
         )
 
         def build_engine() -> Engine:
@@ -250,7 +299,11 @@ async def build_server(settings: InferenceSettings, engine=None) -> GrpcServer:
         await asyncio.to_thread(base_module_shapes, local) if local is not None else {},
         metrics,
     )
-    limits = Limits(max_tokens=settings.max_tokens_limit, max_prompt_chars=settings.max_prompt_chars)
+    limits = Limits(
+        max_tokens=settings.max_tokens_limit,
+        max_prompt_chars=settings.max_prompt_chars,
+        max_model_len=settings.max_model_len,
+    )
     # Two waves of adapters: the engine's slots, and the next wave queued behind them (scheduler.py).
     scheduler = AdapterScheduler(2 * settings.max_loras, settings.admission_max_wait_s, metrics)
     core = InferenceCore(engine, resolver, cache, metrics, limits, scheduler, settings.warm_window_s)
@@ -267,18 +320,32 @@ async def build_server(settings: InferenceSettings, engine=None) -> GrpcServer:
         "max_prompt_chars": settings.max_prompt_chars,
         "device": await asyncio.to_thread(device_kind),
         "routing_key": ROUTING_KEY,
+        "tool_parser": engine.tool_parser,
     }
     server.bindings = [
         ServiceBinding(
             service.full_name, InferenceServicer(core, info), inference_pb2_grpc.add_InferenceServiceServicer_to_server
         )
     ]
+    catalog = ModelCatalog(registry, served_model_name(settings, base_model), cache.base_fingerprint)
+    info["openai_base_url"] = ""
+    if settings.http_port >= 0:
+        http = OpenAIHttpServer(settings, OpenAIFront(core, catalog, server.authenticator, server.metrics, base_model))
+
+        async def start_http() -> None:
+            server.http_port = await http.start()
+            scheme = "https" if settings.tls_cert_file else "http"
+            info["openai_base_url"] = f"{scheme}://{server.address.rsplit(':', 1)[0]}:{server.http_port}/v1"
+
+        server.after_start.append(start_http)
+        server.on_stop.insert(0, http.stop)
     stop = threading.Event()
     loop = asyncio.get_running_loop()
 
     def warm_on_promote(event) -> None:
         """An alias moved, or a version was published (`latest` moved): a replica that serves the name loads
         the version it now points at, so the first request after a promotion finds it warm."""
+        catalog.invalidate()  # /v1/models lists what the registry holds now
         promoted = event.type in (rpb.EVENT_TYPE_ALIAS_MOVED, rpb.EVENT_TYPE_PUBLISHED)
         if settings.warm_on_promote and promoted and core.owns(event.name):
             asyncio.run_coroutine_threadsafe(core.warm(f"{event.name}:{event.version}"), loop)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 from grpc import aio
 
-from services.inference.core import GenerateInput, InferenceCore, LoadedAdapter
+from services.inference.core import GenerateInput, InferenceCore, LoadedAdapter, ResponseFormat, TokenLogprob
+from tunedock.errors import InvalidArgument
 from tunedock.v1 import inference_pb2 as pb
 from tunedock.v1 import inference_pb2_grpc
 
@@ -15,15 +17,75 @@ FINISH = {
     "stop": pb.FINISH_REASON_STOP,
     "length": pb.FINISH_REASON_LENGTH,
     "abort": pb.FINISH_REASON_ABORT,
+    "tool_calls": pb.FINISH_REASON_TOOL_CALLS,
 }
+
+
+def message_from_proto(m: pb.ChatMessage) -> dict:
+    """OpenAI's message shape (the core's), from the proto's."""
+    message: dict = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments or "{}"}}
+            for c in m.tool_calls
+        ]
+    if m.tool_call_id:
+        message["tool_call_id"] = m.tool_call_id
+    if m.name:
+        message["name"] = m.name
+    return message
+
+
+def tool_from_proto(i: int, t: pb.Tool) -> dict:
+    function: dict = {"name": t.name}
+    if t.description:
+        function["description"] = t.description
+    if t.parameters:
+        try:
+            function["parameters"] = json.loads(t.parameters)
+        except json.JSONDecodeError:
+            raise InvalidArgument(f"tools[{i}].parameters is not valid JSON (send the JSON Schema as text)") from None
+    return {"type": "function", "function": function}
+
+
+def response_format_from_proto(f: pb.ResponseFormat) -> ResponseFormat | None:
+    if not f.type or f.type == "text":
+        return None
+    schema = None
+    if f.json_schema:
+        try:
+            schema = json.loads(f.json_schema)
+        except json.JSONDecodeError:
+            raise InvalidArgument(
+                "response_format.json_schema is not valid JSON (send the JSON Schema as text)"
+            ) from None
+    return ResponseFormat(f.type, schema)
+
+
+def logprobs_to_proto(logprobs: list[TokenLogprob] | None) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(
+            token=lp.token,
+            token_id=lp.token_id,
+            logprob=lp.logprob,
+            top=[pb.TopLogprob(token=t, logprob=v) for t, v in lp.top],
+        )
+        for lp in logprobs or ()
+    ]
 
 
 def to_input(params: pb.GenerateParams) -> GenerateInput:
     s = params.sampling
     # Unset (zero) fields take GenerateInput's defaults (a dataclass's class attributes).
+    choice: str | dict = params.tool_choice or "auto"
+    if params.tool_choice_function:
+        choice = {"type": "function", "function": {"name": params.tool_choice_function}}
     return GenerateInput(
         prompt=params.prompt,
-        messages=[{"role": m.role, "content": m.content} for m in params.messages.messages],
+        messages=[message_from_proto(m) for m in params.messages.messages],
+        tools=[tool_from_proto(i, t) for i, t in enumerate(params.tools)],
+        tool_choice=choice,
+        response_format=response_format_from_proto(params.response_format),
         adapter=params.adapter,
         temperature=s.temperature,
         top_p=s.top_p or GenerateInput.top_p,
@@ -32,6 +94,13 @@ def to_input(params: pb.GenerateParams) -> GenerateInput:
         stop=list(s.stop),
         seed=s.seed if s.HasField("seed") else None,
         n=s.n or GenerateInput.n,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        repetition_penalty=(
+            s.repetition_penalty if s.HasField("repetition_penalty") else GenerateInput.repetition_penalty
+        ),
+        logprobs=s.logprobs if s.HasField("logprobs") else None,
+        prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
     )
 
 
@@ -69,6 +138,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 prompt_tokens=d.prompt_tokens,
                 finish_reason=FINISH.get(d.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
                 adapter_version=d.adapter_version,
+                logprobs=logprobs_to_proto(d.logprobs),
+                tool_calls=[
+                    pb.ToolCallDelta(index=c.index, id=c.id, name=c.name, arguments=c.arguments) for c in d.tool_calls
+                ],
             )
 
     async def GenerateUnary(
@@ -84,9 +157,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     text=c.text,
                     token_ids=c.token_ids,
                     finish_reason=FINISH.get(c.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+                    logprobs=logprobs_to_proto(c.logprobs),
+                    tool_calls=[pb.ToolCall(id=t.id, name=t.name, arguments=t.arguments) for t in c.tool_calls],
                 )
                 for c in done.choices
             ],
+            prompt_logprobs=logprobs_to_proto([lp for lp in done.prompt_logprobs or () if lp is not None]),
         )
         reply.time_to_first_token.FromNanoseconds(int(done.time_to_first_token_s * 1e9))
         return reply

@@ -53,6 +53,23 @@ class InferenceSettings(ServerSettings):
     resolve_ttl_s: float = setting(
         10.0, "seconds an adapter reference's resolution is cached (a registry Watch invalidates moved aliases sooner)"
     )
+    tool_parser: str = setting(
+        "auto",
+        "vLLM tool-call parser for tool_choice auto (hermes, llama3_json, mistral, phi4_mini_json, pythonic, ...): "
+        "auto picks it from the base's chat template and family; none parses no tool calls",
+    )
+    json_whitespace: str = setting(
+        "any",
+        "structured output (response_format json): any whitespace between JSON tokens, as models learn JSON, or "
+        "compact (none: a small or unsure model cannot pad a reply with whitespace until max_tokens)",
+    )
+    served_model_name: str = setting(
+        "",
+        "the base's id in the OpenAI API (`model`, /v1/models); empty: the hub id, or a local path's directory name",
+    )
+    http_port: int = setting(
+        -1, "port of the OpenAI-compatible HTTP API (/v1/chat/completions, ...); 0 picks a free one, -1 serves none"
+    )
     max_tokens_limit: int = setting(4096, "largest max_tokens a request may ask for")
     max_prompt_chars: int = setting(200_000, "longest prompt (or rendered chat) a request may send, in characters")
 
@@ -75,5 +92,9 @@ class InferenceSettings(ServerSettings):
             )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise InvalidArgument(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.json_whitespace not in ("any", "compact"):
+            raise InvalidArgument(f"json_whitespace must be any or compact, got {self.json_whitespace!r}")
+        if not -1 <= self.http_port <= 65535:
+            raise InvalidArgument(f"http_port must be -1..65535, got {self.http_port}")
         if self.kv_cache_gib <= 0 or self.max_model_len <= 0 or self.adapter_cache_mb <= 0:
             raise InvalidArgument("kv_cache_gib, max_model_len and adapter_cache_mb must be > 0")

@@ -26,53 +26,65 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btunedock/v1/inference.proto\x12\x0btunedock.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x8c\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\t\n\x01n\x18\x07 \x01(\x05\x42\x07\n\x05_seed\"\x9a\x01\n\x0eGenerateParams\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12-\n\x08messages\x18\x02 \x01(\x0b\x32\x19.tunedock.v1.ChatMessagesH\x00\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.tunedock.v1.SamplingParamsB\x07\n\x05input\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.tunedock.v1.ChatMessage\">\n\x0fGenerateRequest\x12+\n\x06params\x18\x01 \x01(\x0b\x32\x1b.tunedock.v1.GenerateParams\"\xb2\x01\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.tunedock.v1.FinishReason\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x06 \x01(\t\"C\n\x14GenerateUnaryRequest\x12+\n\x06params\x18\x01 \x01(\x0b\x32\x1b.tunedock.v1.GenerateParams\"n\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.tunedock.v1.FinishReason\"\xad\x01\n\x15GenerateUnaryResponse\x12,\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x17.tunedock.v1.Completion\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\t\x12\x36\n\x13time_to_first_token\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"6\n\x15PreloadAdapterRequest\x12\x10\n\x08\x61\x64\x61pters\x18\x01 \x03(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\"F\n\x16PreloadAdapterResponse\x12,\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1a.tunedock.v1.LoadedAdapter\"\'\n\x14UnloadAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\")\n\x15UnloadAdapterResponse\x12\x10\n\x08unloaded\x18\x01 \x01(\x08\"\x1b\n\x19ListLoadedAdaptersRequest\"\xef\x01\n\rLoadedAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x16\n\x0e\x63ontent_sha256\x18\x03 \x01(\t\x12\x13\n\x0blora_int_id\x18\x04 \x01(\x03\x12-\n\x05state\x18\x05 \x01(\x0e\x32\x1e.tunedock.v1.AdapterCacheState\x12\x0e\n\x06pinned\x18\x06 \x01(\x08\x12\x11\n\tin_flight\x18\x07 \x01(\x05\x12\x0c\n\x04size\x18\x08 \x01(\x03\x12\x32\n\x0elast_used_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x95\x01\n\x1aListLoadedAdaptersResponse\x12,\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1a.tunedock.v1.LoadedAdapter\x12\x16\n\x0eisolation_mode\x18\x02 \x01(\t\x12\x18\n\x10isolation_detail\x18\x03 \x01(\t\x12\x17\n\x0fqueued_requests\x18\x04 \x01(\x05\"\x19\n\x17GetInferenceInfoRequest\"\xe2\x02\n\x18GetInferenceInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x19\n\x11has_chat_template\x18\x06 \x01(\x08\x12\x15\n\rmax_model_len\x18\x07 \x01(\x05\x12\x11\n\tmax_loras\x18\x08 \x01(\x05\x12\x15\n\rmax_cpu_loras\x18\t \x01(\x05\x12\x15\n\rmax_lora_rank\x18\n \x01(\x05\x12\x16\n\x0eisolation_mode\x18\x0b \x01(\t\x12\x18\n\x10max_tokens_limit\x18\x0c \x01(\x05\x12\x18\n\x10max_prompt_chars\x18\r \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x0e \x01(\t\x12\x13\n\x0brouting_key\x18\x0f \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*\x9d\x01\n\x11\x41\x64\x61pterCacheState\x12#\n\x1f\x41\x44\x41PTER_CACHE_STATE_UNSPECIFIED\x10\x00\x12#\n\x1f\x41\x44\x41PTER_CACHE_STATE_DOWNLOADING\x10\x01\x12\x1e\n\x1a\x41\x44\x41PTER_CACHE_STATE_CACHED\x10\x02\x12\x1e\n\x1a\x41\x44\x41PTER_CACHE_STATE_LOADED\x10\x03\x32\xb0\x04\n\x10InferenceService\x12I\n\x08Generate\x12\x1c.tunedock.v1.GenerateRequest\x1a\x1d.tunedock.v1.GenerateResponse0\x01\x12V\n\rGenerateUnary\x12!.tunedock.v1.GenerateUnaryRequest\x1a\".tunedock.v1.GenerateUnaryResponse\x12Y\n\x0ePreloadAdapter\x12\".tunedock.v1.PreloadAdapterRequest\x1a#.tunedock.v1.PreloadAdapterResponse\x12V\n\rUnloadAdapter\x12!.tunedock.v1.UnloadAdapterRequest\x1a\".tunedock.v1.UnloadAdapterResponse\x12\x65\n\x12ListLoadedAdapters\x12&.tunedock.v1.ListLoadedAdaptersRequest\x1a\'.tunedock.v1.ListLoadedAdaptersResponse\x12_\n\x10GetInferenceInfo\x12$.tunedock.v1.GetInferenceInfoRequest\x1a%.tunedock.v1.GetInferenceInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btunedock/v1/inference.proto\x12\x0btunedock.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"{\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12)\n\ntool_calls\x18\x03 \x03(\x0b\x32\x15.tunedock.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"3\n\x0eResponseFormat\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\"f\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12$\n\x03top\x18\x04 \x03(\x0b\x32\x17.tunedock.v1.TopLogprob\",\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"\xcf\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\t\n\x01n\x18\x07 \x01(\x05\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x01\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0b \x01(\x05H\x02\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0c \x01(\x05H\x03\x88\x01\x01\x42\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\xa5\x02\n\x0eGenerateParams\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12-\n\x08messages\x18\x02 \x01(\x0b\x32\x19.tunedock.v1.ChatMessagesH\x00\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.tunedock.v1.SamplingParams\x12 \n\x05tools\x18\x05 \x03(\x0b\x32\x11.tunedock.v1.Tool\x12\x13\n\x0btool_choice\x18\x06 \x01(\t\x12\x1c\n\x14tool_choice_function\x18\x07 \x01(\t\x12\x34\n\x0fresponse_format\x18\x08 \x01(\x0b\x32\x1b.tunedock.v1.ResponseFormatB\x07\n\x05input\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.tunedock.v1.ChatMessage\">\n\x0fGenerateRequest\x12+\n\x06params\x18\x01 \x01(\x0b\x32\x1b.tunedock.v1.GenerateParams\"\x8f\x02\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.tunedock.v1.FinishReason\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x06 \x01(\t\x12+\n\x08logprobs\x18\x07 \x03(\x0b\x32\x19.tunedock.v1.TokenLogprob\x12.\n\ntool_calls\x18\x08 \x03(\x0b\x32\x1a.tunedock.v1.ToolCallDelta\"C\n\x14GenerateUnaryRequest\x12+\n\x06params\x18\x01 \x01(\x0b\x32\x1b.tunedock.v1.GenerateParams\"\xc6\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.tunedock.v1.FinishReason\x12+\n\x08logprobs\x18\x05 \x03(\x0b\x32\x19.tunedock.v1.TokenLogprob\x12)\n\ntool_calls\x18\x06 \x03(\x0b\x32\x15.tunedock.v1.ToolCall\"\xe1\x01\n\x15GenerateUnaryResponse\x12,\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x17.tunedock.v1.Completion\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\t\x12\x36\n\x13time_to_first_token\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x19.tunedock.v1.TokenLogprob\"6\n\x15PreloadAdapterRequest\x12\x10\n\x08\x61\x64\x61pters\x18\x01 \x03(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\"F\n\x16PreloadAdapterResponse\x12,\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1a.tunedock.v1.LoadedAdapter\"\'\n\x14UnloadAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\")\n\x15UnloadAdapterResponse\x12\x10\n\x08unloaded\x18\x01 \x01(\x08\"\x1b\n\x19ListLoadedAdaptersRequest\"\xef\x01\n\rLoadedAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x16\n\x0e\x63ontent_sha256\x18\x03 \x01(\t\x12\x13\n\x0blora_int_id\x18\x04 \x01(\x03\x12-\n\x05state\x18\x05 \x01(\x0e\x32\x1e.tunedock.v1.AdapterCacheState\x12\x0e\n\x06pinned\x18\x06 \x01(\x08\x12\x11\n\tin_flight\x18\x07 \x01(\x05\x12\x0c\n\x04size\x18\x08 \x01(\x03\x12\x32\n\x0elast_used_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x95\x01\n\x1aListLoadedAdaptersResponse\x12,\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1a.tunedock.v1.LoadedAdapter\x12\x16\n\x0eisolation_mode\x18\x02 \x01(\t\x12\x18\n\x10isolation_detail\x18\x03 \x01(\t\x12\x17\n\x0fqueued_requests\x18\x04 \x01(\x05\"\x19\n\x17GetInferenceInfoRequest\"\x90\x03\n\x18GetInferenceInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x19\n\x11has_chat_template\x18\x06 \x01(\x08\x12\x15\n\rmax_model_len\x18\x07 \x01(\x05\x12\x11\n\tmax_loras\x18\x08 \x01(\x05\x12\x15\n\rmax_cpu_loras\x18\t \x01(\x05\x12\x15\n\rmax_lora_rank\x18\n \x01(\x05\x12\x16\n\x0eisolation_mode\x18\x0b \x01(\t\x12\x18\n\x10max_tokens_limit\x18\x0c \x01(\x05\x12\x18\n\x10max_prompt_chars\x18\r \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x0e \x01(\t\x12\x13\n\x0brouting_key\x18\x0f \x01(\t\x12\x13\n\x0btool_parser\x18\x10 \x01(\t\x12\x17\n\x0fopenai_base_url\x18\x11 \x01(\t*\x96\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04*\x9d\x01\n\x11\x41\x64\x61pterCacheState\x12#\n\x1f\x41\x44\x41PTER_CACHE_STATE_UNSPECIFIED\x10\x00\x12#\n\x1f\x41\x44\x41PTER_CACHE_STATE_DOWNLOADING\x10\x01\x12\x1e\n\x1a\x41\x44\x41PTER_CACHE_STATE_CACHED\x10\x02\x12\x1e\n\x1a\x41\x44\x41PTER_CACHE_STATE_LOADED\x10\x03\x32\xb0\x04\n\x10InferenceService\x12I\n\x08Generate\x12\x1c.tunedock.v1.GenerateRequest\x1a\x1d.tunedock.v1.GenerateResponse0\x01\x12V\n\rGenerateUnary\x12!.tunedock.v1.GenerateUnaryRequest\x1a\".tunedock.v1.GenerateUnaryResponse\x12Y\n\x0ePreloadAdapter\x12\".tunedock.v1.PreloadAdapterRequest\x1a#.tunedock.v1.PreloadAdapterResponse\x12V\n\rUnloadAdapter\x12!.tunedock.v1.UnloadAdapterRequest\x1a\".tunedock.v1.UnloadAdapterResponse\x12\x65\n\x12ListLoadedAdapters\x12&.tunedock.v1.ListLoadedAdaptersRequest\x1a\'.tunedock.v1.ListLoadedAdaptersResponse\x12_\n\x10GetInferenceInfo\x12$.tunedock.v1.GetInferenceInfoRequest\x1a%.tunedock.v1.GetInferenceInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tunedock.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2136
-  _globals['_FINISHREASON']._serialized_end=2256
-  _globals['_ADAPTERCACHESTATE']._serialized_start=2259
-  _globals['_ADAPTERCACHESTATE']._serialized_end=2416
+  _globals['_FINISHREASON']._serialized_start=3230
+  _globals['_FINISHREASON']._serialized_end=3380
+  _globals['_ADAPTERCACHESTATE']._serialized_start=3383
+  _globals['_ADAPTERCACHESTATE']._serialized_end=3540
   _globals['_CHATMESSAGE']._serialized_start=109
-  _globals['_CHATMESSAGE']._serialized_end=153
-  _globals['_SAMPLINGPARAMS']._serialized_start=156
-  _globals['_SAMPLINGPARAMS']._serialized_end=296
-  _globals['_GENERATEPARAMS']._serialized_start=299
-  _globals['_GENERATEPARAMS']._serialized_end=453
-  _globals['_CHATMESSAGES']._serialized_start=455
-  _globals['_CHATMESSAGES']._serialized_end=513
-  _globals['_GENERATEREQUEST']._serialized_start=515
-  _globals['_GENERATEREQUEST']._serialized_end=577
-  _globals['_GENERATERESPONSE']._serialized_start=580
-  _globals['_GENERATERESPONSE']._serialized_end=758
-  _globals['_GENERATEUNARYREQUEST']._serialized_start=760
-  _globals['_GENERATEUNARYREQUEST']._serialized_end=827
-  _globals['_COMPLETION']._serialized_start=829
-  _globals['_COMPLETION']._serialized_end=939
-  _globals['_GENERATEUNARYRESPONSE']._serialized_start=942
-  _globals['_GENERATEUNARYRESPONSE']._serialized_end=1115
-  _globals['_PRELOADADAPTERREQUEST']._serialized_start=1117
-  _globals['_PRELOADADAPTERREQUEST']._serialized_end=1171
-  _globals['_PRELOADADAPTERRESPONSE']._serialized_start=1173
-  _globals['_PRELOADADAPTERRESPONSE']._serialized_end=1243
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1245
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1284
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1286
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1327
-  _globals['_LISTLOADEDADAPTERSREQUEST']._serialized_start=1329
-  _globals['_LISTLOADEDADAPTERSREQUEST']._serialized_end=1356
-  _globals['_LOADEDADAPTER']._serialized_start=1359
-  _globals['_LOADEDADAPTER']._serialized_end=1598
-  _globals['_LISTLOADEDADAPTERSRESPONSE']._serialized_start=1601
-  _globals['_LISTLOADEDADAPTERSRESPONSE']._serialized_end=1750
-  _globals['_GETINFERENCEINFOREQUEST']._serialized_start=1752
-  _globals['_GETINFERENCEINFOREQUEST']._serialized_end=1777
-  _globals['_GETINFERENCEINFORESPONSE']._serialized_start=1780
-  _globals['_GETINFERENCEINFORESPONSE']._serialized_end=2134
-  _globals['_INFERENCESERVICE']._serialized_start=2419
-  _globals['_INFERENCESERVICE']._serialized_end=2979
+  _globals['_CHATMESSAGE']._serialized_end=232
+  _globals['_TOOLCALL']._serialized_start=234
+  _globals['_TOOLCALL']._serialized_end=289
+  _globals['_TOOL']._serialized_start=291
+  _globals['_TOOL']._serialized_end=352
+  _globals['_TOOLCALLDELTA']._serialized_start=354
+  _globals['_TOOLCALLDELTA']._serialized_end=429
+  _globals['_RESPONSEFORMAT']._serialized_start=431
+  _globals['_RESPONSEFORMAT']._serialized_end=482
+  _globals['_TOKENLOGPROB']._serialized_start=484
+  _globals['_TOKENLOGPROB']._serialized_end=586
+  _globals['_TOPLOGPROB']._serialized_start=588
+  _globals['_TOPLOGPROB']._serialized_end=632
+  _globals['_SAMPLINGPARAMS']._serialized_start=635
+  _globals['_SAMPLINGPARAMS']._serialized_end=970
+  _globals['_GENERATEPARAMS']._serialized_start=973
+  _globals['_GENERATEPARAMS']._serialized_end=1266
+  _globals['_CHATMESSAGES']._serialized_start=1268
+  _globals['_CHATMESSAGES']._serialized_end=1326
+  _globals['_GENERATEREQUEST']._serialized_start=1328
+  _globals['_GENERATEREQUEST']._serialized_end=1390
+  _globals['_GENERATERESPONSE']._serialized_start=1393
+  _globals['_GENERATERESPONSE']._serialized_end=1664
+  _globals['_GENERATEUNARYREQUEST']._serialized_start=1666
+  _globals['_GENERATEUNARYREQUEST']._serialized_end=1733
+  _globals['_COMPLETION']._serialized_start=1736
+  _globals['_COMPLETION']._serialized_end=1934
+  _globals['_GENERATEUNARYRESPONSE']._serialized_start=1937
+  _globals['_GENERATEUNARYRESPONSE']._serialized_end=2162
+  _globals['_PRELOADADAPTERREQUEST']._serialized_start=2164
+  _globals['_PRELOADADAPTERREQUEST']._serialized_end=2218
+  _globals['_PRELOADADAPTERRESPONSE']._serialized_start=2220
+  _globals['_PRELOADADAPTERRESPONSE']._serialized_end=2290
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=2292
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=2331
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=2333
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=2374
+  _globals['_LISTLOADEDADAPTERSREQUEST']._serialized_start=2376
+  _globals['_LISTLOADEDADAPTERSREQUEST']._serialized_end=2403
+  _globals['_LOADEDADAPTER']._serialized_start=2406
+  _globals['_LOADEDADAPTER']._serialized_end=2645
+  _globals['_LISTLOADEDADAPTERSRESPONSE']._serialized_start=2648
+  _globals['_LISTLOADEDADAPTERSRESPONSE']._serialized_end=2797
+  _globals['_GETINFERENCEINFOREQUEST']._serialized_start=2799
+  _globals['_GETINFERENCEINFOREQUEST']._serialized_end=2824
+  _globals['_GETINFERENCEINFORESPONSE']._serialized_start=2827
+  _globals['_GETINFERENCEINFORESPONSE']._serialized_end=3227
+  _globals['_INFERENCESERVICE']._serialized_start=3543
+  _globals['_INFERENCESERVICE']._serialized_end=4103
 # @@protoc_insertion_point(module_scope)

@@ -25,11 +25,12 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from services.common.chat import ROLES as OPENAI_ROLES
+from services.common.chat import ConversationError, normalize_tool_calls, normalize_tools
 from tunedock.errors import InvalidArgument
 
 FORMATS = ("alpaca", "chat", "text")
 ROLES = ("system", "user", "assistant", "tool")
-OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
@@ -70,12 +71,16 @@ class Message:
     tool_calls: str = ""
     learn: bool = True
     """Assistant turns only: whether the loss covers this turn (OpenAI's `weight`)."""
+    tool_call_id: str = ""
+    """Tool turns only: the call this result answers (OpenAI's `tool_call_id`; some templates render it)."""
 
     def to_template(self) -> dict:
-        """The dict a chat template reads."""
+        """The dict a chat template reads (services.common.chat's convention, as serving builds it)."""
         message: dict = {"role": self.role, "content": self.content}
         if self.tool_calls:
             message["tool_calls"] = json.loads(self.tool_calls)
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
@@ -225,38 +230,20 @@ def _json_value(value: object, where: str, what: str) -> object:
 
 
 def _tools(value: object, where: str) -> str:
-    """Tool specs, normalised to OpenAI's [{"type": "function", "function": {...}}]."""
-    tools = _json_value(value, where, "'tools'")
-    if tools in (None, "", []):
-        return ""
-    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise InvalidArgument(f"{where}: 'tools' must be a list of tool specs (objects)")
-    normalised = []
-    for tool in tools:
-        spec = tool.get("function", tool) if tool.get("type", "function") == "function" else None
-        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-            raise InvalidArgument(f"{where}: every tool needs a function with a 'name' (got {json.dumps(tool)[:80]})")
-        normalised.append({"type": "function", "function": spec})
-    return json.dumps(normalised, sort_keys=True)
+    """Tool specs, normalised to OpenAI's [{"type": "function", "function": {...}}] (as serving does)."""
+    try:
+        tools = normalize_tools(value)
+    except ConversationError as exc:
+        raise InvalidArgument(f"{where}: {exc}") from None
+    return json.dumps(tools, sort_keys=True) if tools else ""
 
 
 def _tool_calls(calls: object, where: str, i: int) -> str:
     """Tool calls in the transformers convention: [{"type": "function", "function": {"name", "arguments": {...}}}]."""
-    if isinstance(calls, dict):
-        calls = [calls]
-    if not isinstance(calls, list) or not calls:
-        raise InvalidArgument(f"{where}: message {i}: tool calls must be an object or a non-empty list")
-    normalised = []
-    for call in calls:
-        function = call.get("function", call) if isinstance(call, dict) else None
-        name = function.get("name") if isinstance(function, dict) else None
-        if not isinstance(function, dict) or not isinstance(name, str) or not name:
-            raise InvalidArgument(f"{where}: message {i}: a tool call needs a function 'name'")
-        arguments = _json_value(function.get("arguments", {}), where, f"message {i}'s tool call arguments")
-        if not isinstance(arguments, dict):
-            raise InvalidArgument(f"{where}: message {i}: tool call arguments must be a JSON object")
-        normalised.append({"type": "function", "function": {"name": name, "arguments": arguments}})
-    return json.dumps(normalised, sort_keys=True)
+    try:
+        return json.dumps(normalize_tool_calls(calls, i), sort_keys=True)
+    except ConversationError as exc:
+        raise InvalidArgument(f"{where}: {exc}") from None
 
 
 def _alpaca(record: dict, where: str) -> Example:
@@ -307,7 +294,9 @@ def _chat(record: dict, where: str, openai: bool) -> Example:
         weight = message.get("weight", 1)
         if weight not in (0, 1):
             raise InvalidArgument(f"{where}: message {i}: weight must be 0 or 1, got {weight!r}")
-        messages.append(Message(role, content, calls, learn=bool(weight)))
+        call_id = message.get("tool_call_id") if openai and role == "tool" else ""
+        call_id = call_id if isinstance(call_id, str) else ""
+        messages.append(Message(role, content, calls, learn=bool(weight), tool_call_id=call_id))
     if not tools and any(m.tool_calls for m in messages):
         raise InvalidArgument(f"{where}: the conversation calls tools but the record lists no 'tools' to call")
     if not any(m.role == "assistant" and m.learn for m in messages):

@@ -16,7 +16,9 @@ Finding those tokens must work for every family's template, which differ in ways
 
 A template that refuses a system role (Gemma2) gets the system prompt at the head of the first
 user turn, as Gemma3's template does itself; a conversation with tools goes through the template's
-tool support, and one whose template cannot render tools is refused.
+tool support, and one whose template cannot render tools is refused. All of that is
+`services.common.chat.ChatRenderer`, which serving renders prompts with too: an adapter is served
+exactly the tokens it was trained on.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.trainer.data.records import Example, Message
+from services.common.chat import ChatRenderer, ConversationError
+from services.trainer.data.records import Example
 
 IGNORE = -100
 _PROBE = "\u2063tunedock-probe\u2063"
@@ -49,12 +52,9 @@ class ChatFormatter:
 
     def __init__(self, tokenizer, notice: Callable[[str], None] = lambda message: None) -> None:
         self.tokenizer = tokenizer
-        self.notice = notice
-        template = getattr(tokenizer, "chat_template", None) or ""
-        self.marks_generation = "generation %}" in template
-        self._system_ok: bool | None = None
+        self.renderer = ChatRenderer(tokenizer, notice)
+        self.marks_generation = "generation %}" in self.renderer.template
         self._terminator: list[str] | None = None
-        self._noticed: set[str] = set()
 
     # ------------------------------------------------------------------------------ public
 
@@ -75,17 +75,21 @@ class ChatFormatter:
     # -------------------------------------------------------------------------------- chat
 
     def _chat(self, example: Example) -> Tokenized:
-        if not getattr(self.tokenizer, "chat_template", None):
+        if not self.renderer.has_template:
             raise FormattingError(
                 f"{example.where}: the base model's tokenizer has no chat template, so chat data cannot be "
                 "formatted; use a model with one (an instruct/chat checkpoint) or text records"
             )
-        messages = self._fit_system(list(example.messages))
+        whole = [m.to_template() for m in example.messages]
+        chat = self.renderer.fit_system(whole)
+        learn = [m.learn for m in example.messages][len(whole) - len(chat) :]  # a merged system turn goes first
         tools = example.template_tools()
         if tools is not None:
-            self._check_tools(messages, tools, example.where)
-        chat = [m.to_template() for m in messages]
-        learn_all = all(m.learn for m in messages if m.role == "assistant")
+            try:
+                self.renderer.check_tools(chat, tools)
+            except ConversationError as exc:
+                raise FormattingError(f"{example.where}: {exc}") from None
+        learn_all = all(keep for m, keep in zip(chat, learn, strict=True) if m["role"] == "assistant")
         if self.marks_generation and learn_all:
             return self._generation_marks(chat, tools)
         text = self._render(chat, tools, generation_prompt=False, where=example.where)
@@ -93,12 +97,12 @@ class ChatFormatter:
         ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
         labels = [IGNORE] * len(ids)
         cursor = 0
-        for i, message in enumerate(messages):
-            if message.role != "assistant":
+        for i, message in enumerate(chat):
+            if message["role"] != "assistant":
                 continue
             span = self._prefix_span(chat, tools, i, text, offsets, example.where)
             if span is None:
-                span = self._content_span(message, text, offsets, cursor)
+                span = self._content_span(message["content"], text, offsets, cursor)
             if span is None:
                 raise FormattingError(
                     f"{example.where}: cannot find assistant turn {i} in the conversation as this base model's chat "
@@ -107,7 +111,7 @@ class ChatFormatter:
                 )
             start, end = span
             cursor = offsets[end - 1][1] if end > start else cursor
-            if message.learn:
+            if learn[i]:
                 labels[start:end] = ids[start:end]
         return Tokenized(ids, labels)
 
@@ -121,11 +125,9 @@ class ChatFormatter:
 
     def _render(self, chat: list[dict], tools, generation_prompt: bool, where: str) -> str:
         try:
-            return self.tokenizer.apply_chat_template(
-                chat, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
-            )
-        except Exception as exc:  # jinja2's TemplateError and friends: the template refused the conversation
-            raise FormattingError(f"{where}: the base model's chat template refused the conversation: {exc}") from None
+            return self.renderer.render(chat, tools, generation_prompt)
+        except ConversationError as exc:
+            raise FormattingError(f"{where}: {exc}") from None
 
     def _prefix_span(self, chat, tools, i, text, offsets, where) -> tuple[int, int] | None:
         """Tokens of assistant turn i by rendering prefixes; None where prefixes do not render as prefixes."""
@@ -144,9 +146,9 @@ class ChatFormatter:
             end += 1
         return self._trim_whitespace(start, end, offsets, text)
 
-    def _content_span(self, message: Message, text: str, offsets, cursor: int) -> tuple[int, int] | None:
+    def _content_span(self, content: str, text: str, offsets, cursor: int) -> tuple[int, int] | None:
         """Tokens of an assistant turn found by its text, plus the template's end-of-turn tokens."""
-        content = message.content.strip()
+        content = content.strip()
         if not content:
             return None
         found = text.find(content, cursor)
@@ -181,56 +183,6 @@ class ChatFormatter:
         while end > start and not text[offsets[end - 1][0] : offsets[end - 1][1]].strip():
             end -= 1
         return (start, end) if end > start else None
-
-    # ------------------------------------------------------------------ template quirks
-
-    def _fit_system(self, messages: list[Message]) -> list[Message]:
-        """Templates without a system role get the system prompt at the head of the first user turn."""
-        if not messages or messages[0].role != "system" or self._accepts_system():
-            return messages
-        system, rest = messages[0], messages[1:]
-        self._notice(
-            "system-merged",
-            "the chat template has no system role: system prompts are put at the head of the first user turn",
-        )
-        for j, m in enumerate(rest):
-            if m.role == "user":
-                rest[j] = Message("user", f"{system.content}\n\n{m.content}", m.tool_calls, m.learn)
-                return rest
-        return rest
-
-    def _accepts_system(self) -> bool:
-        if self._system_ok is None:
-            chat = [
-                {"role": "system", "content": "s"},
-                {"role": "user", "content": "u"},
-                {"role": "assistant", "content": "a"},
-            ]
-            try:
-                self.tokenizer.apply_chat_template(chat, tokenize=False)
-                self._system_ok = True
-            except Exception:
-                self._system_ok = False
-        return self._system_ok
-
-    def _check_tools(self, messages: list[Message], tools: list[dict], where: str) -> None:
-        """Tool specs and tool calls must show up in the rendering, or the model would learn calls to nothing."""
-        chat = [m.to_template() for m in messages]
-        text = self._render(chat, tools, generation_prompt=False, where=where)
-        names = [t["function"]["name"] for t in tools]
-        called = [c["function"]["name"] for m in chat for c in m.get("tool_calls", [])]
-        missing = [n for n in dict.fromkeys(names + called) if n not in text]
-        if missing:
-            raise FormattingError(
-                f"{where}: the base model's chat template does not render tools or tool calls (missing: "
-                f"{', '.join(missing)}); tool-calling data needs a template with tool support (Qwen2.5, Llama-3.1, "
-                "Mistral's tokenizer v3+)"
-            )
-
-    def _notice(self, key: str, message: str) -> None:
-        if key not in self._noticed:
-            self._noticed.add(key)
-            self.notice(message)
 
 
 def _first_token_at(offsets, char: int) -> int:
