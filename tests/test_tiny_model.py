@@ -66,6 +66,56 @@ def test_loads_in_transformers_with_chat_template(tiny_model_dir):
     assert torch.isfinite(logits).all()
 
 
+# The default template before it rendered tools: conversations without tools must render as they did.
+CHATML_WITHOUT_TOOLS = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}"
+    "{{ message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_the_default_template_renders_tools_and_nothing_else_changed(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    conversations = [
+        [{"role": "user", "content": "hi"}],
+        [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": " Hello! "},
+            {"role": "user", "content": "more"},
+        ],
+    ]
+    for chat in conversations:
+        for generation_prompt in (True, False):
+            kwargs = dict(tokenize=False, add_generation_prompt=generation_prompt)
+            assert tokenizer.apply_chat_template(chat, **kwargs) == tokenizer.apply_chat_template(
+                chat, chat_template=CHATML_WITHOUT_TOOLS, **kwargs
+            )
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}
+    chat = [
+        {"role": "user", "content": "Weather in Rome?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "cloudy"},
+    ]
+    text = tokenizer.apply_chat_template(chat, tools=[tool], tokenize=False)
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in text
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call><|im_end|>' in text
+    assert "<tool_response>\ncloudy\n</tool_response>" in text
+    out = tokenizer.apply_chat_template(chat[:2], tools=[tool], return_dict=True, return_assistant_tokens_mask=True)
+    learned = [t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
+    assert tokenizer.decode(learned).startswith("<tool_call>")  # the call is what the model learns to say
+
+
 def _peft_adapter(tiny_model_dir, out_dir):
     """A LoRA adapter with random (non-zero) B, so it visibly changes the output."""
     from peft import LoraConfig, get_peft_model

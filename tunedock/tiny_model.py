@@ -9,8 +9,8 @@ with a ChatML template; `TinyModelSpec(family=...)` builds Qwen2, Mistral, Gemma
 architecture classes as the public checkpoints, each with a minimal chat template that has
 the structure of the family's public one (Mistral puts the system prompt in the last user
 turn, Gemma2 refuses a system role, Phi-3.5 ends a conversation with an EOS that the next
-turn replaces, Qwen2.5 renders tools and tool calls). The same code paths that take these
-directories take a hub id or a local path of a real model.
+turn replaces, Qwen2.5 renders tools and tool calls; so does the default ChatML template).
+The same code paths that take these directories take a hub id or a local path of a real model.
 
 The build is deterministic for a given spec and cached: the directory name carries a
 hash of the recipe, so a changed recipe builds a new model instead of reusing a stale one.
@@ -33,21 +33,34 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, IM_START, IM_END]
 
 # ChatML-style template. `{% generation %}` marks assistant text so that
-# `return_assistant_tokens_mask` can tell the trainer where the loss belongs.
+# `return_assistant_tokens_mask` can tell the trainer where the loss belongs. With `tools` it
+# renders them as Qwen2.5's template does (a system block listing them; calls as
+# <tool_call>{"name", "arguments"}</tool_call>; results as <tool_response> user turns), so
+# tool-calling data trains and serves on the default model (vLLM's "hermes" parser reads the calls).
+# Without tools the rendering is what it was before tools existed.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{%- if tools %}{{ '<|im_start|>system\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "{{ '# Tools\n\n<tools>' }}{% for tool in tools %}{{ '\n' + tool | tojson }}{% endfor %}"
+    "{{ '\n</tools>\n\nFor each function call, return a json object within <tool_call></tool_call> tags."
+    "<|im_end|>\n' }}{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['role'] == 'assistant' %}"
-    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
-    "{% else %}"
-    "{{ message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endif %}"
+    "{%- if tools and loop.first and message['role'] == 'system' %}"
+    "{%- elif message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+    "{% generation %}{{ message['content'] }}"
+    "{%- for call in message['tool_calls'] | default([]) %}"
+    "{%- if not loop.first or message['content'] %}{{ '\n' }}{% endif %}"
+    "{{ '<tool_call>\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' }}"
+    "{{- call['function']['arguments'] | tojson }}{{ '}\n</tool_call>' }}"
+    "{%- endfor %}{{ '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{ '<|im_start|>user\n<tool_response>\n' + message['content'] + '\n</tool_response><|im_end|>\n' }}"
+    "{%- else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{%- endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
 # Minimal chat templates with the structure of each family's public one (see the module doc).
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}"

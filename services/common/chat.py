@@ -39,7 +39,11 @@ def json_value(value: object, what: str) -> object:
 
 
 def normalize_tools(value: object) -> list[dict]:
-    """Tool specs, normalised to `[{"type": "function", "function": {...}}]` (a bare function spec is accepted)."""
+    """Tool specs, normalised to `[{"type": "function", "function": {...}}]` (a bare function spec is accepted).
+
+    Templates write tools with `tojson`, keys in order, so the order is fixed here: type, then the
+    function's name, description, parameters, then anything else as given. A dataset's tools and a
+    client's tools then render to the same tokens whatever order each was written in."""
     tools = json_value(value, "'tools'")
     if tools in (None, "", []):
         return []
@@ -50,7 +54,9 @@ def normalize_tools(value: object) -> list[dict]:
         spec = tool.get("function", tool) if tool.get("type", "function") == "function" else None
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
             raise ConversationError(f"every tool needs a function with a 'name' (got {json.dumps(tool)[:80]})")
-        normalised.append({"type": "function", "function": spec})
+        ordered = {k: spec[k] for k in ("name", "description", "parameters") if k in spec}
+        ordered.update((k, v) for k, v in spec.items() if k not in ordered)
+        normalised.append({"type": "function", "function": ordered})
     return normalised
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 from tunedock.client.channel import ServiceClient
@@ -29,6 +30,28 @@ def routing_metadata(adapter: str) -> tuple[tuple[str, str], ...]:
     return ((ROUTING_KEY, name),)
 
 
+def chat_message(message: dict) -> pb.ChatMessage:
+    """An OpenAI-shaped chat message as the proto's (tool call arguments as JSON text)."""
+    calls = []
+    for call in message.get("tool_calls") or ():
+        function = call.get("function", call)
+        arguments = function.get("arguments", "{}")
+        calls.append(
+            pb.ToolCall(
+                id=call.get("id", ""),
+                name=function["name"],
+                arguments=arguments if isinstance(arguments, str) else json.dumps(arguments),
+            )
+        )
+    return pb.ChatMessage(
+        role=message["role"],
+        content=message.get("content") or "",
+        tool_calls=calls,
+        tool_call_id=message.get("tool_call_id", ""),
+        name=message.get("name", ""),
+    )
+
+
 class InferenceClient(ServiceClient):
     STUB = inference_pb2_grpc.InferenceServiceStub
     DEFAULT_TIMEOUT = 300.0
@@ -44,15 +67,39 @@ class InferenceClient(ServiceClient):
         adapter: str = "",
         max_tokens: int = 64,
         temperature: float = 0.0,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict = "",
+        response_format: dict | None = None,
         **sampling,
     ) -> pb.GenerateParams:
+        """GenerateParams from OpenAI-shaped pieces: messages (with tool_calls / tool_call_id), tools
+        (`{"type": "function", "function": {...}}` or the function alone), tool_choice ("auto", "none",
+        "required" or `{"type": "function", "function": {"name": ...}}`), response_format
+        (`{"type": "json_schema", "json_schema": {"schema": {...}}}` or `{"type": "json_object"}`)."""
         params = pb.GenerateParams(
             adapter=adapter, sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=temperature, **sampling)
         )
         if messages:
-            params.messages.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+            params.messages.messages.extend(chat_message(m) for m in messages)
         else:
             params.prompt = prompt
+        for tool in tools or ():
+            function = tool.get("function", tool)
+            params.tools.append(
+                pb.Tool(
+                    name=function["name"],
+                    description=function.get("description", ""),
+                    parameters=json.dumps(function["parameters"]) if "parameters" in function else "",
+                )
+            )
+        if isinstance(tool_choice, dict):
+            params.tool_choice_function = tool_choice["function"]["name"]
+        else:
+            params.tool_choice = tool_choice
+        if response_format:
+            schema = (response_format.get("json_schema") or {}).get("schema")
+            params.response_format.type = response_format["type"]
+            params.response_format.json_schema = json.dumps(schema) if schema is not None else ""
         return params
 
     def generate(self, prompt: str = "", adapter: str = "", **kwargs) -> pb.GenerateUnaryResponse:

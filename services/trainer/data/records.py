@@ -235,13 +235,13 @@ def _tools(value: object, where: str) -> str:
         tools = normalize_tools(value)
     except ConversationError as exc:
         raise InvalidArgument(f"{where}: {exc}") from None
-    return json.dumps(tools, sort_keys=True) if tools else ""
+    return json.dumps(tools) if tools else ""  # key order kept: the template writes them as serving will
 
 
 def _tool_calls(calls: object, where: str, i: int) -> str:
     """Tool calls in the transformers convention: [{"type": "function", "function": {"name", "arguments": {...}}}]."""
     try:
-        return json.dumps(normalize_tool_calls(calls, i), sort_keys=True)
+        return json.dumps(normalize_tool_calls(calls, i))
     except ConversationError as exc:
         raise InvalidArgument(f"{where}: {exc}") from None
 
