@@ -238,3 +238,86 @@ def test_langchain_chat_openai_invokes_streams_binds_tools_and_structures_output
     assert [(c["name"], c["args"]) for c in called.tool_calls] == [("get_weather", {"city": "Rome"})]
     structured = llm.with_structured_output(CITY_SCHEMA | {"title": "City"}, method="json_schema")
     assert structured.invoke("Describe Rome as JSON.") == {"city": "Rome", "country": "Italy"}
+
+
+def _lm_eval_task(tmp_path, kind: str) -> str:
+    """A local lm-evaluation-harness task (YAML + JSONL, no hub): the adapter's JSON answers."""
+    rows = []
+    countries = [country for country, _ in CITIES.values()]
+    for city, (country, _) in CITIES.items():
+        answers = [json.dumps({"city": city, "country": c}) for c in countries]
+        rows.append({"question": f"Describe {city} as JSON.", "choices": answers, "label": countries.index(country)})
+    data = tmp_path / f"{kind}.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    common = [
+        f"task: tunedock_{kind}",
+        "dataset_path: json",
+        "dataset_kwargs:",
+        "  data_files:",
+        f"    test: {data}",
+        "test_split: test",
+    ]
+    if kind == "choice":  # loglikelihood: echo + logprobs on /v1/completions
+        body = [
+            "output_type: multiple_choice",
+            'doc_to_text: "{{question}}"',
+            'doc_to_choice: "{{choices}}"',
+            "doc_to_target: label",
+            "metric_list:",
+            "  - metric: acc",
+        ]
+    else:  # generation on /v1/chat/completions
+        body = [
+            "output_type: generate_until",
+            'doc_to_text: "{{question}}"',
+            'doc_to_target: "{{choices[label]}}"',
+            "generation_kwargs:",
+            "  until: []",
+            "  max_gen_toks: 32",
+            "metric_list:",
+            "  - metric: exact_match",
+        ]
+    (tmp_path / f"{kind}.yaml").write_text("\n".join(common + body) + "\n")
+    return f"tunedock_{kind}"
+
+
+def test_lm_eval_scores_the_adapter_over_the_openai_api(inference_stack, tool_adapter, tiny_model_dir, tmp_path):
+    """lm-evaluation-harness as users run it: local-completions (loglikelihood through echo + logprobs, token
+    ids in) and local-chat-completions (generation), against the base and the adapter."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    choice, generate = _lm_eval_task(tmp_path, "choice"), _lm_eval_task(tmp_path, "generate")
+    tasks = TaskManager(include_path=str(tmp_path))
+    base_id = json.loads(_get(f"{inference_stack.openai_base_url}/models"))["data"][0]["id"]
+    scores = {}
+    for model in (base_id, "tool-pilot"):
+        common = {"model": model, "tokenizer": str(tiny_model_dir), "tokenizer_backend": "huggingface"}
+        loglikelihood = lm_eval.simple_evaluate(
+            model="local-completions",
+            model_args={**common, "base_url": f"{inference_stack.openai_base_url}/completions", "max_retries": 1},
+            tasks=[choice],
+            task_manager=tasks,
+        )
+        generation = lm_eval.simple_evaluate(
+            model="local-chat-completions",
+            model_args={**common, "base_url": f"{inference_stack.openai_base_url}/chat/completions", "max_retries": 1},
+            tasks=[generate],
+            task_manager=tasks,
+            apply_chat_template=True,
+        )
+        scores[model] = (
+            loglikelihood["results"][choice]["acc,none"],
+            generation["results"][generate]["exact_match,none"],
+        )
+    # Generation goes through the chat template the adapter was trained on: it writes every answer. The
+    # loglikelihood task scores raw "question answer" text (no template), where it still ranks better.
+    assert scores["tool-pilot"][1] == 1.0 and scores[base_id][1] == 0.0, scores
+    assert scores["tool-pilot"][0] > scores[base_id][0], scores
+
+
+def _get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as reply:
+        return reply.read().decode()
