@@ -15,6 +15,9 @@ import pytest
 # small one so engines fit beside the test process.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No model hub here (nor in CI): `datasets` (lm-eval's local tasks) must not try to reach it.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def pytest_report_header(config) -> list[str]:

@@ -8,6 +8,7 @@ what a job without a base produces is served by the stack.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -24,7 +25,7 @@ NODE_CLIENT = Path(__file__).resolve().parents[2] / "clients" / "node"
 def node_client():
     npm, node = shutil.which("npm"), shutil.which("node")
     assert npm and node, "Node.js and npm are needed to run clients/node (.ci/run has them)"
-    if not (NODE_CLIENT / "node_modules" / "@grpc" / "grpc-js").exists():
+    if not all((NODE_CLIENT / "node_modules" / p).exists() for p in ("@grpc/grpc-js", "openai")):
         subprocess.run([npm, "ci", "--silent", "--no-audit", "--no-fund"], cwd=NODE_CLIENT, check=True, timeout=300)
     return node
 
@@ -55,3 +56,40 @@ def test_the_node_example_trains_on_the_default_base_and_generates_with_the_adap
     with RegistryClient(stack_env["TUNEDOCK_REGISTRY_ADDRESS"]) as registry:
         lineage = registry.get(result["job"]["output_ref"]).lineage
     assert lineage.base_model == str(tiny_model_dir)
+
+
+def test_the_openai_npm_package_streams_a_chat_with_an_adapter(node_client, inference_stack, tiny_model_dir, tmp_path):
+    """clients/node/openai_chat.mjs: the stock `openai` package for Node against the OpenAI-compatible API."""
+    import openai
+
+    from tests.inference.test_inference_service import _train_adapter
+    from tunedock.client import RegistryClient
+
+    with RegistryClient(inference_stack.registry.address) as registry:
+        registry.publish_dir(_train_adapter(tiny_model_dir, tmp_path, seed=11), "node-oai")
+    env = {**os.environ, "TUNEDOCK_OPENAI_BASE_URL": inference_stack.openai_base_url, "TUNEDOCK_MAX_TOKENS": "12"}
+
+    def run(model: str) -> dict:
+        done = subprocess.run(
+            [node_client, "openai_chat.mjs", model],
+            cwd=NODE_CLIENT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    streamed = run("node-oai")
+    with openai.OpenAI(base_url=inference_stack.openai_base_url, api_key="none", max_retries=0) as client:
+        whole = client.chat.completions.create(
+            model="node-oai",
+            messages=[{"role": "user", "content": "What does the pirate say about ship 3?"}],
+            max_tokens=12,
+            temperature=0,
+        )
+    assert streamed["text"] == whole.choices[0].message.content and streamed["chunks"] > 2
+    assert streamed["finish"] == "length" and streamed["usage"]["completion_tokens"] == 12
+    missing = run("node-oai-missing")
+    assert missing["error"]["name"] == "NotFoundError" and missing["error"]["status"] == 404

@@ -31,9 +31,13 @@ USER_ROLES = [
 
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory, tiny_model_dir, inference_stack):
-    users = {"alice": (USER_ROLES, ["team-a"]), "bob": (USER_ROLES, ["team-b"])}
+    users = {
+        "alice": (USER_ROLES, ["team-a"]),
+        "bob": (USER_ROLES, ["team-b"]),
+        "carol": (["registry.read"], ["team-a"]),  # may look, may not generate
+    }
     stack = SecuredServices(
-        tmp_path_factory.mktemp("secure"), tiny_model_dir, inference_stack, users, max_tokens_limit=16
+        tmp_path_factory.mktemp("secure"), tiny_model_dir, inference_stack, users, max_tokens_limit=16, http_port=0
     )
     stack.alice, stack.bob = stack.user_tokens["alice"], stack.user_tokens["bob"]
     yield stack
@@ -146,6 +150,42 @@ def test_cross_project_adapter_use_is_indistinguishable_from_not_found(secure, a
         )
         assert "not found" in message
         assert bob.generate("Ahoy", max_tokens=4).completions  # the base model is everyone's
+
+
+def test_the_openai_api_takes_tokens_as_api_keys_and_keeps_projects_apart(secure, alice_job):
+    """The same tokens, roles and projects over HTTP, with the OpenAI SDK's typed errors."""
+    import httpx
+    import openai
+
+    _, job = alice_job
+    url = f"http://127.0.0.1:{secure.inference.server.http_port}/v1"
+
+    def client(token: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=url, api_key=token, max_retries=0)
+
+    ask = dict(messages=[{"role": "user", "content": "Ahoy"}], max_tokens=4, temperature=0)
+    with client(secure.alice) as alice, client(secure.bob) as bob:
+        assert alice.chat.completions.create(model=job.output_ref, **ask).model == job.output_ref
+        assert "alice-pirate" in {m.id for m in alice.models.list().data}
+        assert not {m.id for m in bob.models.list().data if m.id.startswith("alice-pirate")}
+        with pytest.raises(openai.NotFoundError) as hidden:
+            bob.chat.completions.create(model=job.output_ref, **ask)
+        with pytest.raises(openai.NotFoundError) as missing:
+            bob.chat.completions.create(model="ghost-adapter:1", **ask)
+        assert hidden.value.message.replace("alice-pirate", "X") == missing.value.message.replace("ghost-adapter", "X")
+        with pytest.raises(openai.NotFoundError):
+            bob.models.retrieve(job.output_ref)
+        base = bob.models.list().data[0].id
+        assert bob.chat.completions.create(model=base, **ask).choices  # the base model is everyone's
+    with client("not-a-token") as stranger, pytest.raises(openai.AuthenticationError) as denied:
+        stranger.chat.completions.create(model=job.output_ref, **ask)
+    assert "unknown" in denied.value.message and "not-a-token" not in denied.value.message
+    anonymous = httpx.post(f"{url}/chat/completions", json={"model": job.output_ref, **ask}, timeout=30)
+    assert anonymous.status_code == 401 and anonymous.json()["error"]["type"] == "authentication_error"
+    assert "Authorization: Bearer" in anonymous.json()["error"]["message"]
+    with client(secure.user_tokens["carol"]) as carol, pytest.raises(openai.PermissionDeniedError) as no_role:
+        carol.chat.completions.create(model=job.output_ref, **ask)
+    assert "inference.generate" in no_role.value.message
 
 
 def test_a_worker_token_is_good_for_its_own_job_only(secure, alice_job):
