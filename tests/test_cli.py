@@ -304,6 +304,12 @@ def test_local_stack_runs_with_one_generated_token(tmp_path, tiny_model_dir):
             {**env, "TUNEDOCK_HOME": str(tmp_path / "elsewhere")}, "jobs", "ls", "--trainer", stack.address("trainer")
         )
         assert anonymous.returncode == 5 and "no credentials" in anonymous.stderr
+        import openai  # the OpenAI-compatible API beside gRPC, the admin token as api_key
+
+        with openai.OpenAI(base_url=stack.openai_base_url, api_key=token, max_retries=0) as client:
+            assert client.models.list().data[0].id == tiny_model_dir.name
+            with pytest.raises(openai.AuthenticationError):
+                client.with_options(api_key="td_wrong").models.list()
     finally:
         codes = stack.stop()
     assert all(code == 0 for code in codes.values()), codes
@@ -316,12 +322,14 @@ def test_info_says_what_the_stack_serves_and_a_down_service_is_named(env, tiny_m
     assert info["inference"]["base_model"] == info["trainer"]["default_base_model"] == str(tiny_model_dir)
     assert info["inference"]["max_lora_rank"] == info["trainer"]["max_lora_rank"] == 128
     assert info["registry"]["metadata_backend"] == "sqlite" and info["errors"] == {}
+    assert info["inference"]["openai_base_url"].endswith("/v1") and info["inference"]["tool_parser"] == "hermes"
 
     text = tunedock(env, "info")
     assert text.returncode == 0, text.stderr
     rows = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in text.stdout.splitlines() if "  " in line)
     assert rows["default base"] == str(tiny_model_dir) and rows["chat template"] == "yes: send messages"
     assert rows["LoRA"].endswith("rank <= 128") and rows["executor"] == "local (cpu)"
+    assert rows["OpenAI API"] == info["inference"]["openai_base_url"] and rows["tool-call parser"] == "hermes"
 
     down = tunedock({**env, "TUNEDOCK_TRAINER_ADDRESS": "127.0.0.1:1"}, "info")
     assert down.returncode == 0, down.stderr  # the others still answer

@@ -321,3 +321,38 @@ def _get(url: str) -> str:
 
     with urllib.request.urlopen(url, timeout=30) as reply:
         return reply.read().decode()
+
+
+def test_the_cli_sends_a_system_prompt_and_tools(inference_stack, tool_adapter, tmp_path):
+    import os
+
+    from tests.test_cli import tunedock
+
+    env = {**os.environ, "TUNEDOCK_INFERENCE_ADDRESS": inference_stack.inference.address}
+    env.pop("LD_PRELOAD", None)
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([WEATHER]))
+    called = tunedock(
+        env,
+        "generate",
+        "--adapter",
+        "tool-pilot",
+        "--tools",
+        str(tools),
+        "--max-tokens",
+        "96",
+        "What is the weather in Rome?",
+    )
+    assert called.returncode == 0, called.stderr
+    assert '[tool call] get_weather({"city": "Rome"})' in called.stdout
+    system = "You are terse."
+    told = tunedock(env, "generate", "--system", system, "--max-tokens", "8", "--json", "Tell me about the moon.")
+    assert told.returncode == 0, told.stderr
+    with InferenceClient(inference_stack.inference.address) as grpc_client:
+        expected = grpc_client.generate(
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": "Tell me about the moon."}],
+            max_tokens=8,
+        )
+    assert json.loads(told.stdout)["completions"][0]["text"] == expected.completions[0].text
+    refused = tunedock(env, "generate", "--raw", "--system", system, "hi")
+    assert refused.returncode != 0 and "drop --raw" in refused.stderr

@@ -69,6 +69,8 @@ def _print(answers: dict[str, dict], errors: dict[str, str]) -> None:
             ),
             ("device", i.get("device", "")),
             ("routing key", i.get("routing_key", "")),
+            ("tool-call parser", i.get("tool_parser", "") or "none (tool_choice auto returns text)"),
+            ("OpenAI API", i.get("openai_base_url", "") or "not served (--http-port)"),
         ]
     if (t := answers.get("trainer")) is not None:
         gpus = f" x{t.get('gpu_count', 0)}" if t.get("gpu_count") else ""

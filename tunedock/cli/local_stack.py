@@ -26,6 +26,8 @@ SERVICES = (
 )
 WORKER_PORT = 50054
 """The trainer's worker API (TrainerWorkerService)."""
+OPENAI_PORT = 8000
+"""Inference's OpenAI-compatible HTTP API (the port `vllm serve` uses, so tools' defaults fit)."""
 
 
 @dataclass(frozen=True)
@@ -87,10 +89,14 @@ class LocalStack:
         port = next(p for m, _, p, _ in SERVICES if m == module) + self.port_offset
         return f"{self.host}:{port}"
 
+    @property
+    def openai_base_url(self) -> str:
+        return f"http://{self.host}:{OPENAI_PORT + self.port_offset}/v1"
+
     def ports(self) -> list[int]:
-        """Every port the stack binds: gRPC and metrics of each service, the trainer's worker API."""
+        """Every port the stack binds: gRPC and metrics of each service, the worker API, the OpenAI API."""
         listed = [port for _, _, grpc_port, metrics in SERVICES for port in (grpc_port, metrics)]
-        return [port + self.port_offset for port in (*listed, WORKER_PORT)]
+        return [port + self.port_offset for port in (*listed, WORKER_PORT, OPENAI_PORT)]
 
     def check_ports_free(self) -> None:
         """Refuse to start over ports in use: a stack left running would answer the health checks in
@@ -142,6 +148,7 @@ class LocalStack:
                 args += ["--registry-token-file", str(creds.trainer_token_file)]
             if module == "inference":
                 args += ["--registry-token-file", str(creds.inference_token_file)]
+                args += ["--http-port", str(OPENAI_PORT + self.port_offset)]
             if module == "inference" and self.base_model:
                 args += ["--base-model", self.base_model]
             if module == "trainer" and self.base_model:  # jobs without a base train on the one served

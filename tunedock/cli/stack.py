@@ -53,7 +53,7 @@ def up(
     data_dir: Path = typer.Option(None, help="state directory (default $TUNEDOCK_HOME or ~/.tunedock)"),
     base_model: str = typer.Option("", help="base model for inference (hub id or path); default: the tiny model"),
     host: str = typer.Option("127.0.0.1", help="address the services bind to"),
-    port_offset: int = typer.Option(0, help="added to the default ports 50051-50053 / 9451-9453"),
+    port_offset: int = typer.Option(0, help="added to the default ports 50051-50054, 9451-9453 and 8000"),
     check: bool = typer.Option(False, help="start, check health, print the status table, stop"),
 ) -> None:
     """Start trainer, adapter registry and inference locally; Ctrl-C stops them."""
@@ -88,6 +88,10 @@ def up(
         f"authentication on: admin token in {creds.admin_token_file} (the CLI reads $TUNEDOCK_HOME/token; "
         f"elsewhere set TUNEDOCK_TOKEN_FILE={creds.admin_token_file}); add people with "
         f"`tunedock tokens create NAME -r ROLE -p PROJECT -f {creds.token_file}`"
+    )
+    console.print(
+        f"OpenAI-compatible API: {stack.openai_base_url} (api_key: a TuneDock token; model: the base's id or an "
+        "adapter ref, e.g. pirate@prod; see docs/clients.md)"
     )
     if check:
         codes = stack.stop()
