@@ -98,11 +98,17 @@ class OpenAIFront:
             raise HttpError(400, f"the request body is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise HttpError(400, "the request body must be a JSON object")
+        from vllm.exceptions import VLLMValidationError
+
         try:
             return data, model_cls.model_validate(data)
-        except ValueError as exc:  # pydantic's ValidationError (and vLLM's validators' ValueErrors)
+        except VLLMValidationError as exc:  # vLLM's model validators: the message names the field
+            raise HttpError(400, exc.args[0] if exc.args else str(exc), exc.parameter) from None
+        except ValueError as exc:  # pydantic's ValidationError (and validators' ValueErrors)
             message, param = _validation_message(exc)
             raise HttpError(400, message, param) from None
+        except TypeError as exc:  # a validator that met a value of a type it did not expect
+            raise HttpError(400, f"the request body has a value of the wrong type: {exc}") from None
 
     # ------------------------------------------------------------------------- /v1/models
 

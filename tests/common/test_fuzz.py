@@ -140,7 +140,7 @@ class Fuzzed(SecuredServices):
 def fuzzed(tmp_path_factory, tiny_model_dir, inference_stack):
     home = tmp_path_factory.mktemp("fuzz")
     users = {"fuzzer": (["all"], ["*"])}
-    stack = Fuzzed(home, tiny_model_dir, inference_stack, users, max_tokens_limit=4, max_prompt_chars=400)
+    stack = Fuzzed(home, tiny_model_dir, inference_stack, users, max_tokens_limit=4, max_prompt_chars=400, http_port=0)
     stack.admin_token = stack.user_tokens["fuzzer"]
     # Real ids among the generated strings reach deeper than random ones.
     data = home / "d.jsonl"
@@ -229,3 +229,116 @@ def _class(descriptor):
     from google.protobuf import message_factory
 
     return message_factory.GetMessageClass(descriptor)
+
+
+# ------------------------------------------------------------------------- the HTTP front
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**12), 10**12)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=16),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+SCHEMA = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+
+
+def _openai_fields(model_ids: list[str]) -> dict:
+    message = st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system", "developer", "assistant", "tool", "robot"]) | JSON},
+        optional={
+            "content": st.text(max_size=30) | JSON,
+            "tool_calls": st.just(
+                [{"id": "c", "type": "function", "function": WEATHER["function"] | {"arguments": "{}"}}]
+            )
+            | JSON,
+            "tool_call_id": st.text(max_size=8) | JSON,
+        },
+    )
+    return {
+        "model": st.sampled_from(model_ids) | JSON,
+        "messages": st.lists(message, max_size=3) | JSON,
+        "prompt": st.text(max_size=30) | st.lists(st.integers(-2, 3000), max_size=6) | JSON,
+        "max_tokens": st.integers(-2, 6) | JSON,
+        "max_completion_tokens": st.integers(-2, 6) | JSON,
+        "temperature": st.floats(-1, 3) | JSON,
+        "top_p": st.floats(-0.5, 1.5) | JSON,
+        "n": st.integers(-1, 3) | JSON,
+        "stop": st.text(max_size=4) | st.lists(st.text(max_size=4), max_size=2) | JSON,
+        "seed": st.integers(-(2**64), 2**64) | JSON,
+        "logprobs": st.booleans() | st.integers(-1, 25) | JSON,
+        "top_logprobs": st.integers(-1, 25) | JSON,
+        "echo": st.booleans() | JSON,
+        "presence_penalty": st.floats(-3, 3) | JSON,
+        "repetition_penalty": st.floats(-1, 3) | JSON,
+        "tools": st.just([WEATHER]) | st.lists(JSON, max_size=2) | JSON,
+        "tool_choice": st.sampled_from(["auto", "none", "required", {"type": "function", "function": {"name": "x"}}])
+        | JSON,
+        "response_format": st.sampled_from(
+            [
+                {"type": "json_object"},
+                {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}},
+                {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "nonsense"}}},
+            ]
+        )
+        | JSON,
+        "stream": st.booleans(),
+        "stream_options": st.just({"include_usage": True}) | JSON,
+    }
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/completions", "/models/{}"])
+def test_the_openai_front_survives_generated_bodies(fuzzed, path, tiny_model_dir):
+    """No body gets a 500 or breaks the reply's shape; every refusal is OpenAI's error object."""
+    import json
+    from urllib.parse import quote
+
+    import httpx
+
+    url = f"http://127.0.0.1:{fuzzed.inference.server.http_port}/v1"
+    headers = {"Authorization": f"Bearer {fuzzed.admin_token}"}
+    model_ids = [tiny_model_dir.name, "fuzz-target", "ghost", "", "a:0", "x@prod"]
+    chosen_seed = fuzz_seed()
+    replay = f" (replay: TUNEDOCK_FUZZ_SEED={chosen_seed})" if chosen_seed is not None else ""
+    seen: dict[int, int] = {}
+
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=chosen_seed is None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    )
+    @given(
+        st.fixed_dictionaries({}, optional=_openai_fields(model_ids)), st.sampled_from(model_ids) | st.text(max_size=12)
+    )
+    def drive(body, model_id):
+        with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
+            get = path.startswith("/models")
+            reply = client.get(f"/models/{quote(model_id, safe='')}") if get else client.post(path, json=body)
+        seen[reply.status_code] = seen.get(reply.status_code, 0) + 1
+        assert reply.status_code < 500 or reply.status_code == 503, f"{path} {reply.status_code}: {reply.text}{replay}"
+        if reply.status_code >= 400:
+            error = reply.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"], reply.text
+        elif reply.headers["content-type"].startswith("text/event-stream"):
+            events = [line[6:] for line in reply.text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]", reply.text
+            for event in events[:-1]:
+                payload = json.loads(event)
+                assert "error" not in payload or payload["error"]["message"], event
+        else:
+            assert "object" in reply.json()
+
+    if chosen_seed is not None:
+        drive = seed(chosen_seed)(drive)
+    drive()
+    with httpx.Client(base_url=url, headers=headers, timeout=30) as client:  # still serving, and generating
+        reply = client.post(
+            "/completions", json={"model": tiny_model_dir.name, "prompt": "hi", "max_tokens": 2, "temperature": 0}
+        )
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 2
+    assert sum(seen.values()) >= 1
