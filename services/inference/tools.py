@@ -106,11 +106,14 @@ class ToolCalls:
     @classmethod
     def build(cls, tools: list[dict], choice: str | dict, parser_name: str, tokenizer) -> ToolCalls:
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.exceptions import VLLMValidationError
 
         try:
             request = ChatCompletionRequest.model_validate(
                 {"messages": [{"role": "user", "content": ""}], "model": "", "tools": tools, "tool_choice": choice}
             )
+        except VLLMValidationError as exc:  # vLLM's own checks (e.g. a tool_choice naming no given tool)
+            raise InvalidArgument(f"tools/tool_choice: {exc.args[0] if exc.args else exc}") from None
         except ValueError as exc:  # pydantic's ValidationError: a tool spec or tool_choice vLLM cannot read
             raise InvalidArgument(f"tools/tool_choice: {_first_error(exc)}") from None
         handler = cls(tools, choice, parser_name, tokenizer, request)

@@ -180,14 +180,15 @@ def test_errors_are_openai_shaped_with_the_grpc_fronts_status(client, base_id, i
     with pytest.raises(openai.BadRequestError) as role:
         client.chat.completions.create(model=base_id, messages=[{"role": "robot", "content": "x"}], max_tokens=4)
     assert "role" in role.value.message
-    with pytest.raises(openai.BadRequestError) as tools:  # the default tiny template renders no tools
+    with pytest.raises(openai.BadRequestError) as tools:  # a named tool choice must name one of the tools
         client.chat.completions.create(
             model=base_id,
             messages=CHAT,
             max_tokens=4,
             tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+            tool_choice={"type": "function", "function": {"name": "get_time"}},
         )
-    assert "does not render tools" in tools.value.message
+    assert "tool_choice" in tools.value.message and "tools" in tools.value.message
     with httpx.Client(base_url=inference_stack.openai_base_url) as raw:
         bad = raw.post("/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
         assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
