@@ -98,8 +98,9 @@ def test_a_real_grpc_server_answers_the_check_as_haproxy_expects(status, passes)
 
 
 @needs_haproxy
+@pytest.mark.parametrize("openai", [False, True], ids=["grpc", "grpc+openai"])
 @pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
-def test_haproxy_accepts_the_config(tls, tmp_path):
+def test_haproxy_accepts_the_config(tls, openai, tmp_path):
     env = {
         **os.environ,
         "TUNEDOCK_PROXY_BIND": "*:50053",
@@ -107,6 +108,12 @@ def test_haproxy_accepts_the_config(tls, tmp_path):
         "TUNEDOCK_INFERENCE_SRV": "_grpc._tcp.tunedock-inference.tunedock.svc.cluster.local",
         "TUNEDOCK_DNS_SERVER": "127.0.0.1:53",
     }
+    if openai:
+        env |= {
+            "TUNEDOCK_PROXY_HTTP_BIND": "*:8000",
+            "TUNEDOCK_INFERENCE_HTTP_SRV": "_http._tcp.tunedock-inference.tunedock.svc.cluster.local",
+            "TUNEDOCK_BASE_MODEL_ID": "meta-llama/Llama-3.1-8B-Instruct",
+        }
     if tls:
         pki = make_pki(tmp_path / "pki")
         tls_dir = tmp_path / "tls"
@@ -118,3 +125,4 @@ def test_haproxy_accepts_the_config(tls, tmp_path):
     result = subprocess.run([HAPROXY, "-c", "-f", str(CONFIG)], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Configuration file is valid" in result.stdout + result.stderr
+    assert "warning" not in (result.stdout + result.stderr).lower(), result.stdout + result.stderr

@@ -175,20 +175,32 @@ def test_the_affinity_proxy_fronts_the_replicas_with_the_repos_haproxy_config(ov
     assert generated["data"]["haproxy.cfg"] == (ROOT / "deploy" / "haproxy" / "haproxy.cfg").read_text()
     data = generated["data"]
     assert data["TUNEDOCK_PROXY_BIND"] == "*:50053" and data["TUNEDOCK_PROXY_ADMIN"] == "*:8404"
+    assert data["TUNEDOCK_PROXY_HTTP_BIND"] == "*:8000"
     (mount,) = [m for m in container["volumeMounts"] if m["name"] == "config"]
     assert container["command"][-1] == mount["mountPath"] + "/haproxy.cfg"
     # Replicas come from the headless Service's SRV records for its port named grpc.
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["TUNEDOCK_INFERENCE_SRV"] == "_grpc._tcp.tunedock-inference.$(POD_NAMESPACE).svc.cluster.local"
+    # ... and for its port named http: the OpenAI API, routed on the body's model.
+    assert env["TUNEDOCK_INFERENCE_HTTP_SRV"] == "_http._tcp.tunedock-inference.$(POD_NAMESPACE).svc.cluster.local"
     inference_service = by_kind(objects, "Service")["tunedock-inference"]["spec"]
-    assert inference_service["clusterIP"] == "None" and "grpc" in [p["name"] for p in inference_service["ports"]]
-    assert [p["port"] for p in by_kind(objects, "Service")[PROXY]["spec"]["ports"]] == [50053, 8404]
+    assert inference_service["clusterIP"] == "None"
+    assert {p["name"]: p["port"] for p in inference_service["ports"]}.items() >= {"grpc": 50053, "http": 8000}.items()
+    inference = config(objects, "tunedock-inference")
+    assert inference["TUNEDOCK_INFERENCE_HTTP_PORT"] == "8000"
+    # Base requests spread by load: the proxy knows the base's id from the replicas' own config.
+    (base_id,) = [e for e in container["env"] if e["name"] == "TUNEDOCK_BASE_MODEL_ID"]
+    ref = base_id["valueFrom"]["configMapKeyRef"]
+    assert ref["key"] == "TUNEDOCK_INFERENCE_BASE_MODEL" and inference[ref["key"]]
+    assert by_kind(objects, "ConfigMap")[ref["name"]]["data"] == inference
+    assert [p["port"] for p in by_kind(objects, "Service")[PROXY]["spec"]["ports"]] == [50053, 8000, 8404]
     # The replicas admit the proxy; the proxy admits clients and monitoring only.
     policies = by_kind(objects, "NetworkPolicy")
     replica_rule = policies["tunedock-inference"]["spec"]["ingress"][0]
     replica_peers = [p["podSelector"]["matchLabels"] for p in replica_rule["from"]]
     assert {"app.kubernetes.io/name": PROXY} in replica_peers
-    assert [r["ports"][0]["port"] for r in policies[PROXY]["spec"]["ingress"]] == [50053, 8404]
+    assert [[p["port"] for p in r["ports"]] for r in policies[PROXY]["spec"]["ingress"]] == [[50053, 8000], [8404]]
+    assert [p["port"] for p in replica_rule["ports"]] == [50053, 8000]
     assert PROXY in by_kind(objects, "PodDisruptionBudget") and proxy["automountServiceAccountToken"] is False
     if overlay == "gpu-tls":
         assert by_kind(objects, "ConfigMap")[generated["metadata"]["name"]]["data"]["TUNEDOCK_PROXY_TLS_DIR"]

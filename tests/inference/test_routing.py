@@ -144,3 +144,39 @@ def test_a_killed_replica_moves_only_its_adapters_and_gets_them_back(fleet):
     assert {n for n, c in back.items() if c > 0} == moved_back, "the hash did not move the victim's adapters back"
     final = fleet.adapter_requests(survivor)
     assert all(final.get(n, 0) == after.get(n, 0) + (0 if n in moved_back else 1) for n in ADAPTERS)
+
+
+def _openai_chats(fleet: LocalFleet, index: int) -> float:
+    chats = {"service": "openai", "method": "/v1/chat/completions", "code": "200"}
+    return fleet.value(index, "tunedock_rpc_requests_total", **chats)
+
+
+def test_openai_requests_are_routed_on_the_body_model_each_adapter_to_one_replica(fleet):
+    """The proxy reads `model` out of the JSON body: "name" and "name:1" are one adapter, one replica;
+    the base's id spreads by load; a body past the proxy's buffer is still answered (routed by load).
+    Last in the module: the gRPC tests above count every request an adapter got."""
+    from openai import OpenAI
+
+    before = _counts(fleet)
+    chats_before = {r.index: _openai_chats(fleet, r.index) for r in fleet.members}
+    client = OpenAI(base_url=fleet.openai_base_url, api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "Tell me about the moon."}]
+    for model in [m for name in ADAPTERS for m in (name, f"{name}:1", name)]:
+        reply = client.chat.completions.create(model=model, messages=messages, max_tokens=4)
+        served = reply.model  # the version that answered: "name:1" as asked, or the name's latest
+        assert (served == model) if ":" in model else served.startswith(f"{model}:"), (model, served)
+    for _ in range(8):
+        assert client.chat.completions.create(model=fleet.base_model_id, messages=messages, max_tokens=4).model == (
+            fleet.base_model_id
+        )
+    after = _counts(fleet)
+    for name in ADAPTERS:
+        on = {r.index: after[r.index].get(name, 0) - before[r.index].get(name, 0) for r in fleet.members}
+        assert sorted(on.values()) == [0, 3], f"{name}'s HTTP requests were split over the replicas: {on}"
+    adapters_on = {r.index: sum(after[r.index].values()) - sum(before[r.index].values()) for r in fleet.members}
+    base = {i: _openai_chats(fleet, i) - chats_before[i] - adapters_on[i] for i in adapters_on}
+    assert sum(base.values()) == 8 and min(base.values()) >= 2, f"base requests did not spread: {base}"
+
+    # 80 KB of JSON: more than tune.bufsize, so `model` cannot be read; the request goes by load.
+    padded = client.chat.completions.create(model=ADAPTERS[2], messages=messages, max_tokens=4, user="u" * 80_000)
+    assert padded.model == f"{ADAPTERS[2]}:1" and padded.choices[0].message.content

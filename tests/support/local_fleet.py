@@ -27,6 +27,8 @@ from tunedock.healthcheck import check_health
 
 CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "haproxy" / "haproxy.cfg"
 SRV_NAME = "_grpc._tcp.inference.tunedock.test"
+HTTP_SRV_NAME = "_http._tcp.inference.tunedock.test"  # the replicas' OpenAI-compatible API
+BACKENDS = ("by_adapter", "base_model", "openai_by_adapter", "openai_base")
 
 
 _handed_out: set[int] = set()
@@ -74,12 +76,17 @@ class Replica:
     index: int
     port: int
     metrics_port: int
+    http_port: int
     data_dir: Path
     process: subprocess.Popen | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_address(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
 
 
 @dataclass
@@ -100,12 +107,24 @@ class LocalFleet:
         self.home.mkdir(parents=True, exist_ok=True)
         self.proxy_port, self.admin_port, self.dns_port = free_port(), free_port(), free_port(socket.SOCK_DGRAM)
         self.members = [
-            Replica(i, free_port(), free_port(), self.home / f"replica-{i}") for i in range(1, self.replicas + 1)
+            Replica(i, free_port(), free_port(), free_port(), self.home / f"replica-{i}")
+            for i in range(1, self.replicas + 1)
         ]
+        self.proxy_http_port = free_port()
 
     @property
     def proxy_address(self) -> str:
         return f"127.0.0.1:{self.proxy_port}"
+
+    @property
+    def openai_base_url(self) -> str:
+        """The proxy's OpenAI-compatible API, as clients configure it."""
+        return f"http://127.0.0.1:{self.proxy_http_port}/v1"
+
+    @property
+    def base_model_id(self) -> str:
+        """The base's id in the OpenAI API (the replicas' default served model name)."""
+        return Path(self.base_model).name if Path(self.base_model).exists() else self.base_model
 
     # ------------------------------------------------------------------------------ processes
 
@@ -126,6 +145,8 @@ class LocalFleet:
             str(replica.port),
             "--metrics-port",
             str(replica.metrics_port),
+            "--http-port",
+            str(replica.http_port),
             "--data-dir",
             str(replica.data_dir),
             "--base-model",
@@ -149,7 +170,11 @@ class LocalFleet:
         records = []
         for replica in self.members:
             host = f"replica-{replica.index}.inference.tunedock.test"
-            records += [f"--host-record={host},127.0.0.1", f"--srv-host={SRV_NAME},{host},{replica.port},0,100"]
+            records += [
+                f"--host-record={host},127.0.0.1",
+                f"--srv-host={SRV_NAME},{host},{replica.port},0,100",
+                f"--srv-host={HTTP_SRV_NAME},{host},{replica.http_port},0,100",
+            ]
         self._dns = subprocess.Popen(
             [
                 need("dnsmasq", "dnsmasq-base"),
@@ -174,6 +199,9 @@ class LocalFleet:
             "TUNEDOCK_PROXY_ADMIN": f"127.0.0.1:{self.admin_port}",
             "TUNEDOCK_INFERENCE_SRV": SRV_NAME,
             "TUNEDOCK_DNS_SERVER": f"127.0.0.1:{self.dns_port}",
+            "TUNEDOCK_PROXY_HTTP_BIND": f"127.0.0.1:{self.proxy_http_port}",
+            "TUNEDOCK_INFERENCE_HTTP_SRV": HTTP_SRV_NAME,
+            "TUNEDOCK_BASE_MODEL_ID": self.base_model_id,
         }
         self._proxy = subprocess.Popen(
             [need("haproxy", "haproxy"), "-W", "-db", "-f", str(CONFIG)],
@@ -213,7 +241,7 @@ class LocalFleet:
         return rows
 
     def wait_ready(self, timeout: float = 300.0) -> None:
-        """Until every replica is SERVING and HAProxy has them UP in both backends."""
+        """Until every replica is SERVING and HAProxy has them UP in every backend (gRPC and HTTP)."""
         deadline = time.monotonic() + timeout
         wanted = self.members
         while time.monotonic() < deadline:
@@ -232,7 +260,8 @@ class LocalFleet:
                 with contextlib.suppress(OSError):
                     servers = self.proxy_servers()
                     up = {(b, row["addr"]) for (b, _), row in servers.items() if row["status"] == "UP"}
-                    if all((b, r.address) in up for r in wanted for b in ("by_adapter", "base_model")):
+                    addresses = {"openai_by_adapter": "http_address", "openai_base": "http_address"}
+                    if all((b, getattr(r, addresses.get(b, "address"))) in up for r in wanted for b in BACKENDS):
                         return
             time.sleep(0.5)
         raise RuntimeError(f"the fleet was not ready after {timeout:.0f}s; logs in {self.home}")
