@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,7 +33,8 @@ from services.common.changes import Changes
 from services.common.pages import Page
 from services.common.registry_answers import registry_answer
 from services.trainer.config import TrainConfig, config_from_spec, extract_options
-from services.trainer.data.records import parse_dataset
+from services.trainer.data.records import not_a_dataset, validate_records
+from services.trainer.data.sources import SourceOptions, detect, is_tar, unpack
 from services.trainer.domain import JobEvent, JobSpec, State, StateEvent
 from services.trainer.executor import EXIT_PLATFORM, Executor, Launch
 from services.trainer.store import TERMINAL, DatasetRow, JobRecord, JobStore, now
@@ -90,29 +93,48 @@ class TrainerCore:
 
     # ------------------------------------------------------------------------------ datasets
 
-    def begin_upload(self, name: str, fmt: str, project: str = "") -> DatasetUpload:
+    def begin_upload(
+        self, name: str, fmt: str, project: str = "", options: SourceOptions | None = None
+    ) -> DatasetUpload:
         """An upload to feed chunk by chunk; `finish` validates and stores it, `close` always."""
-        return DatasetUpload(self, name, fmt, project)
+        return DatasetUpload(self, name, fmt, project, options or SourceOptions())
 
-    def _store_dataset(self, name: str, fmt: str, path: Path, project: str) -> DatasetRow:
+    def _store_dataset(self, name: str, fmt: str, path: Path, project: str, options: SourceOptions) -> DatasetRow:
+        """Validate an upload record by record (bounded memory whatever its size) and store it: JSONL and
+        JSON arrays as sent, every other kind (Parquet, CSV, Arrow, folders) as the JSONL of its records."""
         project = principal().project_for_write(project)
-        size = path.stat().st_size
-        data = path.read_bytes()
-        parsed = parse_dataset(data, fmt)
-        sha = hashlib.sha256(data).hexdigest()
-        self.datasets.put(sha, path)
+        source = detect(unpack(path, path.with_suffix(".d")) if is_tar(path) else path, name, options)
+        if source.is_json_text:
+            if path.stat().st_size < 16 << 20:  # what a small JSON file that is not a dataset is, said plainly
+                why = not_a_dataset(path.read_text(encoding="utf-8-sig", errors="replace"))
+                if why:
+                    raise InvalidArgument(why)
+            found = validate_records(source.records(), fmt)
+            blob = path
+        else:
+            blob = path.with_suffix(".jsonl")
+            with blob.open("w", encoding="utf-8") as out:
+                found = validate_records(
+                    source.records(),
+                    fmt,
+                    lambda _, record: out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n"),
+                )
+        size = blob.stat().st_size
+        with blob.open("rb") as fh:
+            sha = hashlib.file_digest(fh, "sha256").hexdigest()
+        self.datasets.put(sha, blob)
         # Content-addressed within a project: the same bytes in two projects are two datasets.
         key = sha if project == "default" else hashlib.sha256(f"{project}\0{sha}".encode()).hexdigest()
         row = DatasetRow(
             id=f"ds-{key[:24]}",
             name=name or "dataset.jsonl",
-            format=parsed.format,
-            num_records=len(parsed.examples),
+            format=found.format,
+            num_records=found.num_records,
             size=size,
             sha256=sha,
             created_at=now(),
             project=project,
-            ignored_columns=list(parsed.ignored_columns),
+            ignored_columns=list(found.ignored_columns),
         )
         stored = self.store.add_dataset(row)
         audit("trainer.upload_dataset", stored.id, project, sha256=sha, records=stored.num_records)
@@ -526,8 +548,8 @@ class DatasetUpload:
     """One dataset upload in progress: bytes into a staging file, the size limit checked as they arrive
     (the one place it is checked), so an oversized upload stops at the limit, not at its end."""
 
-    def __init__(self, core: TrainerCore, name: str, fmt: str, project: str) -> None:
-        self.core, self.name, self.format, self.project = core, name, fmt, project
+    def __init__(self, core: TrainerCore, name: str, fmt: str, project: str, options: SourceOptions) -> None:
+        self.core, self.name, self.format, self.project, self.options = core, name, fmt, project, options
         directory = core.data_dir / "trainer" / "staging"
         directory.mkdir(parents=True, exist_ok=True)
         fd, path = tempfile.mkstemp(dir=directory, suffix=".upload")
@@ -548,8 +570,11 @@ class DatasetUpload:
 
     def finish(self) -> DatasetRow:
         self._file.close()
-        return self.core._store_dataset(self.name, self.format, self.path, self.project)
+        return self.core._store_dataset(self.name, self.format, self.path, self.project, self.options)
 
     def close(self) -> None:
+        """The staging file and what was made from it (an unpacked folder, the JSONL of its records)."""
         self._file.close()
         self.path.unlink(missing_ok=True)
+        self.path.with_suffix(".jsonl").unlink(missing_ok=True)
+        shutil.rmtree(self.path.with_suffix(".d"), ignore_errors=True)

@@ -10,6 +10,7 @@ from grpc import aio
 
 from services.common.protoconv import enum_name, enum_number, from_proto, to_proto
 from services.trainer.core import TrainerCore
+from services.trainer.data.sources import SourceOptions
 from services.trainer.domain import JobEvent, JobSpec
 from services.trainer.store import DatasetRow, JobRecord
 from tunedock import __version__
@@ -68,7 +69,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if first is None or not first.HasField("header"):
             raise InvalidArgument("the first message of an UploadDataset stream must be the header")
         fmt = enum_name(FORMATS, first.header.format, "header.format")
-        upload = self.core.begin_upload(first.header.name, fmt, first.header.project)
+        options = SourceOptions(dataset=first.header.dataset, split=first.header.split)
+        upload = self.core.begin_upload(first.header.name, fmt, first.header.project, options)
         try:
             async for request in request_iterator:
                 upload.write(request.data)

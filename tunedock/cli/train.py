@@ -86,15 +86,15 @@ def build_spec(
 
 
 def resolve_datasets(client, values: list[str]) -> list[str]:
-    """Dataset ids as given, or files uploaded first."""
+    """Dataset ids as given, or files and folders uploaded first."""
     ids = []
     for value in values:
         if value.startswith("ds-"):
             ids.append(value)
-        elif Path(value).is_file():
+        elif Path(value).exists():
             ids.append(client.upload_dataset(Path(value)).id)
         else:
-            raise FileNotFoundError(f"{value} is neither a dataset id (ds-...) nor a file")
+            raise FileNotFoundError(f"{value} is neither a dataset id (ds-...) nor a file or folder")
     return ids
 
 

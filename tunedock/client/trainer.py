@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import os
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tunedock.client.channel import ServiceClient, pages
@@ -16,19 +20,41 @@ TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
 class TrainerClient(ServiceClient):
     STUB = trainer_pb2_grpc.TrainerServiceStub
 
-    def upload_dataset(self, path: Path | str, name: str = "", project: str = "") -> pb.Dataset:
-        """Upload a JSONL / JSON-array file; returns the stored dataset (validated)."""
+    def upload_dataset(
+        self,
+        path: Path | str,
+        name: str = "",
+        project: str = "",
+        *,
+        dataset: str = "",
+        split: str = "",
+        progress: Callable[[int, int], None] | None = None,
+    ) -> pb.Dataset:
+        """Upload a dataset and return it stored (validated); every record is checked by the trainer.
+
+        `path` is a file (JSONL, JSON array, Parquet, CSV/TSV, Arrow) or a folder (a `datasets`
+        save_to_disk directory, a folder of shards, a LLaMA-Factory data folder: `dataset` names
+        the entry of its dataset_info.json, `split` a DatasetDict's split), sent as a tar archive.
+        `progress(sent, total)` is called after each chunk, in bytes.
+        """
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist or is not a file")
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+        with contextlib.ExitStack() as stack:
+            source = stack.enter_context(_packed(path) if path.is_dir() else path.open("rb"))
+            total = os.fstat(source.fileno()).st_size
+            header = pb.DatasetHeader(name=name or path.name, project=project, dataset=dataset, split=split)
 
-        def stream():
-            yield pb.UploadDatasetRequest(header=pb.DatasetHeader(name=name or path.name, project=project))
-            with path.open("rb") as fh:
-                while block := fh.read(CHUNK):
+            def stream():
+                yield pb.UploadDatasetRequest(header=header)
+                sent = 0
+                while block := source.read(CHUNK):
                     yield pb.UploadDatasetRequest(data=block)
+                    sent += len(block)
+                    if progress is not None:
+                        progress(sent, total)
 
-        return self.stub.UploadDataset(stream(), timeout=self.timeout * 10).dataset
+            return self.stub.UploadDataset(stream(), timeout=self.timeout * 10).dataset
 
     def info(self) -> pb.GetTrainerInfoResponse:
         """What this trainer offers: default base model, devices, executor, limits (any token may ask)."""
@@ -102,3 +128,16 @@ class TrainerClient(ServiceClient):
         for _ in self.watch(job_id, timeout=timeout):
             pass
         return self.get(job_id)
+
+
+@contextlib.contextmanager
+def _packed(folder: Path) -> Iterator:
+    """A folder as an uncompressed tar archive in a temporary file (data files rarely compress
+    enough to pay for it; the trainer unpacks it with tarfile's `data` filter)."""
+    with tempfile.TemporaryFile() as archive:
+        with tarfile.open(fileobj=archive, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for item in sorted(folder.rglob("*")):
+                if item.is_file() and not item.is_symlink() and not item.name.startswith("."):
+                    tar.add(item, arcname=str(item.relative_to(folder)), recursive=False)
+        archive.seek(0)
+        yield archive

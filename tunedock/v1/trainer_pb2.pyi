@@ -41,14 +41,18 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class DatasetHeader(_message.Message):
-    __slots__ = ("name", "format", "project")
+    __slots__ = ("name", "format", "project", "dataset", "split")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     PROJECT_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
     name: str
     format: DatasetFormat
     project: str
-    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[DatasetFormat, str]] = ..., project: _Optional[str] = ...) -> None: ...
+    dataset: str
+    split: str
+    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[DatasetFormat, str]] = ..., project: _Optional[str] = ..., dataset: _Optional[str] = ..., split: _Optional[str] = ...) -> None: ...
 
 class UploadDatasetRequest(_message.Message):
     __slots__ = ("header", "data")

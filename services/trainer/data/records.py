@@ -13,16 +13,17 @@ text, so the trainer has two shapes to handle, not five. Every column is used or
 name: preference data (DPO `chosen`/`rejected`, KTO `label`/`kto_tag`) and multimodal data
 (`images`, `videos`, `audios`) are refused with the format named, since TuneDock trains
 supervised fine-tuning on text; a few conventional metadata columns (`id`, `source`, ...)
-are accepted and reported as ignored. A malformed record is refused with its line number
-(JSONL) or index (JSON array). Files that are not datasets (LLaMA-Factory's
-`dataset_info.json`, CSV, Parquet) are recognised and refused with what to do instead.
+are accepted and reported as ignored. A malformed record is refused with where it was found
+(sources.py reads each file kind and says where: line, row group and row, shard). JSON files
+that are not datasets (LLaMA-Factory's `dataset_info.json` alone, one object over several lines)
+are recognised and refused with what to do instead.
 No torch here: the trainer service validates uploads with this module.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from services.common.chat import ROLES as OPENAI_ROLES
@@ -113,7 +114,7 @@ def _where(index: int, jsonl: bool) -> str:
     return f"line {index}" if jsonl else f"record {index}"
 
 
-def _not_a_dataset(text: str) -> str | None:
+def not_a_dataset(text: str) -> str | None:
     """Why a file that parses as something else is not a dataset, or None."""
     head = text.lstrip()[:2000]
     if head.startswith("{"):
@@ -131,8 +132,9 @@ def _not_a_dataset(text: str) -> str | None:
         ):
             names = sorted({v.get("file_name", "") for v in whole.values() if v.get("file_name")})[:5]
             return (
-                "this is LLaMA-Factory's dataset_info.json, a list of datasets, not a dataset; upload the files it "
-                f"names instead (e.g. {', '.join(names) or 'the file_name entries'})"
+                "this is LLaMA-Factory's dataset_info.json, a list of datasets, not a dataset; upload the folder "
+                "that holds it and the files it names (tunedock data upload FOLDER --dataset NAME), or one of "
+                f"those files (e.g. {', '.join(names) or 'the file_name entries'})"
             )
         if isinstance(whole, dict) and "\n" in text.strip():
             return (
@@ -140,26 +142,15 @@ def _not_a_dataset(text: str) -> str | None:
                 "or wrap the records in a JSON array"
             )
         return None
-    first = head.splitlines()[0] if head else ""
-    if first and not first.startswith(("{", "[")) and "," in first:
-        return (
-            f"this looks like CSV (first line {first[:80]!r}); TuneDock reads JSONL or a JSON array: "
-            "convert it, e.g. with pandas.read_csv(...).to_json('data.jsonl', orient='records', lines=True)"
-        )
     return None
 
 
 def _records(data: bytes) -> Iterator[tuple[int, object, bool]]:
-    if data.startswith(b"PAR1"):
-        raise InvalidArgument(
-            "this is a Parquet file; TuneDock reads JSONL or a JSON array: convert it, e.g. with "
-            "pandas.read_parquet(...).to_json('data.jsonl', orient='records', lines=True)"
-        )
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise InvalidArgument(f"the file is not UTF-8 text (byte {exc.start})") from None
-    why = _not_a_dataset(text)
+    why = not_a_dataset(text)
     if why:
         raise InvalidArgument(why)
     stripped = text.lstrip()
@@ -319,14 +310,25 @@ def to_example(record: object, fmt: str, where: str, ignored: set[str] | None = 
     return _chat(record, where, openai)
 
 
-def parse_dataset(data: bytes, fmt: str = "") -> ParsedDataset:
-    """Parse and validate a whole file. `fmt` empty means detect from the first record."""
+@dataclass(frozen=True)
+class Validated:
+    """What validation found in a stream of records."""
+
+    format: str
+    num_records: int
+    ignored_columns: tuple[str, ...] = ()
+
+
+def validate_records(
+    records: Iterable[tuple[str, object]], fmt: str = "", keep: Callable[[Example, object], object] | None = None
+) -> Validated:
+    """Validate (where, record) pairs one at a time (sources.py streams them from any file kind);
+    `keep` sees each example and its record. `fmt` empty means detect from the first record."""
     if fmt and fmt not in FORMATS:
         raise InvalidArgument(f"format must be one of {', '.join(FORMATS)}")
-    examples: list[Example] = []
     ignored: set[str] = set()
-    for index, record, jsonl in _records(data):
-        where = _where(index, jsonl)
+    count = 0
+    for where, record in records:
         if not fmt:
             fmt = detect_format(record) if isinstance(record, dict) else ""
             if not fmt:
@@ -334,7 +336,21 @@ def parse_dataset(data: bytes, fmt: str = "") -> ParsedDataset:
                     f"{where}: cannot tell the format; use alpaca (instruction/input/output), chat (messages or "
                     "conversations) or text (text) fields"
                 )
-        examples.append(to_example(record, fmt, where, ignored))
-    if not examples:
+        example = to_example(record, fmt, where, ignored)
+        if keep is not None:
+            keep(example, record)
+        count += 1
+    if not count:
         raise InvalidArgument("the dataset holds no records")
-    return ParsedDataset(fmt, examples, tuple(sorted(ignored)))
+    return Validated(fmt, count, tuple(sorted(ignored)))
+
+
+def parse_dataset(data: bytes, fmt: str = "") -> ParsedDataset:
+    """Parse and validate a whole JSONL / JSON-array file held in memory (the worker's stored copy)."""
+    examples: list[Example] = []
+    found = validate_records(
+        ((_where(index, jsonl), record) for index, record, jsonl in _records(data)),
+        fmt,
+        lambda example, _: examples.append(example),
+    )
+    return ParsedDataset(found.format, examples, found.ignored_columns)
