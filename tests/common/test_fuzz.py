@@ -184,7 +184,7 @@ def test_rpc_survives_generated_messages(fuzzed, module, service, method):
     call = factory(
         path, request_serializer=request_class.SerializeToString, response_deserializer=response_class.FromString
     )
-    timeout = 0.3 if method.name in LONG_POLLS else 20
+    timeout = 0.1 if method.name in LONG_POLLS else 20
     seen: dict[str, int] = {}
 
     chosen_seed = fuzz_seed()
