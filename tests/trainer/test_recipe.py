@@ -257,7 +257,7 @@ def test_qlora_gradients_are_unchanged_by_an_eval_pass(tiny_model_dir, memorizat
                     param.normal_(0, 0.05)
         if eval_first:
             recipe.evaluate()
-        batch = recipe.train_plan.batch(0)
+        batch = recipe.train_stream.batch(0)
         (recipe.module(**batch.model_inputs()) / batch.loss_tokens).backward()
         states = [m.weight.quant_state for m in recipe.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
         return {n: p.grad.clone() for n, p in recipe.model.named_parameters() if p.requires_grad}, states

@@ -298,3 +298,9 @@ def test_a_job_trains_on_a_parquet_dataset(stack, tmp_path, tiny_model_dir):
     done = stack.client.wait(job.id, timeout=300)
     assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
     assert done.output_ref == "from-parquet:1"
+    logs = lambda job_id: [e.log.message for e in stack.client.watch(job_id) if e.HasField("log")]  # noqa: E731
+    assert not any("tokens from the cache" in line for line in logs(job.id))
+    # The same data, base and settings again: the second job reads the first one's tokens.
+    again = stack.client.submit(_spec(tiny_model_dir, dataset.id, "from-parquet", METHODS["lora"], max_steps=4))
+    assert stack.client.wait(again.id, timeout=300).state == pb.JOB_STATE_SUCCEEDED
+    assert any("tokens from the cache" in line for line in logs(again.id))

@@ -165,8 +165,10 @@ def estimate(
     # Saved for backward per token and layer: norm inputs/outputs, q, attention output, o_proj input
     # (~6 hidden), the rotated k and v (2 kv widths) and the MLP's gate/up products (~2 intermediate).
     per_layer = tokens * (6 * shape.hidden + 2 * shape.kv_dim + 2 * shape.intermediate) * act_bytes
-    # SDPA's math path (taken with packed/padded masks) keeps one batch x heads x seq x seq matrix.
-    per_layer += batch * shape.heads * seq * seq * act_bytes
+    # SDPA's math path (taken with packed/padded masks) keeps one batch x heads x seq x seq matrix,
+    # and each layer's boolean mask: a packed row of batch x seq tokens has a block-diagonal one of
+    # tokens x tokens (best-fit packing fills rows, so a micro-batch reaches that size).
+    per_layer += batch * shape.heads * seq * seq * act_bytes + tokens * tokens
     # With checkpointing only each layer's input is kept, plus one layer recomputed at a time.
     activations = grad_layers * tokens * shape.hidden * act_bytes + per_layer if grad_ckpt else grad_layers * per_layer
     # The loss (services/trainer/worker/training/loss.py) keeps only the hidden states of the positions it covers

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from google.protobuf import duration_pb2
 
-from services.trainer.data.records import Example, parse_dataset
+from services.trainer.data.records import Example
+from services.trainer.worker.dataset_files import Concatenated, Subset, fetch, split_indices
 from tunedock.errors import DeadlineExceeded, FailedPrecondition, TuneDockError, Unavailable
 from tunedock.v1 import adapter_registry_pb2, common_pb2, trainer_pb2
 
@@ -150,27 +150,33 @@ class Heartbeat(threading.Thread):
                 pass  # unreachable: the trainer is restarting; its new run reaps or supersedes us
 
 
-def load_examples(stub, job_id: str, dataset_ids: list[str]) -> list[Example]:
-    examples: list[Example] = []
+def load_examples(stub, job_id: str, dataset_ids: list[str], cache: Path) -> Sequence[Example]:
+    """The datasets' examples, parsed as training reaches them: each downloaded once per node into
+    `cache` (content-addressed), indexed by record offsets (dataset_files.py), never held whole."""
+    files = []
     for dataset_id in dataset_ids:
         request = trainer_pb2.DownloadDatasetRequest(job_id=job_id, dataset_id=dataset_id)
-        data = with_patience(
-            lambda r=request: b"".join(c.data for c in stub.DownloadDataset(r, timeout=600)), "the trainer"
-        )
-        examples.extend(parse_dataset(data).examples)
-    return examples
+
+        def download(target: Path, request=request) -> None:
+            def write() -> None:
+                with target.open("wb") as out:
+                    for chunk in stub.DownloadDataset(request, timeout=600):
+                        out.write(chunk.data)
+
+            with_patience(write, "the trainer")
+
+        files.append(fetch(dataset_id, cache, download))
+    return Concatenated(files)
 
 
 def split(
-    validation_split: float, seed: int, train: list[Example], evals: list[Example]
-) -> tuple[list[Example], list[Example]]:
+    validation_split: float, seed: int, train: Sequence[Example], evals: Sequence[Example]
+) -> tuple[Sequence[Example], Sequence[Example]]:
     """(train, eval): the eval datasets when given, else a seeded `validation_split` share of the training data."""
-    if evals or not validation_split:
+    if len(evals) or not validation_split:
         return train, evals
-    shuffled = train[:]
-    random.Random(seed).shuffle(shuffled)
-    n_eval = max(1, int(len(shuffled) * validation_split))
-    return shuffled[n_eval:], shuffled[:n_eval]
+    train_indices, eval_indices = split_indices(len(train), validation_split, seed)
+    return Subset(train, train_indices), Subset(train, eval_indices)
 
 
 def resolve_base(base_model: str, registry_address: str, cache: Path) -> str:

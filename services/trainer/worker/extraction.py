@@ -94,7 +94,7 @@ def run_extract(job: trainer_pb2.Job, assignment, reporter: Reporter, work: Path
     extract_time = time.time() - started
 
     reporter.notice("measuring fidelity: tuned model vs base + extracted adapter")
-    examples = _eval_examples(job, reporter)
+    examples = _eval_examples(job, reporter, Path(assignment.checkpoint_dir).parent / "datasets")
     tuned, extracted = load_pair(str(base_dir), str(work / "source"), delta, str(adapter_dir))
     from transformers import AutoTokenizer
 
@@ -156,14 +156,14 @@ def run_extract(job: trainer_pb2.Job, assignment, reporter: Reporter, work: Path
     return 0
 
 
-def _eval_examples(job: trainer_pb2.Job, reporter: Reporter):
+def _eval_examples(job: trainer_pb2.Job, reporter: Reporter, cache: Path):
     """The spec's eval datasets, else the source job's eval split (its datasets were copied into the spec)."""
     spec = job.spec
-    evals = load_examples(reporter.stub, job.id, list(spec.eval_dataset_ids))
-    if evals:
+    evals = load_examples(reporter.stub, job.id, list(spec.eval_dataset_ids), cache)
+    if len(evals):
         return evals
     if spec.train_dataset_ids and spec.validation_split:
-        train = load_examples(reporter.stub, job.id, list(spec.train_dataset_ids))
+        train = load_examples(reporter.stub, job.id, list(spec.train_dataset_ids), cache)
         return split(spec.validation_split, spec.hyperparameters.seed, train, [])[1]
     return []
 

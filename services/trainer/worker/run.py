@@ -193,11 +193,12 @@ def run_training(job, assignment, reporter: Reporter, dist, work: Path) -> int:
         cfg.base_model = resolve_base(cfg.base_model, assignment.registry_address, checkpoints.parent / "bases")
         if dist.is_primary:
             dist.barrier()
+        datasets = checkpoints.parent / "datasets"  # the node's cache, beside the bases'
         train_examples, eval_examples = split(
             cfg.validation_split,
             cfg.seed,
-            load_examples(reporter.stub, job.id, cfg.dataset_ids),
-            load_examples(reporter.stub, job.id, cfg.eval_dataset_ids),
+            load_examples(reporter.stub, job.id, cfg.dataset_ids, datasets),
+            load_examples(reporter.stub, job.id, cfg.eval_dataset_ids, datasets),
         )
         result = train(
             cfg,
@@ -209,6 +210,7 @@ def run_training(job, assignment, reporter: Reporter, dist, work: Path) -> int:
                 report=reporter,
                 should_stop=lambda: reporter.cancelled,
                 dist=dist,
+                token_cache_dir=checkpoints.parent / "tokens",
             ),
         )
         if result.stopped or not dist.is_primary:

@@ -43,14 +43,21 @@ class TokenStore:
                 ids_file.write(np.asarray(example.input_ids, dtype=np.int32).tobytes())
                 labels_file.write(np.asarray(example.labels, dtype=np.int32).tobytes())
                 offsets.append(offsets[-1] + len(example.input_ids))
-        total = offsets[-1]
+        np.save(directory / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+        return cls.load(directory)
+
+    @classmethod
+    def load(cls, directory: Path) -> TokenStore:
+        """A store `build` wrote, memory-mapped (the token cache reads windows back this way)."""
+        offsets = np.load(directory / "offsets.npy")
+        total = int(offsets[-1])
 
         def mapped(name: str) -> np.ndarray:
             if total == 0:
                 return np.zeros(0, dtype=np.int32)
             return np.memmap(directory / name, dtype=np.int32, mode="r", shape=(total,))
 
-        return cls(mapped("ids.bin"), mapped("labels.bin"), np.asarray(offsets, dtype=np.int64))
+        return cls(mapped("ids.bin"), mapped("labels.bin"), offsets)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

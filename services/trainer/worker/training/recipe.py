@@ -20,7 +20,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,11 +31,12 @@ from services.common.basemodels import base_fingerprint
 from services.trainer.config import TrainConfig
 from services.trainer.data.records import Example
 from services.trainer.validation import freeze_selection
+from services.trainer.worker.dataset_files import identity_of
 from services.trainer.worker.training import checkpoint
-from services.trainer.worker.training.batches import BatchPlan, TokenStore, epoch_order
+from services.trainer.worker.training.batches import PACK_WINDOW, BatchPlan, TokenStore
 from services.trainer.worker.training.distributed import Dist
 from services.trainer.worker.training.events import Checkpoint, Eval, Event, Log, Progress
-from services.trainer.worker.training.formatting import ChatFormatter, FormattingError
+from services.trainer.worker.training.formatting import ChatFormatter, FormattingError, Tokenized
 from services.trainer.worker.training.loss import CausalLMLoss
 from services.trainer.worker.training.memory import TensorMemory, peak_memory_bytes
 from services.trainer.worker.training.model import (
@@ -54,6 +55,7 @@ from services.trainer.worker.training.model import (
     sharded_full_model,
     upcast_trainable,
 )
+from services.trainer.worker.training.stream import TokenCache, TokenStream, stream_key, tokenizer_identity
 from tunedock.model_files import decoder_layer_prefix
 
 
@@ -67,6 +69,9 @@ class RunContext:
     should_stop: Callable[[], bool] = lambda: False
     dist: Dist = field(default_factory=lambda: Dist(device="cuda" if torch.cuda.is_available() else "cpu"))
     """This process's place among torchrun's processes and its device; only rank 0 reports and saves."""
+    token_cache_dir: Path | None = None
+    """Where tokenized windows are kept for later jobs on the same data and base (the worker passes the
+    node's cache); None: beside the output, for this run only."""
 
     @property
     def device(self) -> str:
@@ -126,16 +131,36 @@ def build_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
 
 
 def tokenize_examples(
-    examples: list[Example], tokenizer, max_len: int, directory: Path, notice
+    examples: Sequence[Example], tokenizer, max_len: int, directory: Path, notice
 ) -> tuple[TokenStore, int]:
-    """Token storage for the examples that keep a token to learn from; returns (store, dropped)."""
-    formatter = ChatFormatter(tokenizer, notice)
-    kept = []
-    for example in examples:
-        tokenized = formatter(example, max_len)
-        if tokenized.loss_tokens:
-            kept.append(tokenized)
-    return TokenStore.build(kept, directory), len(examples) - len(kept)
+    """Token storage for the examples that keep a token to learn from; returns (store, dropped).
+    Streams: one example's tokens in memory at a time."""
+    tokenize = learnable_tokens(ChatFormatter(tokenizer, notice), max_len)
+    dropped = [0]
+
+    def kept():
+        for example in examples:
+            tokenized = tokenize(example)
+            if tokenized is None:
+                dropped[0] += 1
+            else:
+                yield tokenized
+
+    store = TokenStore.build(kept(), directory)
+    return store, dropped[0]
+
+
+def learnable_tokens(formatter: ChatFormatter, max_len: int) -> Callable[[Example], Tokenized | None]:
+    """An example's tokens, or None when truncation left it no token to learn from."""
+
+    def tokenize(example: Example) -> Tokenized | None:
+        try:
+            tokenized = formatter(example, max_len)
+        except FormattingError as exc:
+            raise ValueError(str(exc)) from None
+        return tokenized if tokenized.loss_tokens else None
+
+    return tokenize
 
 
 # ---------------------------------------------------------------------------------- recipe
@@ -161,7 +186,7 @@ class Recipe:
 
     # ---------------------------------------------------------------------------- setup
 
-    def setup(self, train_examples: list[Example], eval_examples: list[Example]) -> None:
+    def setup(self, train_examples: Sequence[Example], eval_examples: Sequence[Example]) -> None:
         cfg = self.cfg
         import peft  # noqa: F401
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
@@ -187,38 +212,67 @@ class Recipe:
                 self.scaler.load_state_dict(extra["scaler"])
             self.notice(f"resumed from checkpoint at step {self.step}")
 
-    def _setup_data(self, train_examples: list[Example], eval_examples: list[Example]) -> None:
+    def _setup_data(self, train_examples: Sequence[Example], eval_examples: Sequence[Example]) -> None:
+        """The training stream (tokenized a window at a time as steps reach it, cached for later jobs)
+        and the eval examples (tokenized at the first evaluation)."""
         cfg, dist = self.cfg, self.dist
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        work = self.ctx.output_dir.parent / f"tokens-{dist.rank}"
-        try:
-            train_store, dropped = tokenize_examples(
-                train_examples, self.tokenizer, cfg.max_seq_length, work / "train", self.notice
-            )
-            eval_store, _ = tokenize_examples(
-                eval_examples, self.tokenizer, cfg.max_seq_length, work / "eval", self.notice
-            )
-        except FormattingError as exc:
-            raise ValueError(str(exc)) from None
-        if dropped:
-            self.notice(
-                f"{dropped} of {len(train_examples)} training examples have no assistant token within "
-                f"max_seq_length={cfg.max_seq_length} and are left out"
-            )
-        plan = lambda store: BatchPlan.build(  # noqa: E731
-            store, cfg.batch_size, cfg.max_seq_length, cfg.packing, pad_id, dist.world_size, dist.rows
+        self.pad_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         )
-        self.train_plan = plan(train_store)
-        self.eval_plan = plan(eval_store) if len(eval_store) else None
-        if not len(self.train_plan):
-            raise ValueError(
-                "no training example has a token to learn from after truncation (raise max_seq_length), "
-                "or fewer examples than processes"
+        self.work = self.ctx.output_dir.parent / f"tokens-{dist.rank}"
+        formatter = ChatFormatter(self.tokenizer, self.notice)
+        identity = {
+            "tokenizer": tokenizer_identity(self.tokenizer),
+            "max_len": cfg.max_seq_length,
+            "packing": cfg.packing,
+            "seed": cfg.seed,
+            "window": PACK_WINDOW,
+        }
+        cache_root = self.ctx.token_cache_dir or self.work / "cache"
+        self.train_stream = TokenStream(
+            train_examples,
+            learnable_tokens(formatter, cfg.max_seq_length),
+            TokenCache(cache_root, stream_key(identity, identity_of(train_examples))),
+            seed=cfg.seed,
+            max_len=cfg.max_seq_length,
+            packing=cfg.packing,
+            pad_id=self.pad_id,
+            rows_per_batch=cfg.batch_size,
+            world_size=dist.world_size,
+            my_rows=dist.rows,
+            notice=self.notice,
+        )
+        self.eval_examples = eval_examples
+        self.eval_plan: BatchPlan | None = None
+        if cfg.max_steps:
+            self.train_stream.batch(0)  # one window: what the first step needs, and proof there is one
+            self.total_steps = cfg.max_steps
+            self.notice(
+                f"{len(train_examples):,} training examples, tokenized {PACK_WINDOW:,} at a time as the "
+                f"{cfg.max_steps} steps reach them"
             )
-        per_epoch = max(1, len(self.train_plan) // cfg.gradient_accumulation_steps)
-        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
+        else:
+            per_epoch = max(1, self.train_stream.batches_in_epoch(0) // cfg.gradient_accumulation_steps)
+            self.train_stream.batch(0)
+            self.total_steps = max(1, math.ceil(cfg.epochs * per_epoch))
         if cfg.packing:
             self.notice("packing: examples end to end in one row per micro-batch, positions restart per example")
+
+    def _eval_batches(self) -> BatchPlan:
+        if self.eval_plan is None:
+            store, _ = tokenize_examples(
+                self.eval_examples, self.tokenizer, self.cfg.max_seq_length, self.work / "eval", self.notice
+            )
+            self.eval_plan = BatchPlan.build(
+                store,
+                self.cfg.batch_size,
+                self.cfg.max_seq_length,
+                self.cfg.packing,
+                self.pad_id,
+                self.dist.world_size,
+                self.dist.rows,
+            )
+        return self.eval_plan
 
     def _setup_model(self) -> None:
         cfg, dist = self.cfg, self.dist
@@ -306,7 +360,7 @@ class Recipe:
             if self.step % cfg.log_every_steps == 0 or self.step == self.total_steps:
                 self._report_progress(window)
                 window = _Window(self.device)
-            if self._due(cfg.eval_every_steps) and self.eval_plan is not None:
+            if self._due(cfg.eval_every_steps) and len(self.eval_examples):
                 self.eval_loss = self.evaluate()
                 self.report(Eval(self.step, self.eval_loss))
             if self._due(cfg.checkpoint_every_steps):
@@ -324,10 +378,8 @@ class Recipe:
 
     def _step_batches(self):
         accumulation = self.cfg.gradient_accumulation_steps
-        n = len(self.train_plan)
         for micro in range(accumulation):
-            epoch, position = divmod(self.step * accumulation + micro, n)
-            yield self.train_plan.batch(epoch_order(n, self.cfg.seed, epoch)[position])
+            yield self.train_stream.batch(self.step * accumulation + micro)
 
     def _train_step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One optimizer step; returns (loss, grad norm) as device tensors (no host sync) and tokens seen."""
@@ -380,7 +432,7 @@ class Recipe:
             Progress(
                 step=self.step,
                 total_steps=self.total_steps,
-                epoch=self.step * self.cfg.gradient_accumulation_steps / len(self.train_plan),
+                epoch=self.train_stream.epochs_at(self.step * self.cfg.gradient_accumulation_steps - 1),
                 loss=loss,
                 learning_rate=self.scheduler.get_last_lr()[0],
                 grad_norm=grad_norm,
@@ -403,14 +455,14 @@ class Recipe:
 
     def evaluate(self) -> float:
         """Mean loss per token over all processes' eval rows."""
-        assert self.eval_plan is not None
+        plan = self._eval_batches()
         module = getattr(self.module, "module", self.module)  # DDP's forward syncs buffers: not needed here
         module.eval()
         total = torch.zeros((), device=self.device)
         count = 0
         with torch.no_grad(), self.precision.autocast(self.device):
-            for index in range(len(self.eval_plan)):
-                batch = self.eval_plan.batch(index)
+            for index in range(len(plan)):
+                batch = plan.batch(index)
                 total += module(**batch.to(self.device).model_inputs()).float()
                 count += batch.loss_tokens
         module.train()
@@ -421,7 +473,7 @@ class Recipe:
 
     def save(self) -> RunResult:
         """The final eval, the metrics, and (rank 0) the method's artifact in `ctx.output_dir`."""
-        if self.eval_plan is not None:
+        if len(self.eval_examples):
             self.eval_loss = self.evaluate()
             self.report(Eval(self.step, self.eval_loss))
         metrics = {
@@ -455,7 +507,9 @@ class Recipe:
         return RunResult(self.ctx.output_dir, "", stopped=True, model=self.model)
 
 
-def train(cfg: TrainConfig, train_examples: list[Example], eval_examples: list[Example], ctx: RunContext) -> RunResult:
+def train(
+    cfg: TrainConfig, train_examples: Sequence[Example], eval_examples: Sequence[Example], ctx: RunContext
+) -> RunResult:
     """The whole run: setup, train, save (or stop when asked)."""
     recipe = Recipe(cfg, ctx)
     recipe.setup(train_examples, eval_examples)
