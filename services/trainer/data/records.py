@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from services.common.chat import ROLES as OPENAI_ROLES
-from services.common.chat import ConversationError, normalize_tool_calls, normalize_tools
+from services.common.chat import ConversationError, json_value, normalize_tool_calls, normalize_tools
 from tunedock.errors import InvalidArgument
 
 FORMATS = ("alpaca", "chat", "text")
@@ -210,16 +210,6 @@ def _check_columns(record: dict, used: set[str], where: str, ignored: set[str]) 
         )
 
 
-def _json_value(value: object, where: str, what: str) -> object:
-    """A JSON-encoded string (LLaMA-Factory's habit) or the value itself."""
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            raise InvalidArgument(f"{where}: {what} is a string that is not valid JSON") from None
-    return value
-
-
 def _tools(value: object, where: str) -> str:
     """Tool specs, normalised to OpenAI's [{"type": "function", "function": {...}}] (as serving does)."""
     try:
@@ -277,7 +267,11 @@ def _chat(record: dict, where: str, openai: bool) -> Example:
         content = message.get(content_key)
         calls = ""
         if given == "function_call":
-            calls, content = _tool_calls(_json_value(content, where, f"message {i}"), where, i), ""
+            try:
+                call = json_value(content, f"message {i}")
+            except ConversationError as exc:
+                raise InvalidArgument(f"{where}: {exc}") from None
+            calls, content = _tool_calls(call, where, i), ""
         elif openai and role == "assistant" and message.get("tool_calls"):
             calls, content = _tool_calls(message["tool_calls"], where, i), content or ""
         if not isinstance(content, str):
