@@ -112,7 +112,12 @@ class TrainConfig:
                 16 <= self.max_seq_length <= 1 << 17,
                 f"max_seq_length must be in [16, 131072], got {self.max_seq_length}",
             ),
-            (0 <= self.validation_split <= 0.5, f"validation_split must be in [0, 0.5], got {self.validation_split}"),
+            (
+                0 <= self.validation_split <= 0.5
+                or (self.validation_split >= 1 and float(self.validation_split).is_integer()),
+                f"validation_split must be a fraction in [0, 0.5] or a whole number of records, got "
+                f"{self.validation_split}",
+            ),
             (
                 self.warmup_steps >= 0 and self.eval_every_steps >= 0 and self.checkpoint_every_steps >= 0,
                 "warmup_steps, eval_every_steps and checkpoint_every_steps must be >= 0",

@@ -106,3 +106,16 @@ def test_specs_and_events_round_trip_through_the_wire_types_unchanged():
     )
     event.time.GetCurrentTime()
     assert to_proto(from_proto(JobEvent, event), pb.JobEvent()) == event
+
+
+@pytest.mark.parametrize(
+    ("split", "ok"), [(0.0, True), (0.25, True), (0.7, False), (1.0, True), (500.0, True), (2.5, False)]
+)
+def test_validation_split_is_a_fraction_or_a_whole_number_of_records(split, ok):
+    proto = _proto(common_pb2.MethodConfig(lora=common_pb2.LoraConfig()))
+    proto.validation_split = split
+    if ok:
+        assert config_from_spec(from_proto(JobSpec, proto)).validation_split == split
+    else:
+        with pytest.raises(InvalidArgument, match="validation_split must be a fraction in"):
+            config_from_spec(from_proto(JobSpec, proto))

@@ -65,3 +65,6 @@ def test_splits_are_seeded_disjoint_and_cover_every_record():
     assert np.array_equal(held_out, split_indices(1000, 0.1, seed=7)[1])
     assert not np.array_equal(held_out, split_indices(1000, 0.1, seed=8)[1])
     assert len(split_indices(1, 0.25, seed=0)[1]) == 0  # one record stays for training
+    by_count = split_indices(1000, 30, seed=7)
+    assert len(by_count[1]) == 30 and len(by_count[0]) == 970
+    assert len(split_indices(10, 50, seed=7)[0]) == 1  # a count past the data leaves one to train on

@@ -16,8 +16,8 @@ def _examples(n: int) -> list[Example]:
 
 
 class Counting:
-    """A tokenizer stand-in: example i becomes 5 + i % 40 tokens whose ids all equal i (learnable
-    unless i % 97 == 0), and the calls are counted."""
+    """A tokenizer stand-in: example i becomes 5 + i % 40 tokens whose ids all equal i (100, cut to
+    64, when i % 50 == 1; left out when i % 97 == 0), and the calls are counted."""
 
     def __init__(self) -> None:
         self.calls = 0
@@ -27,8 +27,9 @@ class Counting:
         i = int(example.text)
         if i % 97 == 0:
             return None
-        ids = [i] * (5 + i % 40)
-        return Tokenized(ids, [IGNORE, *ids[1:]])
+        full = 100 if i % 50 == 1 else 5 + i % 40  # every 50th is longer than max_len 64: cut
+        ids = [i] * min(full, 64)
+        return Tokenized(ids, [IGNORE, *ids[1:]], full)
 
 
 def _stream(examples, tokenize, cache_root, world_size=1, rank=0, **overrides):
@@ -103,3 +104,16 @@ def test_a_stream_with_nothing_to_learn_says_so(tmp_path):
     stream = _stream([Example(text="0"), Example(text="97")], Counting(), tmp_path)
     with pytest.raises(ValueError, match="no training example has a token to learn from"):
         stream.batch(0)
+
+
+def test_what_tokenizing_found_is_counted_and_said_once(tmp_path):
+    notices = []
+    stream = _stream(_examples(1000), Counting(), tmp_path, notice=notices.append)
+    stream.batches_in_epoch(0)
+    assert (stream.seen, stream.truncated, stream.dropped) == (1000, 20, 11)
+    (said,) = [n for n in notices if n.startswith("tokens per example")]
+    assert "max 100;" in said and "cut at max_seq_length=64" in said
+    # Read back from the cache, the counts are the same.
+    again = _stream(_examples(1000), Counting(), tmp_path)
+    again.batches_in_epoch(0)
+    assert (again.seen, again.truncated, again.dropped) == (1000, 20, 11)

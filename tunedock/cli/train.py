@@ -153,7 +153,9 @@ def train(
     data: list[str] = typer.Option(..., help="training dataset id or file (repeatable)"),
     name: str = typer.Option("", help="registry name of the output (default: <method>-<base dir name>)"),
     eval_data: list[str] = typer.Option([], help="evaluation dataset id or file (repeatable)"),
-    validation_split: float = typer.Option(0.0, help="hold out this fraction for eval when no --eval-data"),
+    validation_split: float = typer.Option(
+        0.0, help="hold out this fraction (>= 1: this many records) for eval without --eval-data"
+    ),
     steps: int = typer.Option(0, help="optimizer steps (0: use --epochs)"),
     epochs: float = typer.Option(DEFAULTS.epochs, help="epochs when --steps is 0"),
     lr: float = typer.Option(

@@ -185,7 +185,11 @@ def _evict(cache: Path, keep: int, current: Path) -> None:
 
 
 def split_indices(n: int, validation_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, eval) record indices: a seeded share of `n` held out, stable for a seed."""
+    """(train, eval) record indices: a seeded share of `n` held out (a fraction, or a count when >= 1),
+    stable for a seed."""
     order = np.random.default_rng(seed).permutation(n)
-    n_eval = max(1, int(n * validation_split)) if validation_split and n > 1 else 0
+    if validation_split >= 1:
+        n_eval = min(int(validation_split), n - 1)
+    else:
+        n_eval = max(1, int(n * validation_split)) if validation_split and n > 1 else 0
     return np.sort(order[n_eval:]), np.sort(order[:n_eval])

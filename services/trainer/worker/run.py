@@ -200,6 +200,11 @@ def run_training(job, assignment, reporter: Reporter, dist, work: Path) -> int:
             load_examples(reporter.stub, job.id, cfg.dataset_ids, datasets),
             load_examples(reporter.stub, job.id, cfg.eval_dataset_ids, datasets),
         )
+        if cfg.validation_split and not cfg.eval_dataset_ids:
+            reporter.notice(
+                f"held out {len(eval_examples):,} of {len(train_examples) + len(eval_examples):,} examples for eval "
+                f"(validation_split {cfg.validation_split:g}, seed {cfg.seed})"
+            )
         result = train(
             cfg,
             train_examples,

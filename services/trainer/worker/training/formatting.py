@@ -37,6 +37,8 @@ _PROBE = "\u2063tunedock-probe\u2063"
 class Tokenized:
     input_ids: list[int]
     labels: list[int]
+    full_length: int = 0
+    """Tokens before truncation to max_seq_length (0: not recorded)."""
 
     @property
     def loss_tokens(self) -> int:
@@ -70,7 +72,7 @@ class ChatFormatter:
         labels[0] = (
             IGNORE  # nothing predicts the first token (and in a packed row it must not see the previous example)
         )
-        return Tokenized(ids, labels)
+        return Tokenized(ids, labels, len(tokenized.input_ids))
 
     # -------------------------------------------------------------------------------- chat
 

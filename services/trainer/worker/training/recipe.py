@@ -490,6 +490,10 @@ class Recipe:
             "runtime_memory_bytes": float(self.runtime_bytes),
             "wall_time_s": time.perf_counter() - self.started,
             "steps": float(self.step),
+            # Of the training examples the run's windows held (all of them once an epoch is done).
+            "examples_seen": float(self.train_stream.seen),
+            "examples_truncated": float(self.train_stream.truncated),
+            "examples_dropped": float(self.train_stream.dropped),
         }
         if self.eval_loss is not None:
             metrics["eval_loss"] = self.eval_loss

@@ -40,17 +40,22 @@ from services.trainer.worker.training.batches import (
 from services.trainer.worker.training.formatting import Tokenized
 
 KEEP_KEYS = 8
-CACHE_VERSION = 1  # bump when tokenization or packing changes what a window holds
+CACHE_VERSION = 2  # bump when tokenization or packing changes what a window holds
 PROGRESS_EVERY_S = 10.0
 
 
 @dataclass
 class Window:
-    """One window's tokens and rows (row = indices into `store`)."""
+    """One window's tokens and rows (row = indices into `store`), and what tokenizing it found."""
 
     store: TokenStore
     rows: list[list[int]]
     dropped: int
+    """Examples left out: no token to learn from within max_seq_length."""
+    truncated: int
+    """Examples cut at max_seq_length (kept, with what fits)."""
+    examples: int
+    """Examples the window holds, kept or not."""
 
 
 class TokenCache:
@@ -67,13 +72,23 @@ class TokenCache:
         try:
             meta = json.loads((folder / "meta.json").read_text())
         except (OSError, json.JSONDecodeError):
-            return None
-        return Window(TokenStore.load(folder), meta["rows"], meta["dropped"])
+            return None  # not written yet (or by a killed process, before its rename: then never)
+        return Window(TokenStore.load(folder), meta["rows"], meta["dropped"], meta["truncated"], meta["examples"])
 
-    def save(self, name: str, tokenized: list[Tokenized], rows: list[list[int]], dropped: int) -> Window:
+    def save(
+        self,
+        name: str,
+        tokenized: list[Tokenized],
+        rows: list[list[int]],
+        *,
+        dropped: int,
+        truncated: int,
+        examples: int,
+    ) -> Window:
         staging = Path(tempfile.mkdtemp(dir=self.folder, prefix=f".{name}-"))
         TokenStore.build(tokenized, staging)
-        (staging / "meta.json").write_text(json.dumps({"rows": rows, "dropped": dropped}))
+        meta = {"rows": rows, "dropped": dropped, "truncated": truncated, "examples": examples}
+        (staging / "meta.json").write_text(json.dumps(meta))
         try:
             os.replace(staging, self.folder / name)
         except OSError:  # another process of the job wrote the same window first: identical bytes
@@ -124,7 +139,8 @@ class TokenStream:
         self.spans: list[tuple[int, int, int, int]] = []
         self._current: tuple[tuple[int, int], Window, list[list[list[int]]]] | None = None
         self._orders: dict[int, np.ndarray] = {}
-        self.dropped = 0
+        self.seen = self.dropped = self.truncated = 0
+        """Examples of the windows realized, in epoch 0 (each once), and how many were left out or cut."""
         self.tokenized = 0
         """Examples tokenized by this stream (windows read from the cache not counted)."""
         self.cached = 0
@@ -208,6 +224,10 @@ class TokenStream:
                 self.notice(
                     f"tokens from the cache: an earlier run tokenized these examples ({self.cache.folder.name})"
                 )
+        if epoch == 0 and not any(e == 0 and w == number for e, w, _, _ in self.spans):
+            self.seen += window.examples
+            self.dropped += window.dropped
+            self.truncated += window.truncated
         size = self.rows_per_batch * self.world_size
         global_batches = [window.rows[i : i + size] for i in range(0, len(window.rows), size)]
         mine = [b[self.my_rows(len(b))] for b in global_batches if len(b) >= self.world_size]
@@ -217,26 +237,29 @@ class TokenStream:
     def _tokenize_window(self, epoch: int, number: int, name: str) -> Window:
         indices = self._order(epoch)[number * self.window : (number + 1) * self.window]
         kept: list[Tokenized] = []
-        dropped = 0
+        dropped = truncated = 0
         for index in indices:
             tokenized = self.tokenize(self.examples[int(index)])
             if tokenized is None:
                 dropped += 1
             else:
                 kept.append(tokenized)
+                truncated += tokenized.full_length > self.max_len
         lengths = [len(t.input_ids) for t in kept]
         if self.packing:
             rows = pack_rows(lengths, self.max_len, window=len(lengths) or 1)
         else:
             rows = [[i] for i in range(len(kept))]
         self.tokenized += len(indices)
-        self.dropped += dropped
-        if dropped and epoch == 0:
+        if epoch == 0 and number == 0 and kept:
+            full = np.array([t.full_length or len(t.input_ids) for t in kept])
+            p50, p95 = np.percentile(full, [50, 95])
             self.notice(
-                f"{dropped} of {len(indices)} training examples in window {number} have no assistant token within "
-                f"max_seq_length={self.max_len} and are left out"
+                f"tokens per example (first {len(indices):,}): p50 {p50:.0f}, p95 {p95:.0f}, max {full.max()}; "
+                f"{truncated} cut at max_seq_length={self.max_len}, {dropped} left out (no assistant token "
+                "within it)"
             )
-        return self.cache.save(name, kept, rows, dropped)
+        return self.cache.save(name, kept, rows, dropped=dropped, truncated=truncated, examples=len(indices))
 
 
 def tokenizer_identity(tokenizer) -> str:
