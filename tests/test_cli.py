@@ -35,11 +35,16 @@ def tunedock(env, *args, timeout=600) -> subprocess.CompletedProcess:
     )
 
 
-def test_upload_train_watch_list_generate(env, tiny_model_dir):
+def test_upload_train_watch_list_generate(env, tiny_model_dir, tmp_path):
     upload = tunedock(env, "data", "upload", str(DATA / "demo_robot.jsonl"), "--json")
     assert upload.returncode == 0, upload.stderr
     dataset = json.loads(upload.stdout)
     assert dataset["numRecords"] == "12" and dataset["id"].startswith("ds-")
+    # A name with brackets, a backslash and markup-like text prints as given, not as rich markup.
+    odd = tmp_path / "robot [v2] \\ [bold]x[red].jsonl"
+    odd.write_bytes((DATA / "demo_robot.jsonl").read_bytes() + b"\n")  # new bytes: a dataset of its own
+    named = tunedock({**env, "COLUMNS": "300"}, "data", "upload", str(odd))
+    assert named.returncode == 0 and f"({odd.name})" in named.stdout, named.stdout + named.stderr
 
     train = tunedock(
         env,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from tunedock.cli.common import INFERENCE, REGISTRY, TRAINER, cli_errors, console, err, print_json, succeeded
 from tunedock.cli.train import build_spec, resolve_datasets
@@ -280,7 +281,8 @@ def _answers_table(rows, answers: dict) -> Table:
         suffix = "" if row.get("extract_rank") is None else f" (extracted r={row['extract_rank']})"
         table.add_column(row["method"] + suffix)
     for text, by_column in answers.items():
-        table.add_row(text, by_column["base"], *[by_column[row["method"]] for row in rows])
+        # Prompts and model outputs as plain text: "[INST]" or "[/b]" in them is not rich markup.
+        table.add_row(Text(text), Text(by_column["base"]), *[Text(by_column[row["method"]]) for row in rows])
     return table
 
 

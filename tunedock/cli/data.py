@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from tunedock.cli.common import TRAINER, cli_errors, console, print_json
 
@@ -39,7 +40,7 @@ def data_upload(
             TransferSpeedColumn(),
             console=console,
             transient=True,
-            disable=as_json,
+            disable=as_json or not console.is_terminal,
         ) as bar,
     ):
         task = bar.add_task(f"uploading {file.name}", total=None)
@@ -53,4 +54,4 @@ def data_upload(
     if as_json:
         print_json(ds)
     else:
-        console.print(f"{ds.id}  {ds.num_records} records  {ds.size} bytes  ({ds.name})")
+        console.print(f"{ds.id}  {ds.num_records} records  {ds.size} bytes  ({escape(ds.name)})", highlight=False)

@@ -19,6 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from tunedock.cli.common import JobDidNotSucceed, succeeded
 from tunedock.cli.local_stack import LocalStack
@@ -164,7 +165,7 @@ def run_demo(home: Path, base_model: str, port_offset: int = 0, console: Console
         for title in columns:
             table.add_column(title)
         for p in PROMPTS:
-            table.add_row(p, *[answers[(p, a)].completions[0].text.strip() for a in columns.values()])
+            table.add_row(Text(p), *[Text(answers[(p, a)].completions[0].text.strip()) for a in columns.values()])
         console.print(table)
         channel.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 from google.protobuf import json_format
+from rich.markup import escape
 from rich.table import Table
 
 from tunedock.cli.common import TRAINER, cli_errors, console, print_json, state_name, succeeded
@@ -51,7 +52,8 @@ def jobs_get(job_id: str, trainer: str = typer.Option(TRAINER), as_json: bool = 
 
     with TrainerClient(trainer) as client:
         job = client.get(job_id)
-    print_json(job) if as_json else console.print(job)
+    # The job's error and labels are the server's text: printed as sent, brackets included.
+    print_json(job) if as_json else console.print(escape(str(job)), highlight=False)
 
 
 @jobs_app.command("watch")
