@@ -176,3 +176,19 @@ def _wait_for_port(log_path: Path, proc: subprocess.Popen) -> str:
                 return f"127.0.0.1:{json.loads(line)['grpc_port']}"
         time.sleep(0.2)
     raise AssertionError(f"trainer did not start: {log_path.read_text()[-2000:]}")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 20 MiB filesystem (tmpfs) for disk-full tests; skipped where mounting is not allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): the disk-full tests need root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

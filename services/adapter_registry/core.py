@@ -34,6 +34,7 @@ from services.common.audit import audit
 from services.common.auth import principal
 from services.common.blobs import CHUNK, BlobStore
 from services.common.changes import Changes
+from services.common.disk import close_quietly, disk_errors
 from services.common.pages import Page
 from tunedock.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from tunedock.refs import Ref, check_alias, check_name, check_version
@@ -83,18 +84,20 @@ class PublishSession:
             )
         if offset + len(data) > declared.size:
             raise InvalidArgument(f"file {path!r} is larger than the {declared.size} bytes the manifest declares")
-        handle = self._handles.get(path)
-        if handle is None:
-            target = self.dir / path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            handle = self._handles[path] = target.open("wb")
-        handle.write(data)
+        with disk_errors(f"{path!r} of {self.manifest.name}", self.dir, declared.size - offset):
+            handle = self._handles.get(path)
+            if handle is None:
+                target = self.dir / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                handle = self._handles[path] = target.open("wb")
+            handle.write(data)
         self._hashes[path].update(data)
         self._written[path] += len(data)
 
     def commit(self) -> tuple[Version, bool]:
-        for handle in self._handles.values():
-            handle.close()
+        with disk_errors(f"the files of {self.manifest.name}", self.dir):
+            for handle in self._handles.values():
+                handle.close()
         for path, declared in self.declared.items():
             if self._written[path] != declared.size:
                 raise InvalidArgument(
@@ -132,7 +135,7 @@ class PublishSession:
             return existing, False
         # Held against delete_version's blob removal: a blob this publish relies on must not
         # vanish between "already stored" and the commit that references it.
-        with self.registry.blob_lock:
+        with self.registry.blob_lock, disk_errors(f"version of {m.name}", self.registry.staging_dir.parent):
             for f in files:
                 if self.registry.blobs.put(f.sha256, self.dir / f.path):
                     self._added_blobs.append(f.sha256)
@@ -144,8 +147,10 @@ class PublishSession:
         return version, created
 
     def abort(self) -> None:
+        # Every handle closed whatever its flush says (a full disk fails the flush too), so close()'s
+        # rmtree returns the space at once rather than when the process exits.
         for handle in self._handles.values():
-            handle.close()
+            close_quietly(handle)
         if self._added_blobs:
             with self.registry.blob_lock:
                 referenced = self.registry.metadata.referenced_blobs()

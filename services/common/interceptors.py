@@ -20,6 +20,7 @@ import grpc
 from grpc import aio
 
 from services.common.auth import ANONYMOUS, Principal, current_principal
+from services.common.disk import full_disk, is_full
 from services.common.logging import request_id
 from services.common.metrics import ServerMetrics
 from tunedock import errors
@@ -115,6 +116,10 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
             await context.abort(getattr(grpc.StatusCode, exc.status), exc.message)
         if isinstance(exc, NotImplementedError):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented yet")
+        if is_full(exc):  # a write no code path wrapped: still a status that says what to do
+            log.error("disk full in %s", method, exc_info=exc)
+            where = getattr(exc, "filename", None) or "the service's data directory"
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, full_disk(f"for {method}", where).message)
         log.error("unhandled error in %s", method, exc_info=exc)
         await context.abort(
             grpc.StatusCode.INTERNAL, f"internal error (request id {request_id.get() or 'unknown'}); see server log"

@@ -30,6 +30,7 @@ from services.common.auth import WorkerTokens, principal
 from services.common.basemodels import resolve_local_base
 from services.common.blobs import CHUNK, BlobStore
 from services.common.changes import Changes
+from services.common.disk import close_quietly, disk_errors
 from services.common.pages import Page
 from services.common.registry_answers import registry_answer
 from services.trainer.config import TrainConfig, config_from_spec, extract_options
@@ -102,6 +103,10 @@ class TrainerCore:
     def _store_dataset(self, name: str, fmt: str, path: Path, project: str, options: SourceOptions) -> DatasetRow:
         """Validate an upload record by record (bounded memory whatever its size) and store it: JSONL and
         JSON arrays as sent, every other kind (Parquet, CSV, Arrow, folders) as the JSONL of its records."""
+        with disk_errors(f"dataset {name or 'upload'}", path.parent):
+            return self._validate_and_store(name, fmt, path, project, options)
+
+    def _validate_and_store(self, name: str, fmt: str, path: Path, project: str, options: SourceOptions) -> DatasetRow:
         project = principal().project_for_write(project)
         source = detect(unpack(path, path.with_suffix(".d")) if is_tar(path) else path, name, options)
         if source.is_json_text:
@@ -566,15 +571,17 @@ class DatasetUpload:
                 "MiB): split it into several datasets, or raise the trainer's --max-dataset-mb "
                 "(TUNEDOCK_TRAINER_MAX_DATASET_MB)"
             )
-        self._file.write(data)
+        with disk_errors(f"the upload of {self.name or 'a dataset'}", self.path.parent):
+            self._file.write(data)
 
     def finish(self) -> DatasetRow:
-        self._file.close()
+        with disk_errors(f"the upload of {self.name or 'a dataset'}", self.path.parent):
+            self._file.close()
         return self.core._store_dataset(self.name, self.format, self.path, self.project, self.options)
 
     def close(self) -> None:
         """The staging file and what was made from it (an unpacked folder, the JSONL of its records)."""
-        self._file.close()
+        close_quietly(self._file)
         self.path.unlink(missing_ok=True)
         self.path.with_suffix(".jsonl").unlink(missing_ok=True)
         shutil.rmtree(self.path.with_suffix(".d"), ignore_errors=True)

@@ -49,7 +49,12 @@ def save(directory: Path, step: int, module, optimizer, extra: dict, dist: Dist,
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(target / "shards"))
     elif dist.is_primary:
         trainable = {n: p.detach().cpu() for n, p in module.named_parameters() if p.requires_grad}
-        torch.save({"trainable": trainable, "optimizer": optimizer.state_dict()}, target / "weights.pt")
+        state = {"trainable": trainable, "optimizer": optimizer.state_dict()}
+        try:
+            torch.save(state, target / "weights.pt")
+        except (OSError, RuntimeError) as exc:
+            # torch's zip writer reports a full disk as "unexpected pos ... vs ...": say what happened.
+            raise _full_disk_or(exc, step, target, _nbytes(state)) from exc
     torch.save(_rng_state(), target / f"rng-{dist.rank}.pt")
     dist.barrier()
     if dist.is_primary:
@@ -92,3 +97,27 @@ def resume(directory: Path, module, optimizer, dist: Dist, sharded: bool) -> tup
         _set_rng_state(torch.load(rng, weights_only=False))
     extra = torch.load(target / "state.pt", weights_only=False)
     return int(extra.pop("step")), extra
+
+
+def _nbytes(state) -> int:
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_nbytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(_nbytes(v) for v in state)
+    return 0
+
+
+def _full_disk_or(exc: Exception, step: int, target: Path, needed: int) -> Exception:
+    """A clear error when the checkpoint did not fit (the partial one is removed), else `exc` itself."""
+    free = shutil.disk_usage(target.parent).free
+    if getattr(exc, "errno", None) not in (28, 122) and free >= needed:
+        return exc
+    shutil.rmtree(target, ignore_errors=True)
+    return OSError(
+        28,
+        f"no space left on the device writing the step-{step} checkpoint to {target.parent} "
+        f"({free / 2**20:.1f} MiB free, needed ~{needed / 2**20:.1f} MiB): free space there or give the "
+        "trainer's data directory a larger volume",
+    )
