@@ -13,6 +13,7 @@ on, each attempt gets a worker token scoped to its job (`WorkerTokens`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,8 +22,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from services.common.audit import audit
@@ -89,6 +91,9 @@ class TrainerCore:
         self.default_base_model = default_base_model
         """The base of jobs that name none; empty: the embedded tiny model (what inference serves by default)."""
         self.changes = Changes()
+        self.set_serving: Callable[[bool], Awaitable[None]] = _serving_unknown
+        """Health of the service (the server wires it): NOT_SERVING while the core cannot write its state."""
+        self.unwritable_since: float | None = None
         """Wakes WatchJob streams of a job when its events change."""
         self._schedule_lock = asyncio.Lock()
 
@@ -424,6 +429,33 @@ class TrainerCore:
         return job
 
     async def worker_exited(self, job_id: str, attempt: int, code: int, tail: str) -> None:
+        """An attempt's worker ended: record it, however long the store refuses (a full disk, a lost
+        database). Until then health is NOT_SERVING, and the job's history says how late it was recorded."""
+        delay, failed_at, why = 1.0, None, ""
+        while True:
+            try:
+                late = f" (recorded {time.monotonic() - failed_at:.0f} s late: {why})" if failed_at else ""
+                await self._record_exit(job_id, attempt, code, tail, late)
+                break
+            except Exception as exc:
+                if failed_at is None:
+                    failed_at, why = time.monotonic(), (str(exc) or type(exc).__name__).splitlines()[0][:300]
+                    log.exception(
+                        "could not record the exit of job %s's worker; retrying until the store accepts it", job_id
+                    )
+                    await self._state_writable(False)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        if failed_at is not None:
+            log.info("recorded the exit of job %s's worker after %.0f s", job_id, time.monotonic() - failed_at)
+            await self._state_writable(True)
+
+    async def _state_writable(self, writable: bool) -> None:
+        self.unwritable_since = None if writable else (self.unwritable_since or time.monotonic())
+        with contextlib.suppress(Exception):
+            await self.set_serving(writable)
+
+    async def _record_exit(self, job_id: str, attempt: int, code: int, tail: str, late: str) -> None:
         """An attempt's worker ended without finishing the job: retry it, or fail the job.
 
         Only attempts that ended for the job's own reasons (a crash, an OOM kill) count against
@@ -441,6 +473,7 @@ class TrainerCore:
             reason = f"worker exited with code {code}" if code >= 0 else f"worker killed by signal {-code}"
         if code == -9:
             reason += " (SIGKILL: out of memory, or killed)"
+        reason += late
         failures = job.failures + (0 if platform else 1)
         platform_retries = job.attempt - failures
         if failures < self.max_attempts and platform_retries <= MAX_PLATFORM_RETRIES:
@@ -585,3 +618,7 @@ class DatasetUpload:
         self.path.unlink(missing_ok=True)
         self.path.with_suffix(".jsonl").unlink(missing_ok=True)
         shutil.rmtree(self.path.with_suffix(".d"), ignore_errors=True)
+
+
+async def _serving_unknown(serving: bool) -> None:
+    """set_serving before a server wires it (tests driving the core alone)."""

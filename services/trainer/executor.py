@@ -198,7 +198,13 @@ class LocalExecutor:
         log.info("started worker for %s (attempt %d, pid %d)", job_id, attempt, proc.pid)
         task = asyncio.create_task(self._monitor(job_id, attempt, proc))
         self._monitors.add(task)
-        task.add_done_callback(self._monitors.discard)
+        task.add_done_callback(self._monitor_done)
+
+    def _monitor_done(self, task: asyncio.Task) -> None:
+        """A monitor that raised is logged with its traceback, never left as "exception never retrieved"."""
+        self._monitors.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the monitor of a worker failed", exc_info=task.exception())
 
     async def _monitor(self, job_id: str, attempt: int, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()

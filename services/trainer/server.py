@@ -87,6 +87,7 @@ async def build_server(settings: TrainerSettings) -> GrpcServer:
     # Workers report back to the worker port, whose number is known once the server has
     # started: the executors read it lazily.
     core.executor = build_executor(settings, lambda: server.address_of("worker"), core)
+    core.set_serving = server.set_serving
     server.after_start.append(core.recover)
     server.on_stop.insert(0, core.executor.close)
     server.on_stop.append(store.close)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -264,6 +265,45 @@ def test_killed_worker_resumes_from_its_checkpoint(stack, dataset, tiny_model_di
     resumed_at = max(i for i, e in enumerate(events) if e.HasField("log") and "resumed" in e.log.message)
     first_after = next(e.progress.step for e in events[resumed_at:] if e.HasField("progress"))
     assert first_after == checkpoint.checkpoint.step + 1
+
+
+@pytest.mark.slow
+def test_a_worker_exit_the_store_refuses_is_recorded_late_and_health_says_so(
+    stack, dataset, tiny_model_dir, monkeypatch
+):
+    """The store refuses to record a killed worker's exit (a full disk): the monitor keeps trying,
+    health is NOT_SERVING meanwhile, and the job is retried with how late it was recorded and why."""
+    from tunedock.healthcheck import check_health
+
+    job = stack.client.submit(
+        _spec(tiny_model_dir, dataset.id, "svc-late", METHODS["lora"], max_steps=40, log_every_steps=1)
+    )
+    _wait_for(stack.client.watch(job.id, timeout=120), lambda e: e.HasField("progress"))
+    record, refusals, health = stack.core._record_exit, [], []
+
+    async def refusing(*args):
+        if len(refusals) < 2:
+            refusals.append(args)
+            raise OSError(28, "database or disk is full")
+        return await record(*args)
+
+    def probe(stop: threading.Event) -> None:
+        while not stop.wait(0.2):
+            health.append(check_health(stack.trainer.address, "tunedock.v1.TrainerService", timeout=2))
+
+    stop = threading.Event()
+    prober = threading.Thread(target=probe, args=(stop,), daemon=True)
+    monkeypatch.setattr(stack.core, "_record_exit", refusing)
+    prober.start()
+    os.kill(stack.core.executor.processes[job.id].pid, signal.SIGKILL)
+    events = list(stack.client.watch(job.id, timeout=300))
+    stop.set()
+    prober.join()
+    assert len(refusals) == 2 and "NOT_SERVING" in health and health[-1] == "SERVING", health
+    requeued = [e.state.message for e in events if e.HasField("state") and "killed by signal 9" in e.state.message]
+    assert requeued and "s late: [Errno 28] database or disk is full" in requeued[0], requeued
+    assert stack.client.get(job.id).state == pb.JOB_STATE_SUCCEEDED
+    assert check_health(stack.trainer.address, "tunedock.v1.TrainerService", timeout=2) == "SERVING"
 
 
 @pytest.mark.slow
