@@ -1,14 +1,20 @@
 """Prometheus metrics on a side HTTP port, one registry per server.
 
 A registry per server (not the process-global one) lets tests run several servers in
-one process without colliding metric names.
+one process without colliding metric names. With a scraper token (`metrics_token_file`) the
+endpoint answers only requests bearing it (Prometheus' `authorization` / a ServiceMonitor's
+`bearerTokenSecret`); everyone else gets 401 and no metric names.
 """
 
 from __future__ import annotations
 
+import hmac
+import socketserver
+import threading
 from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app, start_http_server
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
@@ -40,7 +46,36 @@ class ServerMetrics:
             registry=self.registry,
         )
 
-    def serve_http(self, host: str, port: int):
-        """Start /metrics on host:port (0 = free port); returns (server, actual_port)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve_http(self, host: str, port: int, token: str = ""):
+        """Start /metrics on host:port (0 = free port), only for `token`'s bearer when given;
+        returns (server, actual_port)."""
+        if not token:
+            server, _thread = start_http_server(port, addr=host, registry=self.registry)
+            return server, server.server_port
+        server = make_server(
+            host, port, _scraper_only(make_wsgi_app(self.registry), token), _ThreadingServer, handler_class=_Quiet
+        )
+        threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
         return server, server.server_port
+
+
+class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args) -> None:
+        pass
+
+
+def _scraper_only(app, token: str):
+    expected = f"Bearer {token}".encode()
+
+    def guarded(environ, start_response):
+        given = environ.get("HTTP_AUTHORIZATION", "").encode()
+        if not hmac.compare_digest(given, expected):
+            start_response("401 Unauthorized", [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")])
+            return [b"metrics need the scraper's bearer token (metrics_token_file)\n"]
+        return app(environ, start_response)
+
+    return guarded

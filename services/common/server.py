@@ -30,6 +30,7 @@ from services.common.interceptors import AuthInterceptor, ErrorMappingIntercepto
 from services.common.logging import configure_logging
 from services.common.metrics import ServerMetrics
 from services.common.settings import ServerSettings
+from tunedock.client.channel import read_token
 from tunedock.errors import TuneDockError
 from tunedock.tokenfile import load_key
 
@@ -132,8 +133,12 @@ class GrpcServer:
         await server.start()
         self._server = server
         if self.settings.metrics_port >= 0:
+            token_file = self.settings.metrics_token_file
+            scraper = read_token(token_file) or ""
+            if token_file and not scraper:
+                raise TuneDockError(f"{token_file} (metrics_token_file) is empty: put the scraper's token in it")
             self._metrics_http, self.metrics_port = self.metrics.serve_http(
-                self.settings.host, self.settings.metrics_port
+                self.settings.metrics_host or self.settings.host, self.settings.metrics_port, scraper
             )
         for callback in self.after_start:
             result = callback()

@@ -52,6 +52,10 @@ class ServerSettings(BaseSettings):
     host: str = setting("127.0.0.1", "address to bind the gRPC server to")
     port: int = setting(-1, "gRPC port (0 picks a free one; -1 means the service's default port)")
     metrics_port: int = setting(0, "port of the Prometheus /metrics HTTP endpoint (0 picks a free one, -1 disables)")
+    metrics_host: str = setting("", "address to bind /metrics to; empty: the gRPC host")
+    metrics_token_file: str = setting(
+        "", "file holding the bearer token a scraper must send for /metrics; empty: /metrics answers anyone"
+    )
     data_dir: Path = setting(default_data_dir, "directory for the service's state (env TUNEDOCK_HOME)")
     log_level: str = setting("INFO", "log level: DEBUG, INFO, WARNING or ERROR")
     shutdown_grace_s: float = setting(5.0, "seconds in-flight RPCs get to finish on SIGTERM before they are cancelled")

@@ -402,7 +402,7 @@ class InferenceCore:
             lora = engine.lora_request(
                 entry.resolved.ref, self.lora_ids(entry.resolved.content_sha256), str(entry.path)
             )
-            self.metrics.adapter_requests.labels(resolved.name).inc()
+            self.metrics.adapter_requests.labels(self.metrics.adapter_label(resolved.name)).inc()
         request_id = uuid.uuid4().hex
         started = time.perf_counter()
         first = True

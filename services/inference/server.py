@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hashlib
 import json
 import logging
 import threading
@@ -54,9 +55,19 @@ class InferenceMetrics:
     isolation: Gauge
     engine_restarts: Counter
     adapters_warmed: Counter
+    adapter_labels: str = "hashed"
+    """What names an adapter in metric labels: names, hashed (a stable digest: tenants' adapter names
+    stay out of a shared monitoring stack) or off (one series for all)."""
+
+    def adapter_label(self, name: str) -> str:
+        if self.adapter_labels == "names":
+            return name
+        if self.adapter_labels == "off":
+            return "any"
+        return "h-" + hashlib.sha256(name.encode()).hexdigest()[:12]
 
     @classmethod
-    def create(cls, registry) -> InferenceMetrics:
+    def create(cls, registry, adapter_labels: str = "hashed") -> InferenceMetrics:
         def histogram(name: str, text: str) -> Histogram:
             return Histogram(name, text, buckets=BUCKETS, registry=registry)
 
@@ -96,6 +107,7 @@ class InferenceMetrics:
                 "Adapters loaded ahead of their first request (promotions).",
                 registry=registry,
             ),
+            adapter_labels,
         )
 
 
@@ -284,7 +296,7 @@ async def build_server(settings: InferenceSettings, engine=None) -> GrpcServer:
         engine = await asyncio.to_thread(build_engine)
     service = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
     server = GrpcServer(settings, [], roles=method_roles(service, ROLES))
-    metrics = InferenceMetrics.create(server.metrics.registry)
+    metrics = InferenceMetrics.create(server.metrics.registry, settings.metrics_adapter_labels)
     metrics.isolation.labels(engine.isolation).set(1)
     registry = RegistryClient(settings.registry_address, timeout=30, token=read_token(settings.registry_token_file))
     resolver = AdapterResolver(registry, ttl_s=settings.resolve_ttl_s)

@@ -70,11 +70,20 @@ class InferenceSettings(ServerSettings):
     http_port: int = setting(
         -1, "port of the OpenAI-compatible HTTP API (/v1/chat/completions, ...); 0 picks a free one, -1 serves none"
     )
+    metrics_adapter_labels: str = setting(
+        "hashed",
+        "how metrics name adapters (tunedock_adapter_requests): hashed (a stable digest, no tenant's names on a "
+        "shared monitoring stack), names, or off",
+    )
     max_tokens_limit: int = setting(4096, "largest max_tokens a request may ask for")
     max_prompt_chars: int = setting(200_000, "longest prompt (or rendered chat) a request may send, in characters")
 
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
+        if self.metrics_adapter_labels not in ("hashed", "names", "off"):
+            raise InvalidArgument(
+                f"metrics_adapter_labels must be hashed, names or off, got {self.metrics_adapter_labels!r}"
+            )
         if self.isolation not in ("auto", "null-adapter", "off"):
             raise InvalidArgument(f"isolation must be auto, null-adapter or off, got {self.isolation!r}")
         if self.admission_max_wait_s <= 0:

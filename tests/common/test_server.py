@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -125,6 +126,41 @@ def test_metrics_count_each_rpc_by_code(failing_server):
     assert f'tunedock_rpc_requests_total{{code="INVALID_ARGUMENT",{labels}}} 2.0' in body
     assert f'tunedock_rpc_requests_total{{code="NOT_FOUND",{labels}}} 1.0' in body
     assert f"tunedock_rpc_latency_seconds_count{{{labels}}} 3.0" in body
+
+
+def test_metrics_with_a_scraper_token_answer_only_its_bearer(tmp_path):
+    (tmp_path / "scraper.token").write_text("s3cret-scraper\n")
+    settings = ServerSettings(
+        port=0, metrics_port=0, data_dir=tmp_path, metrics_token_file=str(tmp_path / "scraper.token")
+    )
+
+    async def build():
+        return GrpcServer(settings, [])
+
+    thread = ServerThread(build)
+    try:
+        url = f"http://127.0.0.1:{thread.server.metrics_port}/metrics"
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-scraper"}):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5)
+            assert refused.value.code == 401 and b"tunedock_rpc" not in refused.value.read()
+        scraped = urllib.request.Request(url, headers={"Authorization": "Bearer s3cret-scraper"})
+        assert b"# HELP tunedock_rpc_requests_total" in urllib.request.urlopen(scraped, timeout=5).read()
+    finally:
+        thread.stop()
+
+
+def test_adapter_labels_are_hashed_unless_names_are_asked_for():
+    from prometheus_client import CollectorRegistry
+
+    from services.inference.server import InferenceMetrics
+
+    hashed = InferenceMetrics.create(CollectorRegistry())
+    label = hashed.adapter_label("acme-support-bot")
+    assert label.startswith("h-") and "acme" not in label and label == hashed.adapter_label("acme-support-bot")
+    assert label != hashed.adapter_label("globex-support-bot")
+    assert InferenceMetrics.create(CollectorRegistry(), "names").adapter_label("acme-support-bot") == "acme-support-bot"
+    assert InferenceMetrics.create(CollectorRegistry(), "off").adapter_label("acme-support-bot") == "any"
 
 
 def _start(module: str, tmp_path: Path, *args: str) -> tuple[subprocess.Popen, int, int]:

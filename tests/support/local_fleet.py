@@ -153,6 +153,8 @@ class LocalFleet:
             self.base_model,
             "--registry-address",
             self.registry_address,
+            "--metrics-adapter-labels",
+            "names",  # the tests read which replica served which adapter
             *self.replica_args,
         ]
         env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | {"PYTHONUNBUFFERED": "1"} | self.env
