@@ -49,6 +49,8 @@ from tunedock.refs import Ref, check_name
 from tunedock.tiny_model import tiny_model_path
 
 log = logging.getLogger(__name__)
+NODE_CACHES = ("bases", "datasets", "tokens")
+"""Folders beside the jobs' checkpoints that workers share: bases, datasets and tokenized windows."""
 
 MAX_PLATFORM_RETRIES = 10
 """Attempts a job may restart because our infrastructure failed it (beyond max_attempts of its own)."""
@@ -75,12 +77,14 @@ class TrainerCore:
         worker_token_ttl_s: float = 86400.0,
         max_lora_rank: int = 64,
         default_base_model: str = "",
+        checkpoints_kept: int = 0,
     ) -> None:
         self.store = store
         self.datasets = datasets
         self.executor = executor
         self.max_concurrent = max_concurrent
         self.max_attempts = max_attempts
+        self.checkpoints_kept = checkpoints_kept
         self.max_dataset_bytes = max_dataset_bytes
         self.data_dir = Path(data_dir)
         self.registry_address = registry_address
@@ -464,6 +468,8 @@ class TrainerCore:
         """
         job = await asyncio.to_thread(self.store.get_job, job_id)
         if job.terminal or job.attempt != attempt:
+            if job.state == "succeeded" and job.attempt == attempt:
+                await asyncio.to_thread(self.prune_checkpoints, job_id)
             await self.schedule()
             return
         platform = code == EXIT_PLATFORM
@@ -547,6 +553,30 @@ class TrainerCore:
         await asyncio.to_thread(self.store.update, job_id, [event], **fields)
         self._notify(job_id)
         return False
+
+    def prune_checkpoints(self, job_id: str) -> None:
+        """A succeeded job's checkpoints: all but the newest `checkpoints_kept` removed, and its kept
+        output (published now), once its worker has exited."""
+        folder = self.data_dir / "trainer" / "checkpoints" / job_id
+        steps = sorted(folder.glob("step-*"))
+        doomed = [*steps[: max(0, len(steps) - self.checkpoints_kept)], folder / "final"]
+        for path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
+        if self.checkpoints_kept == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        log.info("pruned the checkpoints of %s (kept %d)", job_id, min(len(steps), self.checkpoints_kept))
+
+    def checkpoint_bytes(self) -> int:
+        """Bytes jobs' checkpoints hold on the trainer's volume (the node caches beside them not counted)."""
+        total = 0
+        for job in (self.data_dir / "trainer" / "checkpoints").glob("*"):
+            if job.name in NODE_CACHES:
+                continue
+            for path in job.rglob("*"):
+                with contextlib.suppress(OSError):
+                    if path.is_file() and not path.is_symlink():
+                        total += path.stat().st_size
+        return total
 
     def assignment(self, job_id: str) -> tuple[JobRecord, Path]:
         job = self.get_job(job_id)

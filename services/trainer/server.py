@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from prometheus_client import Gauge
+
 from services.common.auth import method_roles
 from services.common.blobs import LocalBlobStore
 from services.common.server import GrpcServer, ServiceBinding
@@ -55,6 +57,7 @@ async def build_server(settings: TrainerSettings) -> GrpcServer:
         executor=None,
         max_concurrent=settings.max_concurrent_jobs,
         max_attempts=settings.max_attempts,
+        checkpoints_kept=settings.checkpoints_kept,
         max_dataset_bytes=settings.max_dataset_mb * 1024 * 1024,
         data_dir=settings.data_dir,
         registry_address=settings.registry_address,
@@ -88,6 +91,11 @@ async def build_server(settings: TrainerSettings) -> GrpcServer:
     # started: the executors read it lazily.
     core.executor = build_executor(settings, lambda: server.address_of("worker"), core)
     core.set_serving = server.set_serving
+    Gauge(
+        "tunedock_trainer_checkpoint_bytes",
+        "Bytes jobs' checkpoints hold (succeeded jobs keep checkpoints_kept of them).",
+        registry=server.metrics.registry,
+    ).set_function(core.checkpoint_bytes)
     server.after_start.append(core.recover)
     server.on_stop.insert(0, core.executor.close)
     server.on_stop.append(store.close)

@@ -25,6 +25,11 @@ class TrainerSettings(ServerSettings):
     )
     max_concurrent_jobs: int = setting(1, "jobs that train at the same time; the rest queue")
     max_attempts: int = setting(3, "worker starts per job (resumes from the last checkpoint after a crash)")
+    checkpoints_kept: int = setting(
+        0,
+        "step checkpoints a job keeps once it succeeded (its output is in the registry); until then all are "
+        "kept for resuming. Failed and cancelled jobs keep theirs for inspection",
+    )
     max_dataset_mb: int = setting(1024, "largest dataset upload accepted, in MiB")
     max_lora_rank: int = setting(
         DEFAULT_MAX_LORA_RANK,

@@ -114,6 +114,25 @@ def test_upload_is_content_addressed_and_validated(stack, dataset, tmp_path):
     assert info.value.details() == "line 2: field 'output' must be a non-empty string"
 
 
+def test_a_succeeded_jobs_checkpoints_keep_the_newest_k_and_are_counted(stack, monkeypatch):
+    folder = stack.data_dir / "trainer" / "checkpoints" / "job-prune-me"
+    for name in ("step-00000010", "step-00000020", "step-00000030", "final/output"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "weights.pt").write_bytes(b"w" * 1000)
+    cache = stack.data_dir / "trainer" / "checkpoints" / "tokens"
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / "big.bin").write_bytes(b"t" * 5000)  # a node cache: not a job's checkpoint
+    before = stack.core.checkpoint_bytes()
+    assert before >= 4000
+    monkeypatch.setattr(stack.core, "checkpoints_kept", 1)
+    stack.core.prune_checkpoints("job-prune-me")
+    assert sorted(p.name for p in folder.iterdir()) == ["step-00000030"]
+    assert stack.core.checkpoint_bytes() == before - 3000
+    monkeypatch.setattr(stack.core, "checkpoints_kept", 0)
+    stack.core.prune_checkpoints("job-prune-me")
+    assert not folder.exists() and (cache / "big.bin").exists()
+
+
 @pytest.mark.parametrize("token", ["²", "٣", "1²", "-1", "1e3", "9" * 40])
 def test_page_tokens_are_ascii_numbers(stack, token):
     """A page token that is not one the server issued is INVALID_ARGUMENT, never INTERNAL (int('²') raises)."""
@@ -265,6 +284,12 @@ def test_killed_worker_resumes_from_its_checkpoint(stack, dataset, tiny_model_di
     resumed_at = max(i for i, e in enumerate(events) if e.HasField("log") and "resumed" in e.log.message)
     first_after = next(e.progress.step for e in events[resumed_at:] if e.HasField("progress"))
     assert first_after == checkpoint.checkpoint.step + 1
+    # Succeeded and published: its checkpoints leave the trainer's volume once the worker has exited.
+    folder = stack.data_dir / "trainer" / "checkpoints" / job.id
+    deadline = time.monotonic() + 30
+    while folder.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not folder.exists(), sorted(p.name for p in folder.iterdir())
 
 
 @pytest.mark.slow
