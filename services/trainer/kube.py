@@ -37,6 +37,7 @@ MANAGED_SELECTOR = ",".join(f"{k}={v}" for k, v in MANAGED_LABELS.items())
 CONTAINER = "worker"
 NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 TLS_DIR = "/etc/tunedock/tls"
+TOKEN_DIR = "/etc/tunedock/job-token"
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,9 @@ def build_job(job_id: str, attempt: int, launch: Launch, s: KubeJobSettings) -> 
         **s.env,
     }
     if launch.token:
-        # Job-scoped and expiring: it can report this job's events and publish its output, nothing else.
-        env["TUNEDOCK_TOKEN"] = launch.token
+        # Job-scoped and expiring, and in the attempt's own Secret (token_secret), mounted as a file:
+        # `get jobs` shows no token, and the Secret goes with the Job.
+        env["TUNEDOCK_TOKEN_FILE"] = f"{TOKEN_DIR}/token"
     if s.tls_secret:
         env |= {
             "TUNEDOCK_TLS_CA_FILE": f"{TLS_DIR}/ca.crt",
@@ -138,6 +140,11 @@ def build_job(job_id: str, attempt: int, launch: Launch, s: KubeJobSettings) -> 
         k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource()),
         k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory")),
     ]
+    if launch.token:
+        mounts.append(k8s.V1VolumeMount(name="job-token", mount_path=TOKEN_DIR, read_only=True))
+        volumes.append(
+            k8s.V1Volume(name="job-token", secret=k8s.V1SecretVolumeSource(secret_name=name, default_mode=0o400))
+        )
     if s.tls_secret:
         mounts.append(k8s.V1VolumeMount(name="tls", mount_path=TLS_DIR, read_only=True))
         volumes.append(
@@ -194,6 +201,24 @@ def build_job(job_id: str, attempt: int, launch: Launch, s: KubeJobSettings) -> 
         metadata=k8s.V1ObjectMeta(name=name, namespace=s.namespace, labels=labels),
         spec=spec,
     )
+
+
+def token_secret(job_id: str, attempt: int, token: str, s: KubeJobSettings) -> k8s.V1Secret:
+    """The attempt's worker token, in a Secret named like its Job (owned by it once the Job exists)."""
+    labels = {**MANAGED_LABELS, LABEL_JOB_ID: job_id, LABEL_ATTEMPT: str(attempt)}
+    return k8s.V1Secret(
+        api_version="v1",
+        kind="Secret",
+        metadata=k8s.V1ObjectMeta(name=job_name(job_id, attempt), namespace=s.namespace, labels=labels),
+        type="Opaque",
+        string_data={"token": token},
+    )
+
+
+def owned_by(job: k8s.V1Job) -> dict:
+    """A patch that makes an object the Job's: Kubernetes deletes it with the Job."""
+    owner = {"apiVersion": "batch/v1", "kind": "Job", "name": job.metadata.name, "uid": job.metadata.uid}
+    return {"metadata": {"ownerReferences": [owner | {"blockOwnerDeletion": False}]}}
 
 
 # --------------------------------------------------------------------------------- outcome
@@ -285,7 +310,20 @@ class KubernetesExecutor:
     async def start(self, job_id: str, attempt: int, launch: Launch = ONE_PROCESS) -> None:
         await self._delete_attempts(job_id)  # a previous attempt's Job (e.g. before a trainer restart)
         body = build_job(job_id, attempt, launch, self.settings)
-        await asyncio.to_thread(self.batch.create_namespaced_job, self.namespace, body)
+        secret = token_secret(job_id, attempt, launch.token, self.settings) if launch.token else None
+        if secret is not None:
+            await asyncio.to_thread(self.core.create_namespaced_secret, self.namespace, secret)
+        try:
+            created = await asyncio.to_thread(self.batch.create_namespaced_job, self.namespace, body)
+        except BaseException:
+            if secret is not None:
+                with contextlib.suppress(ApiException):
+                    await asyncio.to_thread(self.core.delete_namespaced_secret, secret.metadata.name, self.namespace)
+            raise
+        if secret is not None:
+            await asyncio.to_thread(
+                self.core.patch_namespaced_secret, secret.metadata.name, self.namespace, owned_by(created)
+            )
         self.tracked[job_id] = (body.metadata.name, attempt)
         log.info("created Job %s for %s (attempt %d)", body.metadata.name, job_id, attempt)
         if self._poller is None or self._poller.done():

@@ -29,6 +29,7 @@ from services.trainer.kube import (
     build_job,
     outcome,
     parse_tolerations,
+    token_secret,
 )
 from services.trainer.server import build_server as build_trainer
 from services.trainer.settings import TrainerSettings
@@ -93,6 +94,42 @@ def test_qlora_job_on_gpus_has_command_resources_labels_and_env():
     assert {m.mount_path for m in container.volume_mounts} == {"/tmp", "/dev/shm", "/data"}
     assert pod.security_context.run_as_non_root and container.security_context.allow_privilege_escalation is False
     assert pod.automount_service_account_token is False
+
+
+def test_the_worker_token_is_a_mounted_secret_of_the_attempt_not_an_environment_variable():
+    launch = Launch(method="lora", token="tdk_worker_secret_value")
+    job = build_job("job-0123456789ab", 1, launch, SETTINGS)
+    kubernetes_validate.validate(as_dict(job), K8S_VERSION, strict=True)
+    assert "tdk_worker_secret_value" not in str(as_dict(job))  # `kubectl get jobs -o yaml` shows no token
+    (container,) = job.spec.template.spec.containers
+    env = {e.name: e.value for e in container.env}
+    assert "TUNEDOCK_TOKEN" not in env and env["TUNEDOCK_TOKEN_FILE"] == "/etc/tunedock/job-token/token"
+    (volume,) = [v for v in job.spec.template.spec.volumes if v.name == "job-token"]
+    assert volume.secret.secret_name == job.metadata.name and volume.secret.default_mode == 0o400
+    secret = token_secret("job-0123456789ab", 1, launch.token, SETTINGS)
+    kubernetes_validate.validate(as_dict(secret), K8S_VERSION, strict=True)
+    assert secret.metadata.name == job.metadata.name and secret.string_data == {"token": "tdk_worker_secret_value"}
+
+
+def test_the_token_secret_is_owned_by_its_job_and_goes_with_it():
+    async def scenario():
+        cluster = FakeCluster()
+
+        async def on_exit(*args):
+            pass
+
+        ex = KubernetesExecutor(SETTINGS, on_exit, batch_api=cluster, core_api=cluster, poll_s=3600)
+        await ex.start("job-aaaaaaaaaaaa", 1, Launch(method="lora", token="tdk_one"))
+        (secret,) = cluster.secrets.values()
+        (owner,) = secret.metadata.owner_references
+        assert (owner.kind, owner.name, owner.uid) == ("Job", "tdw-job-aaaaaaaaaaaa-a1", "uid-tdw-job-aaaaaaaaaaaa-a1")
+        await ex.start("job-aaaaaaaaaaaa", 2, Launch(method="lora", token="tdk_two"))  # the next attempt
+        assert [s.string_data["token"] for s in cluster.secrets.values()] == ["tdk_two"]
+        await ex.cancel("job-aaaaaaaaaaaa")
+        assert cluster.secrets == {}
+        await ex.close()
+
+    asyncio.run(scenario())
 
 
 def test_single_process_job_runs_the_worker_directly_and_several_nodes_make_an_indexed_job():
@@ -191,6 +228,7 @@ class FakeCluster:
     def __init__(self) -> None:
         self.jobs: dict[str, k8s.V1Job] = {}
         self.pods: dict[str, list[k8s.V1Pod]] = {}
+        self.secrets: dict[str, k8s.V1Secret] = {}
         self.deleted: list[str] = []
 
     @staticmethod
@@ -201,8 +239,24 @@ class FakeCluster:
         if body.metadata.name in self.jobs:
             raise ApiException(status=409, reason="AlreadyExists")
         body.status = k8s.V1JobStatus(active=1)
+        body.metadata.uid = f"uid-{body.metadata.name}"
         self.jobs[body.metadata.name] = body
         return body
+
+    def create_namespaced_secret(self, namespace, body):
+        self.secrets[body.metadata.name] = body
+        return body
+
+    def patch_namespaced_secret(self, name, namespace, body):
+        self.secrets[name].metadata.owner_references = [
+            k8s.V1OwnerReference(
+                api_version=o["apiVersion"], kind=o["kind"], name=o["name"], uid=o["uid"], block_owner_deletion=False
+            )
+            for o in body["metadata"]["ownerReferences"]
+        ]
+
+    def delete_namespaced_secret(self, name, namespace):
+        self.secrets.pop(name, None)
 
     def list_namespaced_job(self, namespace, label_selector=""):
         items = [j for j in self.jobs.values() if j.metadata.namespace == namespace]
@@ -211,9 +265,13 @@ class FakeCluster:
     def delete_namespaced_job(self, name, namespace, propagation_policy=None):
         if name not in self.jobs:
             raise ApiException(status=404, reason="NotFound")
-        del self.jobs[name]
+        uid = self.jobs.pop(name).metadata.uid
         self.pods.pop(name, None)
         self.deleted.append(name)
+        # The garbage collector: what the Job owned goes with it.
+        for secret_name, secret in list(self.secrets.items()):
+            if any(o.uid == uid for o in secret.metadata.owner_references or []):
+                del self.secrets[secret_name]
 
     def list_namespaced_pod(self, namespace, label_selector=""):
         name = label_selector.removeprefix("job-name=")
