@@ -45,6 +45,12 @@ class ServerMetrics:
             ["service", "method"],
             registry=self.registry,
         )
+        self.background_errors = Counter(
+            "tunedock_background_errors",
+            "Failures of long-lived background tasks (each logged with its traceback; the task carries on).",
+            ["task"],
+            registry=self.registry,
+        )
 
     def serve_http(self, host: str, port: int, token: str = ""):
         """Start /metrics on host:port (0 = free port), only for `token`'s bearer when given;

@@ -180,10 +180,17 @@ class AdapterResolver:
             for ref in [r for r in self._cache if _name_of(r) == name]:
                 del self._cache[ref]
 
-    def follow(self, stop: threading.Event, on_event: Callable[[Any], None] | None = None) -> None:
+    def follow(
+        self,
+        stop: threading.Event,
+        on_event: Callable[[Any], None] | None = None,
+        on_error: Callable[[], None] = lambda: None,
+    ) -> None:
         """Invalidate on registry events until `stop`; reconnects after registry outages, resuming by event id.
 
-        `on_event` sees each event after its name's resolutions were dropped (warm-on-promote uses it)."""
+        `on_event` sees each event after its name's resolutions were dropped (warm-on-promote uses it).
+        Anything else that goes wrong is logged with its traceback and counted (`on_error`), and the
+        watch carries on after the event that failed: a dead watch would serve moved aliases forever."""
         current: list = [None]
 
         def cancel_on_stop() -> None:
@@ -203,6 +210,10 @@ class AdapterResolver:
                         on_event(event)
             except TuneDockError:
                 stop.wait(0.2)
+            except Exception:
+                log.exception("the registry watch failed after event %d; reconnecting", last)
+                on_error()
+                stop.wait(1.0)
 
     def close(self) -> None:
         self._refresher.shutdown(wait=False, cancel_futures=True)

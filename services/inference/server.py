@@ -362,7 +362,10 @@ async def build_server(settings: InferenceSettings, engine=None) -> GrpcServer:
         if settings.warm_on_promote and promoted and core.owns(event.name):
             asyncio.run_coroutine_threadsafe(core.warm(f"{event.name}:{event.version}"), loop)
 
-    threading.Thread(target=resolver.follow, args=(stop, warm_on_promote), daemon=True, name="registry-watch").start()
+    watch_failed = server.metrics.background_errors.labels("registry-watch").inc
+    threading.Thread(
+        target=resolver.follow, args=(stop, warm_on_promote, watch_failed), daemon=True, name="registry-watch"
+    ).start()
     supervisor = EngineSupervisor(server, core, build, metrics)
     server.after_start.append(supervisor.start)
     server.on_stop.insert(0, supervisor.stop)

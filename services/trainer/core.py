@@ -98,6 +98,8 @@ class TrainerCore:
         self.set_serving: Callable[[bool], Awaitable[None]] = _serving_unknown
         """Health of the service (the server wires it): NOT_SERVING while the core cannot write its state."""
         self.unwritable_since: float | None = None
+        self.background_failed: Callable[[str], None] = lambda task: None
+        """Counts a background task's failure (the server wires it to tunedock_background_errors_total)."""
         """Wakes WatchJob streams of a job when its events change."""
         self._schedule_lock = asyncio.Lock()
 
@@ -442,6 +444,7 @@ class TrainerCore:
                 await self._record_exit(job_id, attempt, code, tail, late)
                 break
             except Exception as exc:
+                self.background_failed("worker-exit")
                 if failed_at is None:
                     failed_at, why = time.monotonic(), (str(exc) or type(exc).__name__).splitlines()[0][:300]
                     log.exception(

@@ -157,6 +157,8 @@ class LocalExecutor:
         self.gpus = GpuPool(detect_gpus() if gpus is None else gpus, gpus_per_process)
         self.processes: dict[str, asyncio.subprocess.Process] = {}
         self._monitors: set[asyncio.Task] = set()
+        self.on_monitor_error: Callable[[], None] = lambda: None
+        """Counts a monitor that raised (the server wires it to tunedock_background_errors_total)."""
 
     @property
     def device(self) -> str:
@@ -205,6 +207,7 @@ class LocalExecutor:
         self._monitors.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("the monitor of a worker failed", exc_info=task.exception())
+            self.on_monitor_error()
 
     async def _monitor(self, job_id: str, attempt: int, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()

@@ -91,6 +91,9 @@ async def build_server(settings: TrainerSettings) -> GrpcServer:
     # started: the executors read it lazily.
     core.executor = build_executor(settings, lambda: server.address_of("worker"), core)
     core.set_serving = server.set_serving
+    core.background_failed = lambda task: server.metrics.background_errors.labels(task).inc()
+    if isinstance(core.executor, LocalExecutor):
+        core.executor.on_monitor_error = server.metrics.background_errors.labels("worker-monitor").inc
     Gauge(
         "tunedock_trainer_checkpoint_bytes",
         "Bytes jobs' checkpoints hold (succeeded jobs keep checkpoints_kept of them).",

@@ -94,3 +94,37 @@ def test_lru_eviction_spares_in_use_and_pinned(published, tmp_path):
     # c1 is idle now and least recently used; c0 is older but pinned.
     assert {e.resolved.name for e in cache.entries.values()} == {"c0", "c3"}
     assert not busy.path.exists() and _count(metrics, "evictions") == 2
+
+
+def test_the_registry_watch_survives_a_failing_handler_and_keeps_invalidating(published):
+    """A handler that raises (a bug in warm-on-promote, say) is counted and the watch carries on:
+    later events still invalidate, so a moved alias is never served stale for good."""
+    import threading
+    import time
+
+    client, tmp = published
+    resolver = AdapterResolver(client)
+    seen, failures, stop = [], [], threading.Event()
+
+    def handler(event):
+        seen.append((event.name, event.version))
+        if len(seen) == 1:
+            raise RuntimeError("a bug in a handler")
+
+    watcher = threading.Thread(target=resolver.follow, args=(stop, handler, lambda: failures.append(1)), daemon=True)
+    watcher.start()
+    try:
+        time.sleep(0.5)  # the watch is open (it streams events from now on)
+        client.set_alias("c0", "prod", 1)
+        deadline = time.monotonic() + 10
+        while not failures and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert failures == [1]
+        client.publish_dir(tmp / "a1", "c0")  # version 2: the watch must still be listening
+        while len(seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert seen[0] == ("c0", 1) and seen[-1] == ("c0", 2), seen
+    finally:
+        stop.set()
+        watcher.join(5)
+        resolver.close()
