@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -58,16 +58,23 @@ class InferenceMetrics:
     adapter_labels: str = "hashed"
     """What names an adapter in metric labels: names, hashed (a stable digest: tenants' adapter names
     stay out of a shared monitoring stack) or off (one series for all)."""
+    adapter_series: int = 32
+    """Adapters with a series of their own (the first seen); the rest share "other": bounded cardinality."""
+    _labelled: set[str] = field(default_factory=set)
 
     def adapter_label(self, name: str) -> str:
-        if self.adapter_labels == "names":
-            return name
         if self.adapter_labels == "off":
             return "any"
+        if name not in self._labelled:
+            if len(self._labelled) >= self.adapter_series:
+                return "other"
+            self._labelled.add(name)
+        if self.adapter_labels == "names":
+            return name
         return "h-" + hashlib.sha256(name.encode()).hexdigest()[:12]
 
     @classmethod
-    def create(cls, registry, adapter_labels: str = "hashed") -> InferenceMetrics:
+    def create(cls, registry, adapter_labels: str = "hashed", adapter_series: int = 32) -> InferenceMetrics:
         def histogram(name: str, text: str) -> Histogram:
             return Histogram(name, text, buckets=BUCKETS, registry=registry)
 
@@ -108,6 +115,7 @@ class InferenceMetrics:
                 registry=registry,
             ),
             adapter_labels,
+            adapter_series,
         )
 
 
@@ -296,7 +304,9 @@ async def build_server(settings: InferenceSettings, engine=None) -> GrpcServer:
         engine = await asyncio.to_thread(build_engine)
     service = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
     server = GrpcServer(settings, [], roles=method_roles(service, ROLES))
-    metrics = InferenceMetrics.create(server.metrics.registry, settings.metrics_adapter_labels)
+    metrics = InferenceMetrics.create(
+        server.metrics.registry, settings.metrics_adapter_labels, settings.metrics_adapter_series
+    )
     metrics.isolation.labels(engine.isolation).set(1)
     registry = RegistryClient(settings.registry_address, timeout=30, token=read_token(settings.registry_token_file))
     resolver = AdapterResolver(registry, ttl_s=settings.resolve_ttl_s)

@@ -75,6 +75,11 @@ class InferenceSettings(ServerSettings):
         "how metrics name adapters (tunedock_adapter_requests): hashed (a stable digest, no tenant's names on a "
         "shared monitoring stack), names, or off",
     )
+    metrics_adapter_series: int = setting(
+        32,
+        "adapters with a series of their own in tunedock_adapter_requests (the first seen); the rest count as "
+        "other, so thousands of adapters keep the series bounded (0: none)",
+    )
     max_tokens_limit: int = setting(4096, "largest max_tokens a request may ask for")
     max_prompt_chars: int = setting(200_000, "longest prompt (or rendered chat) a request may send, in characters")
 

@@ -163,6 +163,21 @@ def test_adapter_labels_are_hashed_unless_names_are_asked_for():
     assert InferenceMetrics.create(CollectorRegistry(), "off").adapter_label("acme-support-bot") == "any"
 
 
+def test_a_thousand_adapters_keep_the_adapter_series_bounded():
+    from prometheus_client import CollectorRegistry
+
+    from services.inference.server import InferenceMetrics
+
+    registry = CollectorRegistry()
+    metrics = InferenceMetrics.create(registry, "hashed", adapter_series=32)
+    for i in range(1000):
+        metrics.adapter_requests.labels(metrics.adapter_label(f"tenant-{i}-bot")).inc()
+    series = [s for m in registry.collect() if m.name == "tunedock_adapter_requests" for s in m.samples]
+    counts = {s.labels["adapter"]: s.value for s in series if s.name == "tunedock_adapter_requests_total"}
+    assert len(counts) == 33 and counts["other"] == 968 and sum(counts.values()) == 1000
+    assert metrics.adapter_label("tenant-0-bot") != "other"  # the first ones keep their series
+
+
 def _start(module: str, tmp_path: Path, *args: str) -> tuple[subprocess.Popen, int, int]:
     """Start `python -m module` on free ports; return (process, grpc port, metrics port) from its log."""
     proc = subprocess.Popen(
