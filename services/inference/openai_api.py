@@ -19,7 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -54,6 +54,12 @@ class OpenAIFront:
     """ServerMetrics: requests counted as service "openai", method = the path."""
     base_model: str = ""
     """The base as configured (a path or hub id): accepted as `model` beside the base's id."""
+    max_streams: int = 128
+    """Streams one caller may have open at once, gRPC's and these together (max_streams_per_principal)."""
+    streams: dict[str, int] = field(default_factory=dict)
+    """Open streams per caller: the gRPC AuthInterceptor's own count, shared."""
+    rpc_timeout_s: float = 600.0
+    """Server-side deadline of a reply that is not streamed (rpc_timeout_s, as for unary gRPC calls)."""
 
     @property
     def base_id(self) -> str:
@@ -188,10 +194,21 @@ class OpenAIFront:
         token = current_principal.set(caller)
         try:
             if not stream:
-                done = await self._model_named(model, self.core.complete(inp))
+                try:
+                    async with asyncio.timeout(self.rpc_timeout_s):
+                        done = await self._model_named(model, self.core.complete(inp))
+                except TimeoutError:
+                    raise errors.DeadlineExceeded(
+                        f"the server stopped this request after its {self.rpc_timeout_s:g}s deadline; ask for fewer "
+                        "tokens, or stream"
+                    ) from None
                 if kind == "chat":
                     return JSONResponse(chat_reply(done, model))
                 return JSONResponse(completion_reply([done], [inp], model, echo, self.core.engine.tokenizer))
+            if self.streams.get(caller.name, 0) >= self.max_streams:
+                raise errors.ResourceExhausted(
+                    f"{caller.name} already has {self.max_streams} open streams; close some and retry"
+                )
             deltas = self.core.generate(inp)
             first = await self._model_named(model, anext(deltas))  # errors before the first token get a status
         finally:
@@ -199,10 +216,20 @@ class OpenAIFront:
         events = chat_events if kind == "chat" else completion_events
         body = events(first, deltas, model, include_usage, inp.n, inp.logprobs is not None)
         return StreamingResponse(
-            _with_principal(caller, body),
+            self._counted(caller, _with_principal(caller, body)),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+
+    async def _counted(self, caller: Principal, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """The stream, counted against its caller's open streams while it is sent (counted from its first
+        chunk: a body never started must not hold a count that nothing would give back)."""
+        self.streams[caller.name] = self.streams.get(caller.name, 0) + 1
+        try:
+            async for chunk in body:
+                yield chunk
+        finally:
+            self.streams[caller.name] -= 1
 
 
 async def _with_principal(caller: Principal, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -352,7 +352,17 @@ async def build_server(settings: InferenceSettings, engine=None) -> GrpcServer:
     catalog = ModelCatalog(registry, served_model_name(settings, base_model), cache.base_fingerprint)
     info["openai_base_url"] = ""
     if settings.http_port >= 0:
-        http = OpenAIHttpServer(settings, OpenAIFront(core, catalog, server.authenticator, server.metrics, base_model))
+        front = OpenAIFront(
+            core,
+            catalog,
+            server.authenticator,
+            server.metrics,
+            base_model,
+            max_streams=settings.max_streams_per_principal,
+            streams=server.auth.streams,  # one count per caller across both fronts
+            rpc_timeout_s=settings.rpc_timeout_s,
+        )
+        http = OpenAIHttpServer(settings, front)
 
         async def start_http() -> None:
             server.http_port = await http.start()

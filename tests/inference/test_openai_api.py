@@ -215,3 +215,27 @@ def test_grpc_clients_get_the_same_new_fields(grpc_client, base_id):
             )
         )
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "json_schema" in bad.value.details()
+
+
+def test_streams_count_against_the_callers_limit_shared_with_grpc(client, base_id, inference_stack):
+    """One caller's open streams are counted across both fronts: with the gRPC count at the limit, an
+    HTTP stream is refused 429 (openai's RateLimitError); while an HTTP stream is open it counts."""
+    from services.common.auth import ANONYMOUS
+
+    auth = inference_stack.inference.server.auth
+    ask = {"model": base_id, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 64, "stream": True}
+    auth.streams[ANONYMOUS.name] = auth.max_streams
+    try:
+        with pytest.raises(openai.RateLimitError) as info:
+            client.chat.completions.create(**ask)
+        assert f"already has {auth.max_streams} open streams" in info.value.message
+    finally:
+        auth.streams[ANONYMOUS.name] = 0
+    stream = client.chat.completions.create(**ask)
+    next(iter(stream))
+    assert auth.streams[ANONYMOUS.name] == 1  # the open HTTP stream holds one
+    list(stream)
+    deadline = time.monotonic() + 5
+    while auth.streams[ANONYMOUS.name] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert auth.streams[ANONYMOUS.name] == 0
