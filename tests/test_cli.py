@@ -45,6 +45,11 @@ def test_upload_train_watch_list_generate(env, tiny_model_dir, tmp_path):
     odd.write_bytes((DATA / "demo_robot.jsonl").read_bytes() + b"\n")  # new bytes: a dataset of its own
     named = tunedock({**env, "COLUMNS": "300"}, "data", "upload", str(odd))
     assert named.returncode == 0 and f"({odd.name})" in named.stdout, named.stdout + named.stderr
+    shown = tunedock({**env, "COLUMNS": "300"}, "data", "get", dataset["id"])
+    assert shown.returncode == 0, shown.stderr
+    assert "alpaca, from jsonl" in shown.stdout and "records     12" in shown.stdout, shown.stdout
+    listed = tunedock(env, "data", "ls", "--json")
+    assert dataset["id"] in {d["id"] for d in json.loads(listed.stdout)}
 
     train = tunedock(
         env,

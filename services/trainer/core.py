@@ -36,7 +36,7 @@ from services.common.disk import close_quietly, disk_errors
 from services.common.pages import Page
 from services.common.registry_answers import registry_answer
 from services.trainer.config import TrainConfig, config_from_spec, extract_options
-from services.trainer.data.records import not_a_dataset, validate_records
+from services.trainer.data.records import RecordStats, not_a_dataset, validate_records
 from services.trainer.data.sources import SourceOptions, detect, is_tar, unpack
 from services.trainer.domain import JobEvent, JobSpec, State, StateEvent
 from services.trainer.executor import EXIT_PLATFORM, Executor, Launch
@@ -120,21 +120,23 @@ class TrainerCore:
     def _validate_and_store(self, name: str, fmt: str, path: Path, project: str, options: SourceOptions) -> DatasetRow:
         project = principal().project_for_write(project)
         source = detect(unpack(path, path.with_suffix(".d")) if is_tar(path) else path, name, options)
+        stats = RecordStats(source.kind)
         if source.is_json_text:
             if path.stat().st_size < 16 << 20:  # what a small JSON file that is not a dataset is, said plainly
                 why = not_a_dataset(path.read_text(encoding="utf-8-sig", errors="replace"))
                 if why:
                     raise InvalidArgument(why)
-            found = validate_records(source.records(), fmt)
+            found = validate_records(source.records(), fmt, lambda example, _: stats.add(example))
             blob = path
         else:
             blob = path.with_suffix(".jsonl")
             with blob.open("w", encoding="utf-8") as out:
-                found = validate_records(
-                    source.records(),
-                    fmt,
-                    lambda _, record: out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n"),
-                )
+
+                def keep(example, record) -> None:
+                    stats.add(example)
+                    out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+
+                found = validate_records(source.records(), fmt, keep)
         size = blob.stat().st_size
         with blob.open("rb") as fh:
             sha = hashlib.file_digest(fh, "sha256").hexdigest()
@@ -151,6 +153,7 @@ class TrainerCore:
             created_at=now(),
             project=project,
             ignored_columns=list(found.ignored_columns),
+            stats=stats.summary(),
         )
         stored = self.store.add_dataset(row)
         audit("trainer.upload_dataset", stored.id, project, sha256=sha, records=stored.num_records)

@@ -53,6 +53,7 @@ def dataset_to_proto(row: DatasetRow) -> pb.Dataset:
         sha256=row.sha256,
         project=row.project,
         ignored_columns=row.ignored_columns or [],
+        stats=pb.DatasetStats(**row.stats) if row.stats else None,
     )
     msg.create_time.FromDatetime(row.created_at)
     return msg

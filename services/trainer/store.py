@@ -39,6 +39,8 @@ class DatasetRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     project: Mapped[str] = mapped_column(String(64), default="default", server_default="default", index=True)
     ignored_columns: Mapped[list | None] = mapped_column(JSON, nullable=True, default=list)
+    stats: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    """What validation measured (DatasetStats' fields); None for datasets stored before it did."""
 
 
 class JobRow(Base):

@@ -278,6 +278,11 @@ def test_a_folder_uploads_through_the_sdk_as_one_dataset_with_progress(stack, tm
     assert seen and seen[-1][0] == seen[-1][1] > 0
     examples = stored_examples(stack, chats)
     assert [m.content for m in examples[2].messages] == ["Answer briefly.", "What is 2 plus 2?", "4"]
+    stats = stack.client.get_dataset(chats.id).stats
+    assert (stats.source, stats.records_with_system, stats.records_with_tools) == ("llama-factory", 6, 0)
+    assert stats.mean_messages == 3.0
+    texts = sorted(sum(len(m["content"]) for m in c["messages"]) for c in CHATS)
+    assert (stats.chars_p50, stats.chars_max) == (texts[3], texts[-1])
     with pytest.raises(grpc.RpcError) as info:
         stack.client.upload_dataset(folder)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "--dataset NAME" in info.value.details()
@@ -293,6 +298,7 @@ def test_a_job_trains_on_a_parquet_dataset(stack, tmp_path, tiny_model_dir):
     pq.write_table(pa.Table.from_pylist(ALPACA), path)
     dataset = stack.client.upload_dataset(path)
     assert dataset.num_records == len(ALPACA) and dataset.format == pb.DATASET_FORMAT_ALPACA
+    assert dataset.stats.source == "parquet" and dataset.stats.chars_max >= dataset.stats.chars_p50 > 0
     assert [e.messages[-1].content for e in stored_examples(stack, dataset)] == [r["output"] for r in ALPACA]
     job = stack.client.submit(_spec(tiny_model_dir, dataset.id, "from-parquet", METHODS["lora"], max_steps=4))
     done = stack.client.wait(job.id, timeout=300)

@@ -55,3 +55,68 @@ def data_upload(
         print_json(ds)
     else:
         console.print(f"{ds.id}  {ds.num_records} records  {ds.size} bytes  ({escape(ds.name)})", highlight=False)
+
+
+def _format_name(fmt: int) -> str:
+    from tunedock.v1 import trainer_pb2 as pb
+
+    return pb.DatasetFormat.Name(fmt).removeprefix("DATASET_FORMAT_").lower()
+
+
+@data_app.command("ls")
+@cli_errors
+def data_ls(
+    project: str = typer.Option("", help="only this project's datasets"),
+    trainer: str = typer.Option(TRAINER, help="trainer address"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """List datasets, newest first."""
+    from google.protobuf import json_format
+    from rich.table import Table
+    from rich.text import Text
+
+    from tunedock.client import TrainerClient
+
+    with TrainerClient(trainer) as client:
+        datasets = list(client.list_datasets(project))
+    if as_json:
+        print_json([json_format.MessageToDict(d) for d in datasets])
+        return
+    table = Table("id", "name", "format", "records", "source", "project")
+    for d in datasets:
+        table.add_row(d.id, Text(d.name), _format_name(d.format), f"{d.num_records:,}", d.stats.source, d.project)
+    console.print(table)
+
+
+@data_app.command("get")
+@cli_errors
+def data_get(
+    dataset_id: str,
+    trainer: str = typer.Option(TRAINER, help="trainer address"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Show one dataset: format, records, what validation measured."""
+    from tunedock.client import TrainerClient
+    from tunedock.v1 import trainer_pb2 as pb
+
+    with TrainerClient(trainer) as client:
+        d = client.get_dataset(dataset_id)
+    if as_json:
+        print_json(d)
+        return
+    s = d.stats
+    lines = [
+        f"{d.id}  {escape(d.name)}  ({d.project})",
+        f"  format      {_format_name(d.format)}, from {s.source or 'unknown'}",
+        f"  records     {d.num_records:,}  ({d.size:,} bytes stored)",
+        f"  characters  p50 {s.chars_p50:,}, p95 {s.chars_p95:,}, max {s.chars_max:,} per record",
+    ]
+    if d.format == pb.DATASET_FORMAT_CHAT:
+        lines.append(
+            f"  chat        {s.mean_messages:.1f} messages a record, {s.records_with_tools:,} with tools, "
+            f"{s.records_with_system:,} with a system prompt"
+        )
+    if d.ignored_columns:
+        lines.append(f"  ignored     {', '.join(d.ignored_columns)}")
+    lines.append("  tokens      per base: each job reports them under its base's template")
+    console.print("\n".join(lines), highlight=False)

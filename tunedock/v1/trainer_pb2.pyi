@@ -63,7 +63,7 @@ class UploadDatasetRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[DatasetHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Dataset(_message.Message):
-    __slots__ = ("id", "name", "format", "num_records", "size", "sha256", "create_time", "project", "ignored_columns")
+    __slots__ = ("id", "name", "format", "num_records", "size", "sha256", "create_time", "project", "ignored_columns", "stats")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class Dataset(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     PROJECT_FIELD_NUMBER: _ClassVar[int]
     IGNORED_COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     format: DatasetFormat
@@ -82,7 +83,26 @@ class Dataset(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     project: str
     ignored_columns: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., format: _Optional[_Union[DatasetFormat, str]] = ..., num_records: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., project: _Optional[str] = ..., ignored_columns: _Optional[_Iterable[str]] = ...) -> None: ...
+    stats: DatasetStats
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., format: _Optional[_Union[DatasetFormat, str]] = ..., num_records: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., project: _Optional[str] = ..., ignored_columns: _Optional[_Iterable[str]] = ..., stats: _Optional[_Union[DatasetStats, _Mapping]] = ...) -> None: ...
+
+class DatasetStats(_message.Message):
+    __slots__ = ("source", "chars_p50", "chars_p95", "chars_max", "records_with_tools", "records_with_system", "mean_messages")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CHARS_P50_FIELD_NUMBER: _ClassVar[int]
+    CHARS_P95_FIELD_NUMBER: _ClassVar[int]
+    CHARS_MAX_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_WITH_TOOLS_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_WITH_SYSTEM_FIELD_NUMBER: _ClassVar[int]
+    MEAN_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    chars_p50: int
+    chars_p95: int
+    chars_max: int
+    records_with_tools: int
+    records_with_system: int
+    mean_messages: float
+    def __init__(self, source: _Optional[str] = ..., chars_p50: _Optional[int] = ..., chars_p95: _Optional[int] = ..., chars_max: _Optional[int] = ..., records_with_tools: _Optional[int] = ..., records_with_system: _Optional[int] = ..., mean_messages: _Optional[float] = ...) -> None: ...
 
 class UploadDatasetResponse(_message.Message):
     __slots__ = ("dataset",)

@@ -23,6 +23,7 @@ No torch here: the trainer service validates uploads with this module.
 from __future__ import annotations
 
 import json
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -348,3 +349,38 @@ def parse_dataset(data: bytes, fmt: str = "") -> ParsedDataset:
         lambda example, _: examples.append(example),
     )
     return ParsedDataset(found.format, examples, found.ignored_columns)
+
+
+class RecordStats:
+    """What validation measures of the records it sees, one at a time (4 bytes a record kept)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.chars = array("I")
+        self.with_tools = self.with_system = self.messages = 0
+
+    def add(self, example: Example) -> None:
+        if example.text is not None:
+            self.chars.append(min(len(example.text), 2**32 - 1))
+            return
+        self.chars.append(min(sum(len(m.content) + len(m.tool_calls) for m in example.messages), 2**32 - 1))
+        self.with_tools += bool(example.tools)
+        self.with_system += any(m.role == "system" for m in example.messages)
+        self.messages += len(example.messages)
+
+    def summary(self) -> dict:
+        ordered = sorted(self.chars)
+        n = len(ordered)
+
+        def at(q: float) -> int:
+            return int(ordered[min(n - 1, int(q * n))]) if n else 0
+
+        return {
+            "source": self.source,
+            "chars_p50": at(0.5),
+            "chars_p95": at(0.95),
+            "chars_max": int(ordered[-1]) if n else 0,
+            "records_with_tools": self.with_tools,
+            "records_with_system": self.with_system,
+            "mean_messages": self.messages / n if n else 0.0,
+        }
