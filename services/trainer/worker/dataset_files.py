@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -159,7 +160,10 @@ def fetch(dataset_id: str, cache: Path, download: Callable[[Path], None], keep: 
             os.replace(part, path)
         finally:
             part.unlink(missing_ok=True)
-        _evict(cache, keep, path)
+        keep_newest(list(cache.glob("*.jsonl")), keep, path)
+        for part in cache.glob("*.part"):  # a download a killed worker left
+            if time.time() - part.stat().st_mtime > 3600:
+                part.unlink(missing_ok=True)
     else:
         os.utime(path)  # recently used
     return DatasetFile(path)
@@ -174,14 +178,16 @@ def _array_to_jsonl(path: Path) -> None:
     os.replace(converted, path)
 
 
-def _evict(cache: Path, keep: int, current: Path) -> None:
-    files = sorted(cache.glob("*.jsonl"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for stale in files[keep:]:
-        if stale != current:
+def keep_newest(entries: list[Path], keep: int, current: Path) -> None:
+    """A node cache's policy: the `keep` most recently used entries (files or folders) stay, and the
+    one in use now whatever its age; the rest are removed."""
+    for stale in sorted(entries, key=lambda p: p.stat().st_mtime, reverse=True)[keep:]:
+        if stale == current:
+            continue
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
             stale.unlink(missing_ok=True)
-    for part in cache.glob("*.part"):  # a download a killed worker left
-        if time.time() - part.stat().st_mtime > 3600:
-            part.unlink(missing_ok=True)
 
 
 def split_indices(n: int, validation_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

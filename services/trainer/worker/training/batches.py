@@ -15,7 +15,6 @@ Unpacked batches are padded rows with a 2-D padding mask.
 from __future__ import annotations
 
 import bisect
-import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,10 +181,7 @@ class BatchPlan:
     ) -> BatchPlan:
         lengths = [store.length(i) for i in range(len(store))]
         rows = pack_rows(lengths, max_len) if packing else [[i] for i in range(len(lengths))]
-        size = rows_per_batch * world_size
-        global_batches = [rows[i : i + size] for i in range(0, len(rows), size)]
-        mine = [b[my_rows(len(b))] for b in global_batches if len(b) >= world_size]
-        return cls(store, mine, packing, pad_id)
+        return cls(store, my_share(rows, rows_per_batch, world_size, my_rows), packing, pad_id)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -195,8 +191,11 @@ class BatchPlan:
         return packed_batch(self.store, rows) if self.packed else padded_batch(self.store, rows, self.pad_id)
 
 
-def epoch_order(n_batches: int, seed: int, epoch: int) -> list[int]:
-    """A fresh, reproducible shuffle of the batches for each epoch."""
-    order = list(range(n_batches))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
+def my_share(
+    rows: list[list[int]], rows_per_batch: int, world_size: int, my_rows: Callable[[int], slice]
+) -> list[list[list[int]]]:
+    """Rows cut into global batches of `rows_per_batch x world_size`, and this process's rows of each;
+    a global batch with fewer rows than processes is dropped (every process must take part in every step)."""
+    size = rows_per_batch * world_size
+    global_batches = [rows[i : i + size] for i in range(0, len(rows), size)]
+    return [b[my_rows(len(b))] for b in global_batches if len(b) >= world_size]

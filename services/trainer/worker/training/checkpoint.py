@@ -9,12 +9,14 @@ CUDA device, Python's), so dropout and sampling continue exactly where they stop
 
 from __future__ import annotations
 
+import errno
 import random
 import shutil
 from pathlib import Path
 
 import torch
 
+from services.common.disk import FULL, full_disk
 from services.trainer.worker.training.distributed import Dist
 
 MARKER = "COMPLETE"
@@ -111,13 +113,8 @@ def _nbytes(state) -> int:
 
 def _full_disk_or(exc: Exception, step: int, target: Path, needed: int) -> Exception:
     """A clear error when the checkpoint did not fit (the partial one is removed), else `exc` itself."""
-    free = shutil.disk_usage(target.parent).free
-    if getattr(exc, "errno", None) not in (28, 122) and free >= needed:
+    if getattr(exc, "errno", None) not in FULL and shutil.disk_usage(target.parent).free >= needed:
         return exc
+    message = full_disk(f"the step-{step} checkpoint", target.parent, needed).message  # the free space before cleanup
     shutil.rmtree(target, ignore_errors=True)
-    return OSError(
-        28,
-        f"no space left on the device writing the step-{step} checkpoint to {target.parent} "
-        f"({free / 2**20:.1f} MiB free, needed ~{needed / 2**20:.1f} MiB): free space there or give the "
-        "trainer's data directory a larger volume",
-    )
+    return OSError(errno.ENOSPC, message)

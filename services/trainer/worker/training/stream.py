@@ -29,10 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from services.trainer.data.records import Example
+from services.trainer.worker.dataset_files import keep_newest
 from services.trainer.worker.training.batches import (
     PACK_WINDOW,
     Batch,
     TokenStore,
+    my_share,
     pack_rows,
     packed_batch,
     padded_batch,
@@ -65,7 +67,7 @@ class TokenCache:
         self.folder = root / key
         self.folder.mkdir(parents=True, exist_ok=True)
         os.utime(self.folder)
-        _evict(root, KEEP_KEYS, self.folder)
+        keep_newest([p for p in root.iterdir() if p.is_dir()], KEEP_KEYS, self.folder)
 
     def load(self, name: str) -> Window | None:
         folder = self.folder / name
@@ -97,13 +99,6 @@ class TokenCache:
         if window is None:
             raise RuntimeError(f"the token cache lost window {name} as it was written ({self.folder})")
         return window
-
-
-def _evict(root: Path, keep: int, current: Path) -> None:
-    keys = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
-    for stale in keys[keep:]:
-        if stale != current:
-            shutil.rmtree(stale, ignore_errors=True)
 
 
 def stream_key(identity: dict, examples_digest: str) -> str:
@@ -228,9 +223,7 @@ class TokenStream:
             self.seen += window.examples
             self.dropped += window.dropped
             self.truncated += window.truncated
-        size = self.rows_per_batch * self.world_size
-        global_batches = [window.rows[i : i + size] for i in range(0, len(window.rows), size)]
-        mine = [b[self.my_rows(len(b))] for b in global_batches if len(b) >= self.world_size]
+        mine = my_share(window.rows, self.rows_per_batch, self.world_size, self.my_rows)
         self._current = ((epoch, number), window, mine)
         return window, mine
 
