@@ -310,3 +310,35 @@ def test_a_job_trains_on_a_parquet_dataset(stack, tmp_path, tiny_model_dir):
     again = stack.client.submit(_spec(tiny_model_dir, dataset.id, "from-parquet", METHODS["lora"], max_steps=4))
     assert stack.client.wait(again.id, timeout=300).state == pb.JOB_STATE_SUCCEEDED
     assert any("tokens from the cache" in line for line in logs(again.id))
+
+
+def test_an_archive_that_reaches_outside_its_folder_is_refused(tmp_path):
+    """A folder upload is unpacked with tarfile's data filter: a member outside the folder, or a link
+    out of it, is refused and nothing is written outside."""
+    import io
+    import tarfile
+
+    from services.trainer.data.sources import unpack
+
+    def archive_of(member: str) -> Path:
+        archive = tmp_path / "evil.tar"
+        with tarfile.open(archive, "w") as tar:
+            data = b'{"text": "x"}\n'
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        return archive
+
+    with pytest.raises(InvalidArgument, match="cannot be unpacked"):
+        unpack(archive_of("../escaped.jsonl"), tmp_path / "into")
+    assert not (tmp_path / "escaped.jsonl").exists()
+    # An absolute member is kept inside: the filter strips the leading "/".
+    inside = unpack(archive_of("/abs/escaped.jsonl"), tmp_path / "into-abs")
+    assert (inside / "escaped.jsonl").is_file() and inside.is_relative_to(tmp_path / "into-abs")
+    linked = tmp_path / "link.tar"
+    with tarfile.open(linked, "w") as tar:
+        info = tarfile.TarInfo("data.jsonl")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(info)
+    with pytest.raises(InvalidArgument, match="cannot be unpacked"):
+        unpack(linked, tmp_path / "into2")
