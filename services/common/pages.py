@@ -36,6 +36,12 @@ def encode_token(value: str) -> str:
     return base64.urlsafe_b64encode(f"p1:{value}".encode()).decode()
 
 
+def token_after(created_at_iso: str, item_id: str) -> str:
+    """The token of a page that starts after the item created at `created_at_iso` with id `item_id`
+    (lists sorted newest first by (created_at, id)): what OpenAI-style `after=<id>` cursors turn into."""
+    return encode_token(f"{created_at_iso}|{item_id}")
+
+
 def decode_token(token: str) -> str:
     """The sort key a token names ("" for the first page); InvalidArgument for a token not issued here."""
     if not token:

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from services.common.auth import ANONYMOUS, Authenticator, Principal, current_principal
-from services.common.interceptors import bearer_token
+from services.common.auth import Authenticator, Principal, current_principal
+from services.common.http import HttpError, authenticate, forward, openai_app
 from services.common.openai_errors import error_body, from_domain
 from services.inference.catalog import ModelCatalog
 from services.inference.core import Completion, Delta, GenerateInput, InferenceCore, ResponseFormat, TokenLogprob
@@ -33,16 +33,7 @@ from tunedock import errors
 
 log = logging.getLogger(__name__)
 
-HOW_TO_SEND = "send the header 'Authorization: Bearer <token>' (the OpenAI SDKs send their api_key so)"
 GENERATE_ROLE = "inference.generate"
-
-
-class HttpError(Exception):
-    """A refusal of the front itself (body not JSON, a field the protocol models reject)."""
-
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
 
 
 @dataclass
@@ -60,6 +51,8 @@ class OpenAIFront:
     """Open streams per caller: the gRPC AuthInterceptor's own count, shared."""
     rpc_timeout_s: float = 600.0
     """Server-side deadline of a reply that is not streamed (rpc_timeout_s, as for unary gRPC calls)."""
+    fine_tuning_url: str = ""
+    """The trainer's fine-tuning API, forwarded from here (fine_tuning_url); "" forwards nothing."""
 
     @property
     def base_id(self) -> str:
@@ -68,17 +61,7 @@ class OpenAIFront:
     # ------------------------------------------------------------------------- plumbing
 
     def caller(self, request: Request, role: str | None) -> Principal:
-        if self.authenticator is None:
-            return ANONYMOUS
-        token = bearer_token([(k, v) for k, v in request.headers.items()], "header", HOW_TO_SEND)
-        found = self.authenticator.authenticate(token)
-        if found is None:
-            raise errors.Unauthenticated(
-                "the bearer token is unknown, revoked or expired: ask for a new one (tunedock tokens create)"
-            )
-        if role is not None and not found.has_role(role):
-            raise errors.PermissionDenied(f"{found.name} lacks the role {role} needed for {request.url.path}")
-        return found
+        return authenticate(request, self.authenticator, role)
 
     def adapter_of(self, model: str | None) -> str:
         """The adapter ref a `model` names; "" for the base (its id, the configured base, or none given)."""
@@ -573,66 +556,34 @@ async def completion_events(
 # ---------------------------------------------------------------------------------- app
 
 
-class Observe:
-    """Counts and times every request (pure ASGI: no wrapping of streamed bodies, unlike BaseHTTPMiddleware)."""
-
-    def __init__(self, app, metrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or self.metrics is None:
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = [500]
-
-        async def sending(message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, sending)
-        finally:
-            path = scope.get("path", "")
-            route = (
-                "/v1/models/{id}" if path.startswith("/v1/models/") else (path if path.startswith("/v1/") else "other")
-            )
-            self.metrics.requests.labels("openai", route, str(status[0])).inc()
-            self.metrics.latency.labels("openai", route).observe(time.perf_counter() - started)
+def _route(path: str) -> str:
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{id}"
+    return path if path.startswith("/v1/") else "other"
 
 
 def build_app(front: OpenAIFront) -> FastAPI:
-    app = FastAPI(title="TuneDock OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Observe, metrics=front.metrics)
+    app = openai_app(
+        "TuneDock OpenAI-compatible API", front.metrics, _route, "/v1/models, /v1/chat/completions and /v1/completions"
+    )
 
-    @app.exception_handler(errors.TuneDockError)
-    async def domain_error(request: Request, exc: errors.TuneDockError):
-        status, body = from_domain(exc)
-        return JSONResponse(body, status_code=status)
+    fine_tuning = ("/v1/files", "/v1/fine_tuning")
+    if front.fine_tuning_url:
+        forward(app, fine_tuning, front.fine_tuning_url, "the trainer's fine-tuning API")
+    else:
 
-    @app.exception_handler(HttpError)
-    async def front_error(request: Request, exc: HttpError):
-        return JSONResponse(error_body(exc.status, exc.message, exc.param), status_code=exc.status)
+        async def elsewhere(request: Request):
+            raise HttpError(
+                404,
+                f"{request.url.path} is the trainer's (files and fine-tuning jobs): send it to the trainer's HTTP "
+                "port (--http-port), or start this replica with --fine-tuning-url pointing there",
+            )
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception):
-        request_id = uuid.uuid4().hex[:16]
-        log.error("unhandled error in %s (request id %s)", request.url.path, request_id, exc_info=exc)
-        message = f"internal error (request id {request_id}); see server log"
-        return JSONResponse(error_body(500, message), status_code=500)
-
-    @app.exception_handler(404)
-    async def not_found(request: Request, exc):
-        message = (
-            f"no route {request.method} {request.url.path}: this server serves /v1/models, /v1/chat/completions "
-            "and /v1/completions"
-        )
-        return JSONResponse(error_body(404, message), status_code=404)
-
-    @app.exception_handler(405)
-    async def not_allowed(request: Request, exc):
-        return JSONResponse(error_body(405, f"{request.method} is not allowed on {request.url.path}"), status_code=405)
+        for prefix in fine_tuning:
+            app.add_api_route(prefix, elsewhere, methods=["GET", "POST", "DELETE"], include_in_schema=False)
+            app.add_api_route(
+                prefix + "/{rest:path}", elsewhere, methods=["GET", "POST", "DELETE"], include_in_schema=False
+            )
 
     @app.get("/v1/models")
     async def list_models(request: Request):

@@ -18,6 +18,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.auth import method_roles
 from services.common.basemodels import base_fingerprint, resolve_local_base
+from services.common.http import HttpServer
 from services.common.lora_shapes import base_module_shapes
 from services.common.server import GrpcServer, ServiceBinding
 from services.inference.adapters import AdapterCache, AdapterResolver
@@ -31,7 +32,6 @@ from tunedock import __version__
 from tunedock.client import RegistryClient
 from tunedock.client.channel import read_token
 from tunedock.client.inference import ROUTING_KEY
-from tunedock.errors import TuneDockError
 from tunedock.v1 import adapter_registry_pb2 as rpb
 from tunedock.v1 import inference_pb2, inference_pb2_grpc
 
@@ -149,42 +149,6 @@ def served_model_name(settings: InferenceSettings, base_model: str) -> str:
         return settings.served_model_name
     configured = settings.base_model or base_model
     return Path(configured).name if Path(configured).exists() else configured
-
-
-class OpenAIHttpServer:
-    """uvicorn on the service's event loop (the core is bound to it), started after the gRPC server."""
-
-    def __init__(self, settings: InferenceSettings, front: OpenAIFront) -> None:
-        import uvicorn
-
-        self.config = uvicorn.Config(
-            build_app(front),
-            host=settings.host,
-            port=settings.http_port,
-            lifespan="off",
-            access_log=False,
-            log_config=None,  # the service's own logging (JSON lines)
-            ssl_certfile=settings.tls_cert_file or None,
-            ssl_keyfile=settings.tls_key_file or None,
-            timeout_keep_alive=30,
-        )
-        self.server = uvicorn.Server(self.config)
-        self.task: asyncio.Task | None = None
-
-    async def start(self) -> int:
-        self.task = asyncio.create_task(self.server.serve())
-        while not self.server.started:
-            if self.task.done():
-                self.task.result()  # raises why it could not start
-                raise TuneDockError(f"the OpenAI HTTP API could not bind port {self.config.port}: is it in use?")
-            await asyncio.sleep(0.01)
-        return int(self.server.servers[0].sockets[0].getsockname()[1])
-
-    async def stop(self) -> None:
-        if self.task is not None:
-            self.server.should_exit = True
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
 
 
 def default_base_model(settings: InferenceSettings) -> str:
@@ -361,8 +325,11 @@ async def build_server(settings: InferenceSettings, engine=None) -> GrpcServer:
             max_streams=settings.max_streams_per_principal,
             streams=server.auth.streams,  # one count per caller across both fronts
             rpc_timeout_s=settings.rpc_timeout_s,
+            fine_tuning_url=settings.fine_tuning_url,
         )
-        http = OpenAIHttpServer(settings, front)
+        http = HttpServer(
+            build_app(front), settings.host, settings.http_port, settings.tls_cert_file, settings.tls_key_file
+        )
 
         async def start_http() -> None:
             server.http_port = await http.start()

@@ -70,6 +70,12 @@ class InferenceSettings(ServerSettings):
     http_port: int = setting(
         -1, "port of the OpenAI-compatible HTTP API (/v1/chat/completions, ...); 0 picks a free one, -1 serves none"
     )
+    fine_tuning_url: str = setting(
+        "",
+        "the trainer's OpenAI fine-tuning API (http://host:port, its --http-port): /v1/files and /v1/fine_tuning are "
+        "forwarded there from this HTTP port, so clients see one base URL (tunedock up sets it); empty: those "
+        "paths answer 404 saying where they live (behind a proxy, route them to the trainer by path)",
+    )
     metrics_adapter_labels: str = setting(
         "hashed",
         "how metrics name adapters (tunedock_adapter_requests): hashed (a stable digest, no tenant's names on a "

@@ -168,6 +168,31 @@ class TrainerCore:
     def list_datasets(self, page_size: int, page_token: str, project: str) -> Page[DatasetRow]:
         return self.store.list_datasets(page_size, page_token, principal().readable_projects(project))
 
+    def dataset_content(self, dataset_id: str):
+        """The stored bytes of a dataset the caller may read, chunk by chunk (JSONL and JSON arrays as
+        uploaded; every other source as the JSONL of its records)."""
+        row = self.get_dataset(dataset_id)
+        return self.datasets.read(row.sha256, 0, CHUNK)
+
+    def delete_dataset(self, dataset_id: str) -> DatasetRow:
+        """Forget a dataset and free its bytes; refused while a job that has not ended uses it."""
+        row = self.get_dataset(dataset_id)
+        users = [
+            j.id
+            for j in self.store.unfinished_jobs()
+            if dataset_id in (*j.spec.train_dataset_ids, *j.spec.eval_dataset_ids)
+        ]
+        if users:
+            raise FailedPrecondition(
+                f"dataset {dataset_id!r} is used by {', '.join(users)}, which has not ended: cancel it or wait, "
+                "then delete the dataset"
+            )
+        orphaned = self.store.delete_dataset(dataset_id)
+        if orphaned is not None:
+            self.datasets.delete(orphaned)
+        audit("trainer.delete_dataset", dataset_id, row.project, sha256=row.sha256)
+        return row
+
     def get_job(self, job_id: str) -> JobRecord:
         caller = principal()
         caller.check_job(job_id)  # a worker token names its one job
@@ -175,6 +200,14 @@ class TrainerCore:
         if not caller.may_access(job.project):
             raise NotFound(f"job {job_id!r} not found")
         return job
+
+    def job_events(self, job_id: str, before: int = 0, limit: int = 0) -> list[JobEvent]:
+        """A job's events: all, oldest first (limit 0), or at most `limit` below sequence `before` (0: the
+        newest), newest first."""
+        self.get_job(job_id)
+        if not limit:
+            return self.store.events_after(job_id, 0)
+        return self.store.events_before(job_id, before, limit)
 
     def list_jobs(self, state: str, page_size: int, page_token: str, project: str) -> Page[JobRecord]:
         return self.store.list_jobs(state, page_size, page_token, principal().readable_projects(project))
@@ -221,6 +254,8 @@ class TrainerCore:
         if not spec.output_name:
             raise InvalidArgument("output_name is required: the registry name the result is published under")
         check_name(spec.output_name)
+        if spec.then_extract is not None:
+            spec = self._validate_then_extract(spec)
         for dataset_id in (*cfg.dataset_ids, *cfg.eval_dataset_ids):
             if self.get_dataset(dataset_id).project != spec.project:
                 raise FailedPrecondition(f"dataset {dataset_id!r} belongs to another project than the job's")
@@ -335,6 +370,69 @@ class TrainerCore:
         if not spec.eval_dataset_ids and version.lineage.job_id:
             spec = self._with_eval_data(spec, version.lineage.job_id)
         return spec
+
+    def _validate_then_extract(self, spec: JobSpec) -> JobSpec:
+        """A Full or Freeze job that extracts its adapter once it succeeds: its knobs in range now, not
+        after the training they follow."""
+        x = spec.then_extract
+        assert x is not None
+        if spec.method.kind not in ("full", "freeze"):
+            raise InvalidArgument(
+                f"then_extract is for Full and Freeze jobs; a {spec.method.kind} job's adapter serves as trained"
+            )
+        if x.source:
+            raise InvalidArgument("then_extract.source must be empty: the source is this job's result")
+        if x.max_rank > self.max_lora_rank:
+            raise InvalidArgument(
+                f"then_extract.max_rank {x.max_rank} is above {self.max_lora_rank}, the inference replicas' "
+                "max_lora_rank (trainer setting max_lora_rank): such an adapter could not be served"
+            )
+        extract_options(x)
+        check_name(follow_up_name(spec.output_name))
+        return spec
+
+    # ----------------------------------------------------------------------- follow-ups
+
+    def follow_up(self, job: JobRecord) -> JobRecord | None:
+        """The extraction a Full/Freeze job with then_extract submitted when it succeeded (None before)."""
+        if job.spec.then_extract is None:
+            return None
+        try:
+            return self.store.get_job(follow_up_id(job.id))
+        except NotFound:
+            return None
+
+    async def _submit_follow_up(self, job: JobRecord) -> None:
+        """Submit the extraction of a succeeded job's result, once (its id is derived from the job's, so a
+        trainer that died between the two submits it at recovery, and never twice)."""
+        if job.spec.then_extract is None or job.state != "succeeded":
+            return
+        if await asyncio.to_thread(self.follow_up, job) is not None:
+            return
+        # No registry round trip: the source is known to be this job's Full/Freeze result on a base
+        # this trainer reached, so a registry outage cannot fail (or delay) the submission.
+        x = job.spec.then_extract
+        x = x.model_copy(update={"source": job.output_ref, "max_rank": x.max_rank or self.max_lora_rank})
+        spec = JobSpec(
+            base_model=job.spec.base_model,
+            extract=x,
+            output_name=follow_up_name(job.spec.output_name),
+            labels={**job.spec.labels, FOLLOWS_LABEL: job.id},
+            project=job.project,
+        )
+        spec = await asyncio.to_thread(self._with_eval_data, spec, job.id)
+        follow_id = follow_up_id(job.id)
+        first = state_event("queued", f"extracts a LoRA adapter from {job.id}'s result {job.output_ref}")
+        try:
+            await asyncio.to_thread(self.store.add_job, follow_id, spec, first, job.project)
+        except Exception:
+            if await asyncio.to_thread(self.follow_up, job) is not None:  # submitted meanwhile (a recovery)
+                return
+            raise
+        log.info("job %s: extraction %s submitted", job.id, follow_id, extra={"job_id": follow_id})
+        self._notify(job.id)
+        self._notify(follow_id)
+        await self.schedule()
 
     def _with_eval_data(self, spec: JobSpec, source_job_id: str) -> JobSpec:
         """`spec` measuring fidelity on the source job's held-out data (its eval sets, or its split)."""
@@ -521,6 +619,9 @@ class TrainerCore:
             await asyncio.to_thread(
                 self.store.update, job.id, [state_event("queued", "trainer restarted; will resume")], state="queued"
             )
+        for job in await asyncio.to_thread(self.store.jobs_in_state, "succeeded"):
+            if job.spec.then_extract is not None:  # a restart between success and its extraction's submission
+                await self._submit_follow_up(job)
         await self.schedule()
 
     # ------------------------------------------------------------------------------- reports
@@ -556,8 +657,10 @@ class TrainerCore:
             fields.update(state=state, ended_at=now())
             if state == "failed":
                 fields["error"] = event.state.message
-        await asyncio.to_thread(self.store.update, job_id, [event], **fields)
+        updated, _ = await asyncio.to_thread(self.store.update, job_id, [event], **fields)
         self._notify(job_id)
+        if updated.state == "succeeded":
+            await self._submit_follow_up(updated)
         return False
 
     def prune_checkpoints(self, job_id: str) -> None:
@@ -609,6 +712,18 @@ class TrainerCore:
                 if job.state in TERMINAL and not await asyncio.to_thread(self.store.events_after, job_id, after):
                     return
                 await self.changes.wait(changed, 1.0)
+
+
+FOLLOWS_LABEL = "tunedock.follows"
+"""Label of an extraction a job submitted for itself (then_extract): the id of the job it follows."""
+
+
+def follow_up_id(job_id: str) -> str:
+    return f"{job_id}-lora"
+
+
+def follow_up_name(output_name: str) -> str:
+    return f"{output_name}-lora"
 
 
 def launch_for(spec: JobSpec) -> Launch:

@@ -116,6 +116,8 @@ class JobSpec(Model):
     merge_adapter: str = ""
     project: str = ""
     extract: ExtractSpec | None = None
+    then_extract: ExtractSpec | None = None
+    """Full/Freeze: extract a servable LoRA adapter once the job succeeds (a follow-up job "<id>-lora")."""
 
     @property
     def kind(self) -> Literal["train", "merge", "extract"]:

@@ -8,9 +8,11 @@ from prometheus_client import Gauge
 
 from services.common.auth import method_roles
 from services.common.blobs import LocalBlobStore
+from services.common.http import HttpServer
 from services.common.server import GrpcServer, ServiceBinding
 from services.trainer.core import TrainerCore
 from services.trainer.executor import LocalExecutor
+from services.trainer.openai_api import FineTuningFront, build_app
 from services.trainer.servicer import TrainerServicer, TrainerWorkerServicer
 from services.trainer.settings import TrainerSettings
 from services.trainer.store import JobStore
@@ -100,6 +102,20 @@ async def build_server(settings: TrainerSettings) -> GrpcServer:
         registry=server.metrics.registry,
     ).set_function(core.checkpoint_bytes)
     server.after_start.append(core.recover)
+    if settings.http_port >= 0:
+        http = HttpServer(
+            build_app(FineTuningFront(core, server.authenticator, server.metrics)),
+            settings.host,
+            settings.http_port,
+            settings.tls_cert_file,
+            settings.tls_key_file,
+        )
+
+        async def start_http() -> None:
+            server.http_port = await http.start()
+
+        server.after_start.append(start_http)
+        server.on_stop.insert(0, http.stop)
     server.on_stop.insert(0, core.executor.close)
     server.on_stop.append(store.close)
     return server

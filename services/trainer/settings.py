@@ -43,6 +43,11 @@ class TrainerSettings(ServerSettings):
     worker_port: int = setting(
         50054, "port of the worker API (TrainerWorkerService), apart so a NetworkPolicy can admit workers only"
     )
+    http_port: int = setting(
+        -1,
+        "port of the OpenAI-compatible fine-tuning API (/v1/files, /v1/fine_tuning/jobs); 0 picks a free one, -1 "
+        "serves none",
+    )
     executor: str = setting("local", "where workers run: local (subprocesses) or kubernetes (a batch/v1 Job each)")
     gpus: str = setting(
         "auto",
@@ -80,6 +85,8 @@ class TrainerSettings(ServerSettings):
             raise InvalidArgument(f"executor must be local or kubernetes, got {self.executor!r}")
         if not 0 <= self.worker_port <= 65535:
             raise InvalidArgument(f"worker_port must be 0..65535, got {self.worker_port}")
+        if not -1 <= self.http_port <= 65535:
+            raise InvalidArgument(f"http_port must be -1..65535, got {self.http_port}")
         if self.token_file and not self.worker_key_file:
             raise InvalidArgument(
                 "with --token-file the trainer needs --worker-key-file: the key that signs workers' job-scoped "

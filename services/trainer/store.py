@@ -17,7 +17,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from services.common.db import migrate, open_engine
-from services.common.pages import Page, bad_token, decode_token, encode_token, page_size
+from services.common.pages import Page, bad_token, decode_token, page_size, token_after
 from services.trainer.domain import JobEvent, JobSpec
 from tunedock.errors import NotFound, Unavailable
 
@@ -147,7 +147,7 @@ def _keyset(session, query, table, size: int, token: str, convert: Callable) -> 
     if len(rows) <= size:
         return Page(items)
     last = rows[size - 1]
-    return Page(items, encode_token(f"{_aware_required(last.created_at).isoformat()}|{last.id}"))
+    return Page(items, token_after(_aware_required(last.created_at).isoformat(), last.id))
 
 
 class JobStore:
@@ -193,6 +193,25 @@ class JobStore:
             if projects is not None:
                 query = query.where(DatasetRow.project.in_(sorted(projects)))
             return _keyset(s, query, DatasetRow, page_size, page_token, lambda row: row)
+
+    def delete_dataset(self, dataset_id: str) -> str | None:
+        """Remove a dataset's row; the sha256 of its bytes when no other dataset (another project's
+        upload of the same bytes) still holds them, so the caller may delete the blob; None otherwise."""
+        with self._write() as s:
+            row = s.get(DatasetRow, dataset_id)
+            if row is None:
+                raise NotFound(f"dataset {dataset_id!r} not found")
+            sha = row.sha256
+            s.delete(row)
+            s.flush()
+            shared = s.scalar(select(func.count()).select_from(DatasetRow).where(DatasetRow.sha256 == sha))
+            return None if shared else sha
+
+    def unfinished_jobs(self) -> list[JobRecord]:
+        """Jobs not yet ended (validating, queued, running), oldest first."""
+        with self._sessions() as s:
+            query = select(JobRow).where(JobRow.state.not_in(TERMINAL)).order_by(JobRow.created_at, JobRow.id)
+            return [_record(r) for r in s.scalars(query)]
 
     # jobs
     def add_job(self, job_id: str, spec: JobSpec, event: JobEvent, project: str = "default") -> JobRecord:
@@ -261,6 +280,15 @@ class JobStore:
                 JobEvent.model_validate({**e.event, "sequence": e.seq})
                 for e in s.scalars(query.order_by(JobEventRow.seq))
             ]
+
+    def events_before(self, job_id: str, before: int, limit: int) -> list[JobEvent]:
+        """At most `limit` of the job's events with a sequence below `before` (0: from the newest), newest first."""
+        with self._sessions() as s:
+            query = select(JobEventRow).where(JobEventRow.job_id == job_id)
+            if before:
+                query = query.where(JobEventRow.seq < before)
+            rows = s.scalars(query.order_by(JobEventRow.seq.desc()).limit(limit))
+            return [JobEvent.model_validate({**e.event, "sequence": e.seq}) for e in rows]
 
 
 def _event_json(event: JobEvent) -> dict:

@@ -21,9 +21,17 @@ from tunedock.tokenfile import add_token, load_key
 
 class SecuredServices:
     def __init__(
-        self, home: Path, base: Path, inference_stack, users: dict[str, tuple[list, list]], **inference_limits
+        self,
+        home: Path,
+        base: Path,
+        inference_stack,
+        users: dict[str, tuple[list, list]],
+        trainer_http: bool = False,
+        max_concurrent_jobs: int = 1,
+        **inference_limits,
     ) -> None:
-        """`users`: name -> (roles, projects); their tokens are in `self.user_tokens`."""
+        """`users`: name -> (roles, projects); their tokens are in `self.user_tokens`. With `trainer_http` the
+        trainer serves its fine-tuning API and inference's HTTP port forwards to it (as `tunedock up`)."""
         self.tokens = home / "tokens.json"
         self.key = home / "worker.key"
         load_key(self.key)
@@ -38,9 +46,15 @@ class SecuredServices:
             registry_address=self.registry.address,
             registry_token_file=str(service_token),
             worker_key_file=str(self.key),
+            default_base_model=str(base),
+            max_lora_rank=16,  # as inference's: what the trainer extracts, the replicas can serve
+            http_port=0 if trainer_http else -1,
+            max_concurrent_jobs=max_concurrent_jobs,
             **common,
         )
         self.trainer = ServerThread(lambda: build_trainer(trainer))
+        if trainer_http:
+            inference_limits["fine_tuning_url"] = f"http://127.0.0.1:{self.trainer.server.http_port}"
         inference = InferenceSettings(
             base_model=str(base),
             registry_address=self.registry.address,

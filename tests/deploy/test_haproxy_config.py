@@ -113,6 +113,7 @@ def test_haproxy_accepts_the_config(tls, openai, tmp_path):
             "TUNEDOCK_PROXY_HTTP_BIND": "*:8000",
             "TUNEDOCK_INFERENCE_HTTP_SRV": "_http._tcp.tunedock-inference.tunedock.svc.cluster.local",
             "TUNEDOCK_BASE_MODEL_ID": "meta-llama/Llama-3.1-8B-Instruct",
+            "TUNEDOCK_TRAINER_HTTP_SRV": "_http._tcp.tunedock-trainer.tunedock.svc.cluster.local",
         }
     if tls:
         pki = make_pki(tmp_path / "pki")

@@ -239,3 +239,18 @@ def test_streams_count_against_the_callers_limit_shared_with_grpc(client, base_i
     while auth.streams[ANONYMOUS.name] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert auth.streams[ANONYMOUS.name] == 0
+
+
+def test_fine_tuning_paths_say_where_they_live_when_nothing_forwards_them(inference_stack):
+    with httpx.Client(base_url=inference_stack.openai_base_url) as raw:
+        for method, path in (
+            ("GET", "/files"),
+            ("POST", "/fine_tuning/jobs"),
+            ("GET", "/fine_tuning/jobs/job-1/events"),
+        ):
+            answer = raw.request(method, path)
+            assert answer.status_code == 404
+            assert (
+                "trainer" in answer.json()["error"]["message"]
+                and "--fine-tuning-url" in answer.json()["error"]["message"]
+            )

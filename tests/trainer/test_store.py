@@ -154,3 +154,44 @@ def test_jobs_stored_as_protos_by_the_previous_schema_are_converted(url):
         old.sequence = seq
         assert to_proto(new, pb.JobEvent()) == old
     store.close()
+
+
+def _dataset(dataset_id: str, sha: str, project: str = "default"):
+    from services.trainer.store import DatasetRow, now
+
+    return DatasetRow(
+        id=dataset_id,
+        name="d.jsonl",
+        format="alpaca",
+        num_records=1,
+        size=10,
+        sha256=sha,
+        created_at=now(),
+        project=project,
+        ignored_columns=[],
+        stats=None,
+    )
+
+
+def test_deleting_a_dataset_frees_its_bytes_only_when_no_other_dataset_holds_them(url):
+    store = JobStore(url)
+    store.add_dataset(_dataset("ds-a", "f" * 64))
+    store.add_dataset(_dataset("ds-b", "f" * 64, project="team-b"))  # the same bytes in another project
+    store.add_dataset(_dataset("ds-c", "e" * 64))
+    assert store.delete_dataset("ds-a") is None  # ds-b still holds them
+    assert store.delete_dataset("ds-b") == "f" * 64 and store.delete_dataset("ds-c") == "e" * 64
+    with pytest.raises(NotFound):
+        store.get_dataset("ds-a")
+    with pytest.raises(NotFound):
+        store.delete_dataset("ds-a")
+
+
+def test_events_page_newest_first_and_unfinished_jobs(url):
+    store = JobStore(url)
+    store.add_job("job-1", JobSpec(), state_event("queued"))
+    store.add_job("job-2", JobSpec(), state_event("queued"))
+    store.update("job-1", [JobEvent(progress=ProgressEvent(step=s)) for s in (1, 2, 3)], state="running")
+    store.update("job-2", [state_event("succeeded")], state="succeeded")
+    assert [e.sequence for e in store.events_before("job-1", 0, 2)] == [4, 3]
+    assert [e.sequence for e in store.events_before("job-1", 3, 10)] == [2, 1]
+    assert [j.id for j in store.unfinished_jobs()] == ["job-1"]

@@ -27,7 +27,10 @@ SERVICES = (
 WORKER_PORT = 50054
 """The trainer's worker API (TrainerWorkerService)."""
 OPENAI_PORT = 8000
-"""Inference's OpenAI-compatible HTTP API (the port `vllm serve` uses, so tools' defaults fit)."""
+"""Inference's OpenAI-compatible HTTP API (the port `vllm serve` uses, so tools' defaults fit); it forwards
+/v1/files and /v1/fine_tuning to the trainer's, so clients are given one base URL."""
+FINE_TUNING_PORT = 8001
+"""The trainer's OpenAI-compatible fine-tuning API (/v1/files, /v1/fine_tuning/jobs)."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,7 @@ class LocalStack:
     def ports(self) -> list[int]:
         """Every port the stack binds: gRPC and metrics of each service, the worker API, the OpenAI API."""
         listed = [port for _, _, grpc_port, metrics in SERVICES for port in (grpc_port, metrics)]
-        return [port + self.port_offset for port in (*listed, WORKER_PORT, OPENAI_PORT)]
+        return [port + self.port_offset for port in (*listed, WORKER_PORT, OPENAI_PORT, FINE_TUNING_PORT)]
 
     def check_ports_free(self) -> None:
         """Refuse to start over ports in use: a stack left running would answer the health checks in
@@ -146,9 +149,11 @@ class LocalStack:
             if module == "trainer":
                 args += ["--worker-port", str(WORKER_PORT + self.port_offset)]
                 args += ["--registry-token-file", str(creds.trainer_token_file)]
+                args += ["--http-port", str(FINE_TUNING_PORT + self.port_offset)]
             if module == "inference":
                 args += ["--registry-token-file", str(creds.inference_token_file)]
                 args += ["--http-port", str(OPENAI_PORT + self.port_offset)]
+                args += ["--fine-tuning-url", f"http://{self.host}:{FINE_TUNING_PORT + self.port_offset}"]
             if module == "inference" and self.base_model:
                 args += ["--base-model", self.base_model]
             if module == "trainer" and self.base_model:  # jobs without a base train on the one served

@@ -91,7 +91,8 @@ def up(
     )
     console.print(
         f"OpenAI-compatible API: {stack.openai_base_url} (api_key: a TuneDock token; model: the base's id or an "
-        "adapter ref, e.g. pirate@prod; see docs/clients.md)"
+        "adapter ref, e.g. pirate@prod; files and fine-tuning jobs too: client.fine_tuning.jobs.create; see "
+        "docs/clients.md)"
     )
     if check:
         codes = stack.stop()

@@ -181,7 +181,7 @@ class Hyperparameters(_message.Message):
     def __init__(self, epochs: _Optional[float] = ..., max_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_schedule: _Optional[_Union[_common_pb2.LrSchedule, str]] = ..., warmup_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_seq_length: _Optional[int] = ..., seed: _Optional[int] = ..., gradient_checkpointing: _Optional[bool] = ..., packing: _Optional[bool] = ..., eval_every_steps: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ..., log_every_steps: _Optional[int] = ..., weight_decay: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., processes_per_node: _Optional[int] = ..., nodes: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("base_model", "method", "hyperparameters", "train_dataset_ids", "eval_dataset_ids", "validation_split", "output_name", "labels", "merge_adapter", "project", "extract")
+    __slots__ = ("base_model", "method", "hyperparameters", "train_dataset_ids", "eval_dataset_ids", "validation_split", "output_name", "labels", "merge_adapter", "project", "extract", "then_extract")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +193,7 @@ class JobSpec(_message.Message):
     MERGE_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     PROJECT_FIELD_NUMBER: _ClassVar[int]
     EXTRACT_FIELD_NUMBER: _ClassVar[int]
+    THEN_EXTRACT_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     method: _common_pb2.MethodConfig
     hyperparameters: Hyperparameters
@@ -204,7 +205,8 @@ class JobSpec(_message.Message):
     merge_adapter: str
     project: str
     extract: ExtractSpec
-    def __init__(self, base_model: _Optional[str] = ..., method: _Optional[_Union[_common_pb2.MethodConfig, _Mapping]] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., train_dataset_ids: _Optional[_Iterable[str]] = ..., eval_dataset_ids: _Optional[_Iterable[str]] = ..., validation_split: _Optional[float] = ..., output_name: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[_common_pb2.Label, _Mapping]]] = ..., merge_adapter: _Optional[str] = ..., project: _Optional[str] = ..., extract: _Optional[_Union[ExtractSpec, _Mapping]] = ...) -> None: ...
+    then_extract: ExtractSpec
+    def __init__(self, base_model: _Optional[str] = ..., method: _Optional[_Union[_common_pb2.MethodConfig, _Mapping]] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., train_dataset_ids: _Optional[_Iterable[str]] = ..., eval_dataset_ids: _Optional[_Iterable[str]] = ..., validation_split: _Optional[float] = ..., output_name: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[_common_pb2.Label, _Mapping]]] = ..., merge_adapter: _Optional[str] = ..., project: _Optional[str] = ..., extract: _Optional[_Union[ExtractSpec, _Mapping]] = ..., then_extract: _Optional[_Union[ExtractSpec, _Mapping]] = ...) -> None: ...
 
 class ExtractSpec(_message.Message):
     __slots__ = ("source", "rank", "energy", "max_rank", "allow_dropped", "max_dropped_share")

@@ -180,6 +180,8 @@ class Recipe:
         self.step = 0
         self.eval_loss: float | None = None
         self.last_loss = float("nan")
+        self.trained_tokens = 0.0
+        """Real (non-padding) tokens of every process's steps in this attempt (a resumed job counts from its resume)."""
 
     def notice(self, message: str) -> None:
         self.report(Log(message))
@@ -426,6 +428,7 @@ class Recipe:
     def _report_progress(self, window: _Window) -> None:
         loss, grad_norm, tokens = window.reduce(self.dist)  # the one host sync of a logging window
         self.last_loss = loss
+        self.trained_tokens += tokens
         elapsed = time.perf_counter() - window.started
         steps_per_s = window.steps / elapsed if elapsed > 0 else 0.0
         self.report(
@@ -490,6 +493,7 @@ class Recipe:
             "runtime_memory_bytes": float(self.runtime_bytes),
             "wall_time_s": time.perf_counter() - self.started,
             "steps": float(self.step),
+            "trained_tokens": self.trained_tokens,
             # Of the training examples the run's windows held (all of them once an epoch is done).
             "examples_seen": float(self.train_stream.seen),
             "examples_truncated": float(self.train_stream.truncated),
