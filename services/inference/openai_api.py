@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from services import console
 from services.common.auth import Authenticator, Principal, current_principal
 from services.common.http import HttpError, authenticate, forward, openai_app
 from services.common.openai_errors import error_body, from_domain
@@ -567,6 +568,7 @@ def build_app(front: OpenAIFront) -> FastAPI:
         "TuneDock OpenAI-compatible API", front.metrics, _route, "/v1/models, /v1/chat/completions and /v1/completions"
     )
 
+    console.mount(app)  # the web console, over these same routes
     fine_tuning = ("/v1/files", "/v1/fine_tuning")
     if front.fine_tuning_url:
         forward(app, fine_tuning, front.fine_tuning_url, "the trainer's fine-tuning API")

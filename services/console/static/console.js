@@ -1,0 +1,354 @@
+// TuneDock's web console: a page per hash route, every call to the stack's OpenAI-compatible API on
+// this origin with the signed-in token. No framework, no CDN: this file and console.css are all of it.
+"use strict";
+
+const $ = (sel, root = document) => root.querySelector(sel);
+const main = $("#main");
+const COLORS = ["#2f5bd3", "#d94f30", "#23945a", "#8c3fc7", "#c98a00", "#2aa3b8"];
+const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+const METHODS = {
+  lora: ["LoRA", "Low-rank adapters beside frozen weights: little memory, hot-swapped per request as trained."],
+  qlora: ["QLoRA", "LoRA on a 4-bit base: the least memory, for big models on small GPUs; a little slower."],
+  freeze: ["Freeze", "Trains only the last layers: moderate memory; served through an extracted adapter."],
+  full: ["Full", "Trains every weight: the most memory, for large shifts of domain; served through an extracted adapter."],
+};
+let timer = null;
+
+function token() { return sessionStorage.getItem("tunedock-token") || ""; }
+
+async function api(path, options = {}) {
+  const headers = { Authorization: `Bearer ${token()}`, ...(options.headers || {}) };
+  const answer = await fetch(`/v1${path}`, { ...options, headers });
+  const kind = answer.headers.get("content-type") || "";
+  const body = kind.includes("json") ? await answer.json() : await answer.text();
+  if (!answer.ok) {
+    const error = new Error(body?.error?.message || `${answer.status} ${answer.statusText}`);
+    error.status = answer.status;
+    throw error;
+  }
+  return body;
+}
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "on") for (const [event, fn] of Object.entries(value)) node.addEventListener(event, fn);
+    else if (value !== undefined && value !== null && value !== false) node.setAttribute(key, value === true ? "" : value);
+  }
+  for (const child of children.flat()) node.append(child instanceof Node ? child : document.createTextNode(String(child ?? "")));
+  return node;
+}
+
+function show(...nodes) { main.replaceChildren(...nodes); }
+function fail(error) { return el("p", { class: "error", "data-testid": "error" }, error.message || String(error)); }
+function when(ts) { return ts ? new Date(ts * 1000).toLocaleString() : ""; }
+function status(s) { return el("span", { class: `status ${s}`, "data-testid": "status" }, s); }
+function bytes(n) { return n > 2 ** 30 ? `${(n / 2 ** 30).toFixed(2)} GiB` : n > 2 ** 20 ? `${(n / 2 ** 20).toFixed(1)} MiB` : `${(n / 1024).toFixed(1)} KiB`; }
+
+// ------------------------------------------------------------------------------------ sign-in
+
+function signIn(message = "") {
+  $("#nav").hidden = true;
+  $("#signout").hidden = true;
+  $("#who").textContent = "";
+  const input = el("input", { type: "password", id: "token", placeholder: "td-...", autocomplete: "off" });
+  const form = el("form", { class: "card", on: { submit: async (e) => {
+    e.preventDefault();
+    sessionStorage.setItem("tunedock-token", input.value.trim());
+    try {
+      await api("/models");
+      location.hash = "#/jobs";
+      route();
+    } catch (error) {
+      sessionStorage.removeItem("tunedock-token");
+      signIn(error.status === 401 ? "That token is unknown, revoked or expired." : error.message);
+    }
+  } } },
+    el("h1", {}, "Sign in"),
+    el("p", { class: "muted" }, "Paste a TuneDock token (tunedock tokens create, or the admin token tunedock up wrote). It stays in this tab."),
+    el("label", { for: "token" }, "Token"), input, el("p"), el("button", { type: "submit" }, "Sign in"),
+    message ? el("p", { class: "error", "data-testid": "error" }, message) : "");
+  show(form);
+  input.focus();
+}
+
+// ----------------------------------------------------------------------------------------- jobs
+
+async function jobsPage() {
+  const list = await api("/fine_tuning/jobs?limit=100");
+  const rows = list.data.map((j) => el("tr", { class: "link", "data-job": j.id, on: { click: () => { location.hash = `#/jobs/${j.id}`; } } },
+    el("td", {}, j.id), el("td", {}, j.tunedock?.method || j.method?.type), el("td", {}, status(j.status)),
+    el("td", {}, j.tunedock?.total_steps ? `${j.tunedock.step}/${j.tunedock.total_steps}` : ""),
+    el("td", {}, j.estimated_finish ? `${Math.max(0, Math.round(j.estimated_finish - Date.now() / 1000))} s` : ""),
+    el("td", {}, j.fine_tuned_model || ""), el("td", {}, when(j.created_at))));
+  show(el("h1", {}, "Jobs"),
+    el("table", { "data-testid": "jobs" }, el("tr", {}, ...["job", "method", "status", "progress", "ETA", "fine_tuned_model", "created"].map((h) => el("th", {}, h))), ...rows),
+    list.data.length ? "" : el("p", { class: "muted" }, "No jobs yet: start one under New job."));
+  timer = setTimeout(() => route(true), 3000);
+}
+
+function series(events) {
+  const pick = (key) => events.filter((e) => e.type === "metrics" && e.data && key in e.data).map((e) => [e.data.step, e.data[key]]);
+  return {
+    train_loss: pick("train_loss"), valid_loss: pick("valid_loss"), learning_rate: pick("learning_rate"),
+    tokens_per_second: pick("tokens_per_second"), peak_memory_bytes: pick("peak_memory_bytes"),
+  };
+}
+
+function chart(title, lines, format = (v) => v.toPrecision(3)) {
+  const W = 560, H = 180, P = 36;
+  const all = lines.flatMap((l) => l.points);
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("class", "chart");
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  svg.dataset.testid = `chart-${title}`;
+  svg.dataset.points = String(lines[0]?.points.length || 0);
+  const box = el("div", { class: "card" }, el("strong", {}, title));
+  if (!all.length) { box.append(el("p", { class: "muted" }, "no data yet")); return box; }
+  const xs = all.map((p) => p[0]), ys = all.map((p) => p[1]);
+  const [x0, x1] = [Math.min(...xs), Math.max(...xs, Math.min(...xs) + 1)];
+  let [y0, y1] = [Math.min(...ys), Math.max(...ys)];
+  if (y0 === y1) { y0 -= Math.abs(y0) * 0.1 || 1; y1 += Math.abs(y1) * 0.1 || 1; }
+  const sx = (x) => P + ((x - x0) / (x1 - x0)) * (W - 2 * P), sy = (y) => H - P + 10 - ((y - y0) / (y1 - y0)) * (H - 2 * P);
+  const ns = (tag, attrs) => { const n = document.createElementNS("http://www.w3.org/2000/svg", tag); for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, v); return n; };
+  svg.append(ns("line", { x1: P, y1: H - P + 10, x2: W - P, y2: H - P + 10, stroke: "#9aa6b8" }));
+  for (const [y, label] of [[y0, format(y0)], [y1, format(y1)]]) {
+    const t = ns("text", { x: 2, y: sy(y) + 4, "font-size": 10, fill: "#667085" }); t.textContent = label; svg.append(t);
+  }
+  const xl = ns("text", { x: W - P, y: H - 2, "font-size": 10, fill: "#667085", "text-anchor": "end" }); xl.textContent = `step ${x1}`; svg.append(xl);
+  lines.forEach((line, i) => {
+    const color = COLORS[i % COLORS.length];
+    svg.append(ns("polyline", { points: line.points.map(([x, y]) => `${sx(x)},${sy(y)}`).join(" "), fill: "none", stroke: color, "stroke-width": 2, "data-series": line.name }));
+    for (const [x, y] of line.points) svg.append(ns("circle", { cx: sx(x), cy: sy(y), r: 2.5, fill: color }));
+  });
+  box.append(svg, el("div", { class: "legend" }, lines.map((l, i) => el("span", { style: `color:${COLORS[i % COLORS.length]}` }, `● ${l.name}`))));
+  return box;
+}
+
+async function allEvents(jobId) {
+  const events = [];
+  let after = "";
+  for (;;) {
+    const page = await api(`/fine_tuning/jobs/${jobId}/events?limit=1000${after ? `&after=${after}` : ""}`);
+    events.push(...page.data);
+    if (!page.has_more) break;
+    after = page.last_id;
+  }
+  return events.reverse(); // oldest first
+}
+
+const overlays = new Set();
+
+async function jobPage(jobId) {
+  const [job, events, checkpoints, others] = await Promise.all([
+    api(`/fine_tuning/jobs/${jobId}`), allEvents(jobId), api(`/fine_tuning/jobs/${jobId}/checkpoints?limit=100`), api("/fine_tuning/jobs?limit=50"),
+  ]);
+  const own = series(events);
+  const compared = [];
+  for (const other of others.data.filter((o) => overlays.has(o.id) && o.id !== jobId)) {
+    compared.push({ name: `${other.id} train`, points: series(await allEvents(other.id)).train_loss });
+  }
+  const cancel = el("button", { class: "secondary", "data-testid": "cancel", on: { click: async () => {
+    if (!confirm(`Cancel ${jobId}?`)) return;
+    try { await api(`/fine_tuning/jobs/${jobId}/cancel`, { method: "POST" }); route(true); } catch (error) { main.prepend(fail(error)); }
+  } } }, "Cancel job");
+  const picker = el("div", {}, others.data.filter((o) => o.id !== jobId).map((o) => el("label", { style: "font-weight:normal" },
+    el("input", { type: "checkbox", style: "width:auto", "data-overlay": o.id, checked: overlays.has(o.id), on: { change: (e) => {
+      if (e.target.checked) overlays.add(o.id); else overlays.delete(o.id); route(true);
+    } } }), ` ${o.id} (${o.tunedock?.method}, ${o.status})`)));
+  const t = job.tunedock || {};
+  show(
+    el("h1", {}, `Job ${job.id} `, status(job.status)),
+    el("div", { class: "card" },
+      el("p", {}, `Method ${t.method} · base ${job.model} · step ${t.step ?? 0}/${t.total_steps ?? "?"} · file ${job.training_file}`),
+      job.fine_tuned_model ? el("p", {}, "Serves as ", el("code", { "data-testid": "fine-tuned-model" }, job.fine_tuned_model)) : "",
+      job.error ? el("p", { class: "error" }, job.error.message) : "",
+      t.extraction ? el("p", { class: "muted" }, `Extracted adapter: ${t.extraction.output_ref || t.extraction.state}` +
+        (t.extraction.metrics?.extract_greedy_agreement !== undefined ? `, greedy agreement ${(100 * t.extraction.metrics.extract_greedy_agreement).toFixed(0)}%` : "")) : "",
+      TERMINAL.has(job.status) ? "" : cancel),
+    el("div", { class: "grid" },
+      chart("loss", [{ name: "train", points: own.train_loss }, { name: "eval", points: own.valid_loss }, ...compared]),
+      chart("learning rate", [{ name: "lr", points: own.learning_rate }], (v) => v.toExponential(1)),
+      chart("tokens/s", [{ name: "tokens/s", points: own.tokens_per_second }], (v) => v.toFixed(0)),
+      chart("peak memory", [{ name: "peak", points: own.peak_memory_bytes }], bytes)),
+    el("h2", {}, "Compare with past runs"), picker,
+    el("h2", {}, "Checkpoints"),
+    el("table", {}, el("tr", {}, el("th", {}, "step"), el("th", {}, "train loss"), el("th", {}, "valid loss"), el("th", {}, "model")),
+      checkpoints.data.map((c) => el("tr", {}, el("td", {}, c.step_number), el("td", {}, c.metrics.train_loss?.toFixed(4) ?? ""),
+        el("td", {}, c.metrics.valid_loss?.toFixed(4) ?? ""), el("td", {}, c.fine_tuned_model_checkpoint)))),
+    el("h2", {}, "Events"),
+    el("div", { class: "log", "data-testid": "events" }, events.map((e) => el("div", {}, `${when(e.created_at)}  ${e.message}`))),
+  );
+  if (!TERMINAL.has(job.status)) timer = setTimeout(() => route(true), 1500);
+}
+
+// ------------------------------------------------------------------------------------- datasets
+
+async function datasetsPage() {
+  const files = await api("/files");
+  const input = el("input", { type: "file", id: "file", "data-testid": "file-input", style: "display:none", on: { change: () => upload(input.files[0]) } });
+  const bar = el("progress", { max: 100, value: 0, hidden: true, "data-testid": "progress" });
+  const report = el("div", { "data-testid": "report" });
+  const drop = el("div", { class: "drop", on: {
+    click: () => input.click(),
+    dragover: (e) => { e.preventDefault(); drop.classList.add("over"); },
+    dragleave: () => drop.classList.remove("over"),
+    drop: (e) => { e.preventDefault(); drop.classList.remove("over"); upload(e.dataTransfer.files[0]); },
+  } }, "Drop a dataset here (JSONL, JSON, Parquet, CSV), or click to choose one");
+
+  function upload(file) {
+    if (!file) return;
+    const form = new FormData();
+    form.append("purpose", "fine-tune");
+    form.append("file", file, file.name);
+    const xhr = new XMLHttpRequest();
+    bar.hidden = false;
+    report.replaceChildren(el("p", { class: "muted" }, `Uploading ${file.name} (${bytes(file.size)}) ...`));
+    xhr.upload.onprogress = (e) => { if (e.lengthComputable) bar.value = Math.round((100 * e.loaded) / e.total); };
+    xhr.onload = () => {
+      const body = JSON.parse(xhr.responseText || "{}");
+      if (xhr.status !== 200) { report.replaceChildren(fail(new Error(body.error?.message || xhr.statusText))); return; }
+      bar.value = 100;
+      const t = body.tunedock || {};
+      report.replaceChildren(el("div", { class: "card" }, el("strong", {}, `${body.filename}: ${t.records} records, ${t.format} format`),
+        el("p", { class: "muted" }, `id ${body.id} · ${bytes(body.bytes)} · project ${t.project}`)));
+      setTimeout(() => route(true), 300);
+    };
+    xhr.open("POST", "/v1/files");
+    xhr.setRequestHeader("Authorization", `Bearer ${token()}`);
+    xhr.send(form);
+  }
+
+  show(el("h1", {}, "Datasets"), drop, input, bar, report,
+    el("h2", {}, "Uploaded"),
+    el("table", { "data-testid": "files" }, el("tr", {}, ...["id", "file", "format", "records", "size", "uploaded"].map((h) => el("th", {}, h))),
+      files.data.map((f) => el("tr", {}, el("td", {}, f.id), el("td", {}, f.filename), el("td", {}, f.tunedock?.format), el("td", {}, f.tunedock?.records),
+        el("td", {}, bytes(f.bytes)), el("td", {}, when(f.created_at))))));
+}
+
+// -------------------------------------------------------------------------------------- new job
+
+async function newJobPage() {
+  const files = await api("/files");
+  let method = "lora";
+  const field = (id, label, value, help, type = "number") => el("div", {}, el("label", { for: id }, label), el("input", { id, type, value, step: "any" }), el("span", { class: "muted" }, help));
+  const knobs = el("div");
+  const publishes = el("p", { class: "muted", "data-testid": "publishes" });
+  function drawKnobs() {
+    const lora = [field("r", "rank r", 8, "adapter rank: more capacity, more memory"), field("alpha", "alpha", 16, "scale of the update (2 r by default)")];
+    knobs.replaceChildren(...({
+      lora, qlora: [...lora, el("div", {}, el("label", { for: "quant_type" }, "4-bit type"), el("select", { id: "quant_type" }, el("option", {}, "nf4"), el("option", {}, "fp4")))],
+      freeze: [field("trainable_layers", "trainable layers", 2, "the last N decoder layers train")],
+      full: [],
+    })[method]);
+    const suffix = $("#suffix")?.value || "my-model";
+    publishes.textContent = method === "lora" || method === "qlora"
+      ? `Publishes a LoRA adapter ${suffix}:N, hot-swapped per request as trained.`
+      : `Publishes ${method === "full" ? "a model" : "a delta"} ${suffix}:N, then extracts the LoRA adapter ${suffix}-lora:N that inference serves.`;
+    for (const card of document.querySelectorAll(".method")) card.classList.toggle("chosen", card.dataset.method === method);
+  }
+  const cards = el("div", { class: "methods" }, Object.entries(METHODS).map(([key, [name, text]]) => el("div", { class: "method", "data-method": key, on: { click: () => { method = key; drawKnobs(); } } },
+    el("strong", {}, name), el("p", { class: "muted" }, text))));
+  const message = el("div");
+  const submit = async (e) => {
+    e.preventDefault();
+    const number = (id) => ($(`#${id}`)?.value === "" ? undefined : Number($(`#${id}`)?.value));
+    const hyperparameters = { batch_size: number("batch_size"), learning_rate_multiplier: number("lr_multiplier") };
+    if (number("max_steps")) hyperparameters.max_steps = number("max_steps"); else hyperparameters.n_epochs = number("n_epochs");
+    const config = { hyperparameters };
+    if (method === "lora" || method === "qlora") { config.r = number("r"); config.alpha = number("alpha"); }
+    if (method === "qlora") config.quant_type = $("#quant_type").value;
+    if (method === "freeze") config.trainable_layers = number("trainable_layers");
+    try {
+      const job = await api("/fine_tuning/jobs", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({
+        model: "auto", training_file: $("#training_file").value, suffix: $("#suffix").value || undefined, method: { type: method, [method]: config },
+      }) });
+      location.hash = `#/jobs/${job.id}`;
+    } catch (error) { message.replaceChildren(fail(error)); }
+  };
+  show(el("h1", {}, "New fine-tuning job"),
+    el("form", { class: "card", on: { submit } },
+      el("label", {}, "Method"), cards, knobs,
+      el("div", { class: "two" },
+        el("div", {}, el("label", { for: "training_file" }, "Training file"),
+          el("select", { id: "training_file" }, files.data.map((f) => el("option", { value: f.id }, `${f.filename} (${f.tunedock?.records} records, ${f.id})`)))),
+        el("div", {}, el("label", { for: "suffix" }, "Name (suffix)"), el("input", { id: "suffix", type: "text", placeholder: "my-model", on: { input: drawKnobs } }))),
+      el("div", { class: "two" },
+        field("max_steps", "max steps", "", "0 or empty: train n_epochs"), field("n_epochs", "epochs", 1, "passes over the data"),
+        field("batch_size", "batch size", 4, "examples per step and process"), field("lr_multiplier", "learning-rate multiplier", 1, "× the method's default rate")),
+      publishes, el("button", { type: "submit", "data-testid": "submit" }, "Start job"), message));
+  drawKnobs();
+}
+
+// ------------------------------------------------------------------------------- models, playground
+
+async function modelsPage() {
+  const models = await api("/models");
+  show(el("h1", {}, "Models"),
+    el("table", { "data-testid": "models" }, el("tr", {}, ...["model", "base", "method", "aliases", "project"].map((h) => el("th", {}, h))),
+      models.data.map((m) => el("tr", {}, el("td", {}, m.id), el("td", {}, m.parent || "(base)"), el("td", {}, m.tunedock?.method || ""),
+        el("td", {}, (m.tunedock?.aliases || []).join(", ")), el("td", {}, m.tunedock?.project || m.owned_by)))));
+}
+
+async function stream(model, prompt, out) {
+  out.textContent = "";
+  const answer = await fetch("/v1/chat/completions", {
+    method: "POST",
+    headers: { Authorization: `Bearer ${token()}`, "content-type": "application/json" },
+    body: JSON.stringify({ model, messages: [{ role: "user", content: prompt }], max_tokens: 48, temperature: 0, stream: true }),
+  });
+  if (!answer.ok) { out.replaceChildren(fail(new Error((await answer.json()).error?.message))); return; }
+  const reader = answer.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    const parts = buffer.split("\n\n");
+    buffer = parts.pop();
+    for (const part of parts) {
+      const data = part.replace(/^data: /, "");
+      if (data === "[DONE]") continue;
+      const chunk = JSON.parse(data);
+      if (chunk.error) { out.append(fail(new Error(chunk.error.message))); continue; }
+      out.append(chunk.choices?.[0]?.delta?.content || "");
+    }
+  }
+  out.dataset.done = "true";
+}
+
+async function playgroundPage() {
+  const models = (await api("/models")).data.map((m) => m.id);
+  const pick = (id, chosen) => el("select", { id }, models.map((m) => el("option", { value: m, selected: m === chosen }, m)));
+  const left = pick("left", models[0]), right = pick("right", models[1] || models[0]);
+  const prompt = el("textarea", { id: "prompt", rows: 3 }, "What does the pirate say about ship 3?");
+  const outLeft = el("div", { class: "answer", "data-testid": "answer-left" }), outRight = el("div", { class: "answer", "data-testid": "answer-right" });
+  const run = el("button", { "data-testid": "run", on: { click: () => Promise.all([stream(left.value, prompt.value, outLeft), stream(right.value, prompt.value, outRight)]) } }, "Ask both");
+  show(el("h1", {}, "Playground"), el("p", { class: "muted" }, "The same prompt to two models (the base, an adapter, two versions), greedy, side by side."),
+    el("label", { for: "prompt" }, "Prompt"), prompt, el("p"), run,
+    el("div", { class: "two" }, el("div", {}, left, outLeft), el("div", {}, right, outRight)));
+}
+
+// ---------------------------------------------------------------------------------------- router
+
+async function route(refresh = false) {
+  clearTimeout(timer);
+  if (!token()) { signIn(); return; }
+  $("#nav").hidden = false;
+  $("#signout").hidden = false;
+  const hash = location.hash || "#/jobs";
+  for (const a of document.querySelectorAll("#nav a")) a.classList.toggle("active", hash.startsWith(a.getAttribute("href")));
+  const [, page, id] = hash.split("/");
+  const pages = { jobs: () => (id ? jobPage(id) : jobsPage()), datasets: datasetsPage, new: newJobPage, models: modelsPage, playground: playgroundPage };
+  try {
+    await (pages[page] || jobsPage)();
+  } catch (error) {
+    if (error.status === 401) { sessionStorage.removeItem("tunedock-token"); signIn("Signed out: the token is no longer accepted."); return; }
+    if (!refresh || !main.children.length) show(fail(error));
+  }
+}
+
+$("#signout").addEventListener("click", () => { sessionStorage.removeItem("tunedock-token"); signIn(); });
+window.addEventListener("hashchange", () => route());
+route();
