@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# The session's fine-tuning stack and its four trained jobs (Python client, Node client and console tests).
+pytest_plugins = ["tests.support.fine_tuning"]
+
 # vLLM's CPU backend sizes its KV cache from NUMA node memory (~9 GiB here): give it a fixed,
 # small one so engines fit beside the test process.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

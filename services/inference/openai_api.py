@@ -28,8 +28,10 @@ from services import console
 from services.common.auth import Authenticator, Principal, current_principal
 from services.common.http import HttpError, authenticate, forward, openai_app
 from services.common.openai_errors import error_body, from_domain
+from services.inference import registry_api
 from services.inference.catalog import ModelCatalog
 from services.inference.core import Completion, Delta, GenerateInput, InferenceCore, ResponseFormat, TokenLogprob
+from services.inference.registry_api import RegistryFront
 from tunedock import errors
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,8 @@ class OpenAIFront:
     """Server-side deadline of a reply that is not streamed (rpc_timeout_s, as for unary gRPC calls)."""
     fine_tuning_url: str = ""
     """The trainer's fine-tuning API, forwarded from here (fine_tuning_url); "" forwards nothing."""
+    registry: RegistryFront | None = None
+    """The registry as the caller (/tunedock/v1/artifacts ...: the console's registry page)."""
 
     @property
     def base_id(self) -> str:
@@ -569,6 +573,8 @@ def build_app(front: OpenAIFront) -> FastAPI:
     )
 
     console.mount(app)  # the web console, over these same routes
+    if front.registry is not None:
+        registry_api.mount(app, front.registry)
     fine_tuning = ("/v1/files", "/v1/fine_tuning")
     if front.fine_tuning_url:
         forward(app, fine_tuning, front.fine_tuning_url, "the trainer's fine-tuning API")

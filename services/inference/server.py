@@ -25,6 +25,7 @@ from services.inference.adapters import AdapterCache, AdapterResolver
 from services.inference.catalog import ModelCatalog
 from services.inference.core import InferenceCore, Limits
 from services.inference.openai_api import OpenAIFront, build_app
+from services.inference.registry_api import RegistryFront
 from services.inference.scheduler import AdapterScheduler
 from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
@@ -326,6 +327,8 @@ async def build_server(settings: InferenceSettings, engine=None) -> GrpcServer:
             streams=server.auth.streams,  # one count per caller across both fronts
             rpc_timeout_s=settings.rpc_timeout_s,
             fine_tuning_url=settings.fine_tuning_url,
+            # The caller's token goes with each call: a channel of its own, without the service's.
+            registry=RegistryFront(RegistryClient(settings.registry_address, timeout=30, token=None)),
         )
         http = HttpServer(
             build_app(front), settings.host, settings.http_port, settings.tls_cert_file, settings.tls_key_file

@@ -207,6 +207,8 @@ def _method_config(method: str, knobs: dict) -> tuple[MethodConfig, ExtractSpec 
     param = f"method.{method}"
     knobs = dict(knobs)
     extract = _dict(knobs.pop("extract", None), f"{param}.extract")
+    if method == "freeze" and not knobs.get("trainable_layer_indices"):
+        knobs.setdefault("trainable_layers", DEFAULTS.trainable_layers)  # the proto's 0 means "none"
     if extract and method not in ("full", "freeze"):
         raise bad(f"{param}.extract is for Full and Freeze (a {method} adapter serves as trained)", f"{param}.extract")
     try:

@@ -7,27 +7,34 @@ origin (the trainer's paths forwarded, as `tunedock up` arranges). One browser f
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import time
 from urllib.parse import urlsplit
 
+import openai
 import pytest
 
-from tests.common.secured import SecuredServices
+from tests.support.fine_tuning import openai_client
 from tests.trainer.conftest import memorization_jsonl
+from tunedock.client import RegistryClient
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-ROLES = ["trainer.submit", "trainer.read", "registry.read", "inference.generate"]
+
+
+SHOTS = os.environ.get("TUNEDOCK_CONSOLE_SHOTS", "")
+"""A folder for full-page screenshots of the pages the tests reach (to look at them); empty: none."""
+
+
+def shot(page, name: str) -> None:
+    if SHOTS:
+        page.screenshot(path=os.path.join(SHOTS, f"{name}.png"), full_page=True)
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_model_dir, inference_stack):
-    users = {"alice": (ROLES, ["team-a"]), "bob": (ROLES, ["team-b"])}
-    services = SecuredServices(
-        tmp_path_factory.mktemp("console"), tiny_model_dir, inference_stack, users, trainer_http=True, http_port=0
-    )
-    services.origin = f"http://127.0.0.1:{services.inference.server.http_port}"
-    yield services
-    services.stop()
+def stack(fine_tuning_stack):
+    return fine_tuning_stack
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +110,7 @@ def test_a_job_from_the_form_shows_live_curves_and_serves_at_once(alice):
     assert alice.get_attribute("[data-testid='chart-loss']", "data-points") == "3"
     assert alice.get_attribute("[data-testid='chart-tokens/s']", "data-points") == "3"
     assert "Step 3/3: training loss=" in alice.text_content("[data-testid=events]")
+    shot(alice, "job")
     alice.click("text=Jobs")
     alice.wait_for_selector("[data-testid=jobs] >> text=console-pirate:1")
     alice.click("text=Models")
@@ -116,6 +124,67 @@ def test_the_playground_asks_base_and_adapter_side_by_side(alice):
     alice.wait_for_selector("[data-testid=answer-left][data-done=true]")
     alice.wait_for_selector("[data-testid=answer-right][data-done=true]")
     assert alice.text_content("[data-testid=answer-left]") and alice.text_content("[data-testid=answer-right]")
+
+
+def test_compare_shows_the_four_methods_side_by_side_and_runs_them(alice, four_methods, stack):
+    done, _ = four_methods
+    alice.click("text=Compare")
+    alice.wait_for_selector("[data-testid=compare] tr[data-method=qlora]")
+    table = alice.text_content("[data-testid=compare]")
+    for method in ("full", "freeze", "lora", "qlora"):
+        assert alice.is_visible(f"[data-testid=compare] tr[data-method={method}]"), method
+    assert done["full"].fine_tuned_model in table and "% agreement" in table
+    assert "Least memory:" in alice.text_content("[data-testid=recommendation]")
+    shot(alice, "compare")
+    assert alice.locator("[data-testid='bars-tensor memory'] div[style*=width]").count() == 4
+    # The button starts the four methods on a file (with 1 step each here; they are cancelled at once).
+    alice.fill("#steps", "1")
+    alice.fill("#prefix", "console-four")
+    alice.click("[data-testid=run-four]")
+    with openai_client(stack) as api:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the page creates them one after the other
+            listed = api.fine_tuning.jobs.list(limit=100).data
+            started = [j for j in listed if j.user_provided_suffix.startswith("console-four-")]
+            if len(started) == 4:
+                break
+            time.sleep(0.3)
+        methods = sorted(j.model_extra["tunedock"]["method"] for j in started)
+        assert methods == ["freeze", "full", "lora", "qlora"], alice.text_content("main")[:600]
+        alice.wait_for_function(
+            "ids => ids.every(id => document.querySelector(`[data-testid=compare] a[href='#/jobs/${id}']`))",
+            arg=sorted(j.id for j in started),
+        )
+        for job in started:  # not needed further: free the worker slots
+            with contextlib.suppress(openai.BadRequestError):  # one that ended meanwhile
+                api.fine_tuning.jobs.cancel(job.id)
+
+
+def test_the_registry_draws_lineage_and_only_an_admin_moves_an_alias(browser, stack, alice, four_methods):
+    done, _ = four_methods
+    full = done["full"]  # pirate-full:1, extracted into pirate-full-lora:1
+    alice.click("text=Registry")
+    alice.click("[data-testid=artifacts] tr[data-artifact=pirate-full]")
+    alice.wait_for_selector("[data-testid=lineage-1]")
+    lineage = alice.text_content("[data-testid=lineage-1]")
+    shot(alice, "registry")
+    assert full.id in lineage and full.training_file in lineage and "pirate-full-lora:1 (extracted adapter" in lineage
+    alice.on("dialog", lambda dialog: dialog.accept())
+    alice.fill("[data-testid=new-alias]", "prod")
+    alice.click("[data-testid=move-new]")
+    alice.wait_for_selector("[data-testid=alias-message] .error")
+    assert "registry.admin" in alice.text_content("[data-testid=alias-message]")
+    carol = signed_in(browser, stack, "carol")
+    carol.on("dialog", lambda dialog: dialog.accept())
+    carol.goto(stack.origin + "/console/#/registry/pirate-full")
+    carol.wait_for_selector("[data-testid=new-alias]")
+    carol.fill("[data-testid=new-alias]", "prod")
+    carol.click("[data-testid=move-new]")
+    carol.wait_for_selector("[data-testid=alias-message] >> text=pirate-full@prod → version 1")
+    carol.wait_for_selector("[data-testid=aliases] select[data-alias=prod]")
+    carol.context.close()
+    with RegistryClient(stack.registry.address, token=stack.user_tokens["carol"]) as registry:
+        assert registry.get("pirate-full@prod").version == 1
 
 
 def test_another_project_sees_none_of_it_and_nothing_leaves_the_stack(browser, stack, alice):

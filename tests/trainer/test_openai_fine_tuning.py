@@ -11,94 +11,34 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import openai
 import pytest
 
-from tests.common.secured import SecuredServices
+from tests.support.fine_tuning import openai_client, wait
 from tests.trainer.conftest import memorization_jsonl
 from tunedock.client import RegistryClient, TrainerClient
 from tunedock.v1 import trainer_pb2 as pb
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-ROLES = ["trainer.submit", "trainer.read", "registry.read", "inference.generate"]
 NODE_CLIENT = Path(__file__).resolve().parents[2] / "clients" / "node"
-FAST = {"max_steps": 3, "batch_size": 4, "max_seq_length": 128}
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_model_dir, inference_stack):
-    users = {"alice": (ROLES, ["team-a"]), "bob": (ROLES, ["team-b"])}
-    services = SecuredServices(
-        tmp_path_factory.mktemp("fine-tuning"),
-        tiny_model_dir,
-        inference_stack,
-        users,
-        trainer_http=True,
-        max_concurrent_jobs=2,
-        http_port=0,
-    )
-    services.base_url = f"http://127.0.0.1:{services.inference.server.http_port}/v1"
-    yield services
-    services.stop()
-
-
-def client(stack, user: str = "alice") -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.base_url, api_key=stack.user_tokens[user], max_retries=0)
+def stack(fine_tuning_stack):
+    return fine_tuning_stack
 
 
 @pytest.fixture(scope="module")
 def alice(stack):
-    with client(stack) as c:
+    with openai_client(stack) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
-def training_file(alice, tmp_path_factory):
-    path = tmp_path_factory.mktemp("files") / "pirate.jsonl"
-    path.write_bytes(memorization_jsonl())
-    with path.open("rb") as fh:
-        return alice.files.create(file=fh, purpose="fine-tune"), path
-
-
-def wait(c: openai.OpenAI, job_id: str, timeout: float = 600.0, until=("succeeded", "failed", "cancelled")):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = c.fine_tuning.jobs.retrieve(job_id)
-        if job.status in until:
-            return job
-        time.sleep(0.5)
-    raise AssertionError(f"{job_id} still {job.status} after {timeout:.0f} s")
-
-
-METHODS = {
-    "supervised": {"type": "supervised", "supervised": {"hyperparameters": FAST}},
-    "qlora": {"type": "qlora", "qlora": {"r": 4, "hyperparameters": FAST}},
-    "full": {"type": "full", "full": {"hyperparameters": FAST}},
-    "freeze": {"type": "freeze", "freeze": {"trainable_layers": 1, "hyperparameters": FAST, "extract": {"rank": 8}}},
-}
-
-
-@pytest.fixture(scope="module")
-def finished(alice, training_file, stack):
-    """One job per method, created together (two train at once), followed to the end."""
-    file, _ = training_file
-    created = {
-        name: alice.fine_tuning.jobs.create(
-            model=stack.base_id, training_file=file.id, method=method, suffix=f"pirate-{name}", seed=7
-        )
-        for name, method in METHODS.items()
-    }
-    return {name: wait(alice, job.id) for name, job in created.items()}, created
-
-
-@pytest.fixture(scope="module", autouse=True)
-def base_id(stack):
-    with client(stack) as c:
-        stack.base_id = c.models.list().data[0].id
-    return stack.base_id
+def finished(four_methods):
+    return four_methods
 
 
 def test_a_file_is_a_tunedock_dataset_with_the_same_id(alice, training_file, stack):
@@ -203,7 +143,7 @@ def test_cancel_a_running_job(alice, training_file, stack):
 
 def test_another_projects_jobs_and_files_are_not_found(stack, alice, finished, training_file):
     job = finished[0]["supervised"]
-    with client(stack, "bob") as bob:
+    with openai_client(stack, "bob") as bob:
         for call in (
             lambda: bob.fine_tuning.jobs.retrieve(job.id),
             lambda: bob.fine_tuning.jobs.cancel(job.id),

@@ -32,6 +32,7 @@ def test_each_of_the_four_methods_with_its_knobs():
     assert q.method.qlora.lora.r == 4 and q.method.qlora.quant_type == "fp4" and q.hyperparameters.max_steps == 3
     f = spec(method={"type": "freeze", "freeze": {"trainable_layers": 1, "extract": {"rank": 8}}}, suffix="Bot")
     assert f.method.freeze.trainable_layers == 1 and f.then_extract.rank == 8 and f.output_name == "bot"
+    assert spec(method={"type": "freeze"}).method.freeze.trainable_layers == DEFAULTS.trainable_layers
     full = spec(method={"type": "full", "full": {}})
     assert full.method.full is not None and full.then_extract.allow_dropped  # servable through its adapter
     lora = spec(method={"type": "lora", "lora": {"r": 16, "hyperparameters": {"learning_rate_multiplier": 2}}})

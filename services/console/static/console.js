@@ -14,6 +14,14 @@ const METHODS = {
 };
 let timer = null;
 
+// A page refreshes itself later only while it is still the page shown (a refresh must never redraw
+// the page the user moved on to, losing what they typed there).
+function later(ms) {
+  clearTimeout(timer);
+  const hash = location.hash;
+  timer = setTimeout(() => { if (location.hash === hash) route(true); }, ms);
+}
+
 function token() { return sessionStorage.getItem("tunedock-token") || ""; }
 
 async function api(path, options = {}) {
@@ -84,7 +92,7 @@ async function jobsPage() {
   show(el("h1", {}, "Jobs"),
     el("table", { "data-testid": "jobs" }, el("tr", {}, ...["job", "method", "status", "progress", "ETA", "fine_tuned_model", "created"].map((h) => el("th", {}, h))), ...rows),
     list.data.length ? "" : el("p", { class: "muted" }, "No jobs yet: start one under New job."));
-  timer = setTimeout(() => route(true), 3000);
+  later(3000);
 }
 
 function series(events) {
@@ -179,7 +187,7 @@ async function jobPage(jobId) {
     el("h2", {}, "Events"),
     el("div", { class: "log", "data-testid": "events" }, events.map((e) => el("div", {}, `${when(e.created_at)}  ${e.message}`))),
   );
-  if (!TERMINAL.has(job.status)) timer = setTimeout(() => route(true), 1500);
+  if (!TERMINAL.has(job.status)) later(1500);
 }
 
 // ------------------------------------------------------------------------------------- datasets
@@ -212,7 +220,7 @@ async function datasetsPage() {
       const t = body.tunedock || {};
       report.replaceChildren(el("div", { class: "card" }, el("strong", {}, `${body.filename}: ${t.records} records, ${t.format} format`),
         el("p", { class: "muted" }, `id ${body.id} · ${bytes(body.bytes)} · project ${t.project}`)));
-      setTimeout(() => route(true), 300);
+      later(300);
     };
     xhr.open("POST", "/v1/files");
     xhr.setRequestHeader("Authorization", `Bearer ${token()}`);
@@ -280,6 +288,137 @@ async function newJobPage() {
   drawKnobs();
 }
 
+// -------------------------------------------------------------------------------------- compare
+
+const comparing = new Set();
+
+function bars(title, rows, value, format) {
+  const known = rows.filter((r) => Number.isFinite(value(r)));
+  const top = Math.max(...known.map(value), 0) || 1;
+  return el("div", { class: "card", "data-testid": `bars-${title}` }, el("strong", {}, title),
+    known.map((r, i) => el("div", { style: "display:flex;gap:.5rem;align-items:center;margin:.25rem 0" },
+      el("span", { style: "width:5rem" }, r.method),
+      el("div", { style: `height:14px;width:${(70 * value(r)) / top}%;background:${COLORS[i % COLORS.length]}` }),
+      el("span", { class: "muted" }, format(value(r))))));
+}
+
+async function comparePage() {
+  const [jobs, files] = await Promise.all([api("/fine_tuning/jobs?limit=100"), api("/files")]);
+  if (!comparing.size) { // the newest finished job of each method
+    const seen = new Set();
+    for (const j of jobs.data) if (j.status === "succeeded" && !seen.has(j.tunedock?.method)) { seen.add(j.tunedock?.method); comparing.add(j.id); }
+  }
+  const rows = jobs.data.filter((j) => comparing.has(j.id)).map((j) => {
+    const m = j.tunedock?.metrics || {};
+    return {
+      job: j, method: j.tunedock?.method, params: m.trainable_params, memory: m.training_memory_bytes, peak: m.peak_memory_bytes,
+      speed: m.trained_tokens && m.wall_time_s ? m.trained_tokens / m.wall_time_s : NaN, wall: m.wall_time_s,
+      loss: m.eval_loss ?? m.train_loss, lossKind: m.eval_loss !== undefined ? "eval" : "train",
+      agreement: j.tunedock?.extraction?.metrics?.extract_greedy_agreement,
+    };
+  });
+  const done = rows.filter((r) => r.job.status === "succeeded" && Number.isFinite(r.loss));
+  const best = done.length ? done.reduce((a, b) => (b.loss < a.loss ? b : a)) : null;
+  const lightest = done.length ? done.reduce((a, b) => (b.memory < a.memory ? b : a)) : null;
+  const fmt = (v, f) => (Number.isFinite(v) ? f(v) : "");
+  const runFour = async (e) => {
+    e.preventDefault();
+    const prefix = $("#prefix").value || "compare";
+    comparing.clear();
+    for (const method of Object.keys(METHODS)) {
+      const hyperparameters = { max_steps: Number($("#steps").value) || 12 };
+      const job = await api("/fine_tuning/jobs", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({
+        model: "auto", training_file: $("#compare_file").value, suffix: `${prefix}-${method}`, method: { type: method, [method]: { hyperparameters } },
+      }) });
+      comparing.add(job.id);
+    }
+    route(true);
+  };
+  show(el("h1", {}, "Compare the four methods"),
+    el("form", { class: "card", on: { submit: (e) => runFour(e).catch((error) => main.prepend(fail(error))) } },
+      el("p", { class: "muted" }, "Train Full, Freeze, LoRA and QLoRA on the same data and steps, then compare them here."),
+      el("div", { class: "two" },
+        el("div", {}, el("label", { for: "compare_file" }, "Training file"), el("select", { id: "compare_file" }, files.data.map((f) => el("option", { value: f.id }, `${f.filename} (${f.id})`)))),
+        el("div", {}, el("label", { for: "steps" }, "steps"), el("input", { id: "steps", type: "number", value: 12 }))),
+      el("label", { for: "prefix" }, "Name prefix"), el("input", { id: "prefix", type: "text", value: "compare" }), el("p"),
+      el("button", { type: "submit", "data-testid": "run-four" }, "Run the four methods")),
+    el("table", { "data-testid": "compare" },
+      el("tr", {}, ...["method", "job", "status", "trainable params", "tensor memory", "process peak", "tokens/s", "wall s", "loss", "served as"].map((h) => el("th", {}, h))),
+      rows.map((r) => el("tr", { "data-method": r.method }, el("td", {}, r.method), el("td", {}, el("a", { href: `#/jobs/${r.job.id}` }, r.job.id)), el("td", {}, status(r.job.status)),
+        el("td", {}, fmt(r.params, (v) => v.toLocaleString())), el("td", {}, fmt(r.memory, bytes)), el("td", {}, fmt(r.peak, bytes)),
+        el("td", {}, fmt(r.speed, (v) => v.toFixed(0))), el("td", {}, fmt(r.wall, (v) => v.toFixed(1))), el("td", {}, fmt(r.loss, (v) => `${v.toFixed(3)} (${r.lossKind})`)),
+        el("td", {}, (r.job.fine_tuned_model || "") + (r.agreement !== undefined ? ` (extracted, ${(100 * r.agreement).toFixed(0)}% agreement)` : ""))))),
+    best ? el("p", { "data-testid": "recommendation" }, `Lowest loss: ${best.method} (${best.loss.toFixed(3)}). Least memory: ${lightest.method} (${bytes(lightest.memory)}). ` +
+      "LoRA and QLoRA serve as trained; Full and Freeze through an extracted adapter.") : "",
+    el("div", { class: "grid" },
+      bars("tensor memory", rows, (r) => r.memory, bytes), bars("tokens/s", rows, (r) => r.speed, (v) => v.toFixed(0)),
+      bars("loss", rows, (r) => r.loss, (v) => v.toFixed(3))),
+    el("h2", {}, "Jobs to compare"),
+    el("div", {}, jobs.data.map((j) => el("label", { style: "font-weight:normal" }, el("input", { type: "checkbox", style: "width:auto", checked: comparing.has(j.id),
+      on: { change: (e) => { if (e.target.checked) comparing.add(j.id); else comparing.delete(j.id); route(true); } } }), ` ${j.id} (${j.tunedock?.method}, ${j.status})`))));
+  if (rows.some((r) => !TERMINAL.has(r.job.status))) later(2000);
+}
+
+// ------------------------------------------------------------------------------------- registry
+
+async function tunedock(path, options = {}) {
+  const answer = await fetch(`/tunedock/v1${path}`, { ...options, headers: { Authorization: `Bearer ${token()}`, "content-type": "application/json" } });
+  const body = await answer.json();
+  if (!answer.ok) { const error = new Error(body?.error?.message || answer.statusText); error.status = answer.status; throw error; }
+  return body;
+}
+
+async function registryPage(name) {
+  const artifacts = (await tunedock("/artifacts")).data;
+  if (!name) {
+    show(el("h1", {}, "Registry"),
+      el("table", { "data-testid": "artifacts" }, el("tr", {}, ...["artifact", "kind", "latest", "aliases", "base", "project"].map((h) => el("th", {}, h))),
+        artifacts.map((a) => el("tr", { class: "link", "data-artifact": a.name, on: { click: () => { location.hash = `#/registry/${a.name}`; } } },
+          el("td", {}, a.name), el("td", {}, a.kind), el("td", {}, a.latest_version),
+          el("td", {}, Object.entries(a.aliases).map(([k, v]) => `${k}→${v}`).join(", ")), el("td", {}, a.base_model), el("td", {}, a.project)))));
+    return;
+  }
+  const artifact = artifacts.find((a) => a.name === name);
+  if (!artifact) throw new Error(`artifact ${name} not found`);
+  const versions = (await tunedock(`/artifacts/${name}/versions`)).data;
+  const extractedName = artifacts.find((a) => a.name === `${name}-lora`)?.name;
+  const extracted = extractedName ? (await tunedock(`/artifacts/${extractedName}/versions`)).data : [];
+  const box = (text, extra = {}) => el("div", { class: "card", style: "margin:0;padding:.4rem .6rem", ...extra }, text);
+  const arrow = () => el("span", { class: "muted" }, "→");
+  const graph = versions.map((v) => {
+    const m = v.lineage.metrics;
+    const into = extracted.filter((x) => x.lineage.extracted_from === v.ref);
+    return el("div", { style: "display:flex;gap:.5rem;align-items:center;margin:.4rem 0", "data-testid": `lineage-${v.version}` },
+      box(`dataset ${v.lineage.dataset_ids.join(", ") || "?"}`), arrow(),
+      box(el("a", { href: `#/jobs/${v.lineage.job_id}` }, `job ${v.lineage.job_id || "?"}`)), arrow(),
+      box(`${v.ref} (${v.kind}${v.aliases.length ? `; ${v.aliases.join(", ")}` : ""})` +
+        (m.train_loss !== undefined ? ` loss ${m.train_loss.toFixed(3)}` : "") + (m.eval_loss !== undefined ? `, eval ${m.eval_loss.toFixed(3)}` : ""), { "data-ref": v.ref }),
+      v.lineage.extracted_from ? [el("span", { class: "muted" }, "extracted from"), box(v.lineage.extracted_from)] : "",
+      into.length ? [arrow(), ...into.map((x) => box(`${x.ref} (extracted adapter${x.lineage.metrics.extract_greedy_agreement !== undefined ? `, ${(100 * x.lineage.metrics.extract_greedy_agreement).toFixed(0)}% agreement` : ""})`))] : "");
+  });
+  const message = el("div", { "data-testid": "alias-message" });
+  const aliasRow = (alias, current) => {
+    const pick = el("select", { "data-alias": alias }, versions.map((v) => el("option", { value: v.version, selected: v.version === current }, `version ${v.version}`)));
+    const nameInput = alias ? null : el("input", { type: "text", placeholder: "new alias, e.g. prod", "data-testid": "new-alias", style: "width:12rem" });
+    const move = el("button", { "data-testid": `move-${alias || "new"}`, on: { click: async () => {
+      const target = alias || nameInput.value.trim();
+      if (!target) return;
+      if (!confirm(`Point ${name}@${target} at version ${pick.value}?`)) return;
+      try {
+        const moved = await tunedock(`/artifacts/${name}/aliases/${target}`, { method: "PUT", body: JSON.stringify({ version: Number(pick.value) }) });
+        message.replaceChildren(el("p", {}, `${name}@${target} → version ${moved.version}` + (moved.previous ? ` (was ${moved.previous})` : "")));
+        later(800);
+      } catch (error) { message.replaceChildren(fail(error)); }
+    } } }, alias ? "Move" : "Set");
+    return el("tr", {}, el("td", {}, alias || nameInput), el("td", {}, pick), el("td", {}, move));
+  };
+  show(el("h1", {}, `${name} `, el("span", { class: "muted" }, `${artifact.kind} · ${artifact.project}`)),
+    el("h2", {}, "Lineage"), el("div", {}, graph),
+    el("h2", {}, "Aliases"), el("p", { class: "muted" }, "Moving an alias (promote, roll back) needs the registry.admin role; replicas serving it load the new version."),
+    el("table", { "data-testid": "aliases" }, el("tr", {}, el("th", {}, "alias"), el("th", {}, "version"), el("th", {}, "")),
+      Object.entries(artifact.aliases).map(([a, v]) => aliasRow(a, v)), aliasRow("", artifact.latest_version)), message);
+}
+
 // ------------------------------------------------------------------------------- models, playground
 
 async function modelsPage() {
@@ -340,7 +479,7 @@ async function route(refresh = false) {
   const hash = location.hash || "#/jobs";
   for (const a of document.querySelectorAll("#nav a")) a.classList.toggle("active", hash.startsWith(a.getAttribute("href")));
   const [, page, id] = hash.split("/");
-  const pages = { jobs: () => (id ? jobPage(id) : jobsPage()), datasets: datasetsPage, new: newJobPage, models: modelsPage, playground: playgroundPage };
+  const pages = { jobs: () => (id ? jobPage(id) : jobsPage()), datasets: datasetsPage, new: newJobPage, compare: comparePage, registry: () => registryPage(id), models: modelsPage, playground: playgroundPage };
   try {
     await (pages[page] || jobsPage)();
   } catch (error) {
