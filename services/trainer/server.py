@@ -22,6 +22,7 @@ from tunedock.v1 import trainer_pb2, trainer_pb2_grpc
 ROLES: dict[str, str | None] = {
     "GetTrainerInfo": None,  # any authenticated caller
     "UploadDataset": "trainer.submit",
+    "DeleteDataset": "trainer.submit",
     "SubmitJob": "trainer.submit",
     "CancelJob": "trainer.submit",
     "GetDataset": "trainer.read",

@@ -93,6 +93,12 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             datasets=[dataset_to_proto(r) for r in page.items], next_page_token=page.next_token
         )
 
+    async def DeleteDataset(
+        self, request: pb.DeleteDatasetRequest, context: aio.ServicerContext
+    ) -> pb.DeleteDatasetResponse:
+        row = await asyncio.to_thread(self.core.delete_dataset, request.id)
+        return pb.DeleteDatasetResponse(dataset=dataset_to_proto(row))
+
     async def SubmitJob(self, request: pb.SubmitJobRequest, context: aio.ServicerContext) -> pb.SubmitJobResponse:
         job = await self.core.submit(from_proto(JobSpec, request.spec, "spec."))
         return pb.SubmitJobResponse(job=job_to_proto(job))

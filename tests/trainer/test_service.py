@@ -724,3 +724,25 @@ def test_a_default_base_that_is_not_here_is_refused_naming_the_setting(tmp_path)
         assert list(missing.client.list()) == []  # nothing stored
     finally:
         missing.stop()
+
+
+def test_a_dataset_is_deleted_with_its_bytes_unless_an_unfinished_job_uses_it(stack, tmp_path):
+    from services.trainer.core import state_event
+    from services.trainer.domain import JobSpec
+
+    path = tmp_path / "spare.jsonl"
+    path.write_bytes(memorization_jsonl(3))
+    spare = stack.client.upload_dataset(path)
+    core = stack.core
+    core.store.add_job("job-holds-spare", JobSpec(train_dataset_ids=(spare.id,)), state_event("validating"))
+    core.store.update("job-holds-spare", state="validating")  # unfinished, never scheduled
+    with pytest.raises(grpc.RpcError) as info:
+        stack.client.delete_dataset(spare.id)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "job-holds-spare" in info.value.details()
+    core.store.update("job-holds-spare", state="cancelled")
+    assert core.datasets.exists(spare.sha256)
+    assert stack.client.delete_dataset(spare.id).num_records == 3
+    assert not core.datasets.exists(spare.sha256)
+    with pytest.raises(grpc.RpcError) as info:
+        stack.client.get_dataset(spare.id)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND

@@ -120,3 +120,20 @@ def data_get(
         lines.append(f"  ignored     {', '.join(d.ignored_columns)}")
     lines.append("  tokens      per base: each job reports them under its base's template")
     console.print("\n".join(lines), highlight=False)
+
+
+@data_app.command("rm")
+@cli_errors
+def data_rm(
+    dataset_id: str,
+    trainer: str = typer.Option(TRAINER, help="trainer address"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask"),
+) -> None:
+    """Delete a dataset and free its bytes (refused while a job that has not ended uses it)."""
+    from tunedock.client import TrainerClient
+
+    if not yes:
+        typer.confirm(f"delete {dataset_id}?", abort=True)
+    with TrainerClient(trainer) as client:
+        gone = client.delete_dataset(dataset_id)
+    console.print(f"deleted {gone.id} ({escape(gone.name)}, {gone.num_records:,} records)", highlight=False)

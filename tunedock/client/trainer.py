@@ -67,6 +67,10 @@ class TrainerClient(ServiceClient):
         request = pb.ListDatasetsRequest(page_size=page_size, project=project)
         return pages(self.stub.ListDatasets, request, "datasets", self.timeout)
 
+    def delete_dataset(self, dataset_id: str) -> pb.Dataset:
+        """Delete a dataset (refused while a job that has not ended uses it); returns it as it was."""
+        return self.stub.DeleteDataset(pb.DeleteDatasetRequest(id=dataset_id), timeout=self.timeout).dataset
+
     def submit(self, spec: pb.JobSpec) -> pb.Job:
         return self.stub.SubmitJob(pb.SubmitJobRequest(spec=spec), timeout=self.timeout).job
 

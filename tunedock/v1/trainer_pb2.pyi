@@ -140,6 +140,18 @@ class ListDatasetsResponse(_message.Message):
     next_page_token: str
     def __init__(self, datasets: _Optional[_Iterable[_Union[Dataset, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
+class DeleteDatasetRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class DeleteDatasetResponse(_message.Message):
+    __slots__ = ("dataset",)
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    dataset: Dataset
+    def __init__(self, dataset: _Optional[_Union[Dataset, _Mapping]] = ...) -> None: ...
+
 class Hyperparameters(_message.Message):
     __slots__ = ("epochs", "max_steps", "learning_rate", "lr_schedule", "warmup_steps", "batch_size", "gradient_accumulation_steps", "max_seq_length", "seed", "gradient_checkpointing", "packing", "eval_every_steps", "checkpoint_every_steps", "log_every_steps", "weight_decay", "max_grad_norm", "processes_per_node", "nodes")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]

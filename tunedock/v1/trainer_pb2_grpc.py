@@ -50,6 +50,11 @@ class TrainerServiceStub:
                 request_serializer=tunedock_dot_v1_dot_trainer__pb2.ListDatasetsRequest.SerializeToString,
                 response_deserializer=tunedock_dot_v1_dot_trainer__pb2.ListDatasetsResponse.FromString,
                 _registered_method=True)
+        self.DeleteDataset = channel.unary_unary(
+                '/tunedock.v1.TrainerService/DeleteDataset',
+                request_serializer=tunedock_dot_v1_dot_trainer__pb2.DeleteDatasetRequest.SerializeToString,
+                response_deserializer=tunedock_dot_v1_dot_trainer__pb2.DeleteDatasetResponse.FromString,
+                _registered_method=True)
         self.SubmitJob = channel.unary_unary(
                 '/tunedock.v1.TrainerService/SubmitJob',
                 request_serializer=tunedock_dot_v1_dot_trainer__pb2.SubmitJobRequest.SerializeToString,
@@ -102,6 +107,13 @@ class TrainerServiceServicer:
 
     def ListDatasets(self, request, context):
         """Lists datasets (paged).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDataset(self, request, context):
+        """Deletes a dataset and frees its bytes; FAILED_PRECONDITION while a job that has not ended uses it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -167,6 +179,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.ListDatasets,
                     request_deserializer=tunedock_dot_v1_dot_trainer__pb2.ListDatasetsRequest.FromString,
                     response_serializer=tunedock_dot_v1_dot_trainer__pb2.ListDatasetsResponse.SerializeToString,
+            ),
+            'DeleteDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDataset,
+                    request_deserializer=tunedock_dot_v1_dot_trainer__pb2.DeleteDatasetRequest.FromString,
+                    response_serializer=tunedock_dot_v1_dot_trainer__pb2.DeleteDatasetResponse.SerializeToString,
             ),
             'SubmitJob': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitJob,
@@ -281,6 +298,33 @@ class TrainerService:
             '/tunedock.v1.TrainerService/ListDatasets',
             tunedock_dot_v1_dot_trainer__pb2.ListDatasetsRequest.SerializeToString,
             tunedock_dot_v1_dot_trainer__pb2.ListDatasetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunedock.v1.TrainerService/DeleteDataset',
+            tunedock_dot_v1_dot_trainer__pb2.DeleteDatasetRequest.SerializeToString,
+            tunedock_dot_v1_dot_trainer__pb2.DeleteDatasetResponse.FromString,
             options,
             channel_credentials,
             insecure,
