@@ -10,7 +10,7 @@ BUF := npx --yes @bufbuild/buf@1.75.0
 TORCH_WHEELS ?= /opt/wheels
 FAST := not vllm and not postgres and not slow
 
-.PHONY: setup demo test test-fast lint check-env lock protos check-protos buf-lint clean
+.PHONY: setup demo test test-fast lint check-env lock protos check-protos buf-lint console-shots clean
 
 $(STAMP): pyproject.toml $(LOCK) scripts/setup.sh
 	./scripts/setup.sh
@@ -27,6 +27,11 @@ test: $(STAMP)
 # The inner loop: no vLLM engine, no PostgreSQL, no multi-process end-to-end runs.
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "$(FAST)" $(PYTEST_ARGS)
+
+# The web console's pages as screenshots in docs/console/ (the browser tests, each page written out; needs chromium).
+console-shots: $(STAMP)
+	mkdir -p docs/console
+	TUNEDOCK_CONSOLE_SHOTS=docs/console $(PY) -m pytest -q -p no:cacheprovider tests/console
 
 # Style, the dependency direction (import-linter contracts in pyproject.toml), types, the protos.
 lint: $(STAMP)

@@ -15,7 +15,12 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse, RedirectResponse
 
 STATIC = Path(__file__).resolve().parent / "static"
-ASSETS = {"console.js": "text/javascript", "console.css": "text/css"}
+ASSETS = {
+    "console.js": "text/javascript",
+    "console.css": "text/css",
+    "vendor/uPlot.iife.min.js": "text/javascript",  # uPlot 1.6.32 (MIT, vendor/uPlot.LICENSE): the charts
+    "vendor/uPlot.min.css": "text/css",
+}
 
 
 def mount(app: FastAPI) -> None:

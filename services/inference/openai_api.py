@@ -58,6 +58,8 @@ class OpenAIFront:
     """The trainer's fine-tuning API, forwarded from here (fine_tuning_url); "" forwards nothing."""
     registry: RegistryFront | None = None
     """The registry as the caller (/tunedock/v1/artifacts ...: the console's registry page)."""
+    info: dict = field(default_factory=dict)
+    """GetInferenceInfo's answer (base, limits, device), for /tunedock/v1/serving."""
 
     @property
     def base_id(self) -> str:
@@ -103,6 +105,13 @@ class OpenAIFront:
             raise HttpError(400, message, param) from None
         except TypeError as exc:  # a validator that met a value of a type it did not expect
             raise HttpError(400, f"the request body has a value of the wrong type: {exc}") from None
+        except (KeyError, IndexError, AttributeError) as exc:  # a validator that met a shape it did not expect
+            # e.g. vLLM's tool_choice check reads tools[i]["function"] before the tools are validated
+            raise HttpError(
+                400,
+                f"the request body has a malformed value (missing {exc}): check tools, "
+                "tool_choice and messages against the API's schema",
+            ) from None
 
     # ------------------------------------------------------------------------- /v1/models
 
@@ -132,6 +141,40 @@ class OpenAIFront:
             "parent": self.base_id,
             "root": self.base_id,
             "tunedock": {"name": resolved.name, "version": resolved.version, "project": resolved.project},
+        }
+
+    # ------------------------------------------------------------------ /tunedock/v1/serving
+
+    async def serving(self, request: Request) -> dict:
+        """What this replica serves now: its base and limits, slots, queue, and the loaded adapters the
+        caller's projects may see (another tenant's stay out, counted only)."""
+        caller = self.caller(request, None)
+        state = self.core.state()
+        adapters = [a for a in state.adapters if caller.may_access(a.entry.resolved.project)]
+        keys = ("base_model", "architecture", "device", "max_model_len", "max_loras", "max_cpu_loras", "max_lora_rank")
+        return {
+            "replica": {k: self.info.get(k) for k in keys}
+            | {"version": self.info.get("version"), "base_id": self.base_id},
+            "engine": {
+                "dtype": state.dtype,
+                "isolation": state.isolation_mode,
+                "restarting": bool(self.core.engine.dead),
+                "queued_requests": state.queued_requests,
+                "open_streams": sum(self.streams.values()),
+            },
+            "adapters": [
+                {
+                    "ref": a.entry.resolved.ref,
+                    "project": a.entry.resolved.project,
+                    "rank": a.entry.rank,
+                    "bytes": a.entry.size,
+                    "in_engine": a.entry.loaded,
+                    "in_flight": a.entry.in_flight,
+                    "pinned": a.entry.pinned,
+                }
+                for a in adapters
+            ],
+            "adapters_loaded": len(state.adapters),
         }
 
     # ------------------------------------------------------------------ /v1/chat/completions
@@ -592,6 +635,10 @@ def build_app(front: OpenAIFront) -> FastAPI:
             app.add_api_route(
                 prefix + "/{rest:path}", elsewhere, methods=["GET", "POST", "DELETE"], include_in_schema=False
             )
+
+    @app.get("/tunedock/v1/serving")
+    async def serving(request: Request):
+        return JSONResponse(await front.serving(request))
 
     @app.get("/v1/models")
     async def list_models(request: Request):

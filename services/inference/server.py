@@ -329,6 +329,7 @@ async def build_server(settings: InferenceSettings, engine=None) -> GrpcServer:
             fine_tuning_url=settings.fine_tuning_url,
             # The caller's token goes with each call: a channel of its own, without the service's.
             registry=RegistryFront(RegistryClient(settings.registry_address, timeout=30, token=None)),
+            info=info,
         )
         http = HttpServer(
             build_app(front), settings.host, settings.http_port, settings.tls_cert_file, settings.tls_key_file

@@ -29,6 +29,8 @@ from tunedock import errors
 
 READ, SUBMIT = "trainer.read", "trainer.submit"
 UPLOAD_CHUNK = 1 << 20
+FORM_OVERHEAD = 1 << 16
+"""Bytes a multipart form adds around its file (boundaries, headers, the purpose field), generously."""
 
 
 @dataclass
@@ -59,6 +61,15 @@ class FineTuningFront:
 
     async def upload(self, request: Request) -> dict:
         caller = self.caller(request, SUBMIT)
+        # The form is spooled to disk before the core sees a byte: an upload over the limit is refused
+        # by its declared length first (the core still checks the bytes as they arrive).
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > self.core.max_dataset_bytes + FORM_OVERHEAD:
+            limit = self.core.max_dataset_bytes / 2**20
+            raise errors.ResourceExhausted(
+                f"the upload is {declared / 2**20:.1f} MiB, above the dataset limit of {limit:.0f} MiB: split it "
+                "into several files, or raise the trainer's --max-dataset-mb (TUNEDOCK_TRAINER_MAX_DATASET_MB)"
+            )
         try:
             form = await request.form(max_files=1, max_fields=8)
         except Exception as exc:  # starlette's MultiPartException, a body that is not multipart

@@ -260,7 +260,13 @@ def file_object(row: DatasetRow) -> dict:
         "purpose": "fine-tune",
         "status": "processed",
         "status_details": None,
-        "tunedock": {"format": row.format, "records": row.num_records, "project": row.project},
+        "tunedock": {
+            "format": row.format,
+            "records": row.num_records,
+            "project": row.project,
+            "ignored_columns": list(row.ignored_columns or []),
+            "stats": row.stats or {},
+        },
     }
 
 

@@ -254,3 +254,16 @@ def test_fine_tuning_paths_say_where_they_live_when_nothing_forwards_them(infere
                 "trainer" in answer.json()["error"]["message"]
                 and "--fine-tuning-url" in answer.json()["error"]["message"]
             )
+
+
+def test_a_tool_without_its_function_is_a_bad_request_not_a_crash(inference_stack, base_id):
+    # vLLM's own validator reads tools[i]["function"] for a named tool_choice before validating the tools.
+    body = {
+        "model": base_id,
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function"}],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+    }
+    with httpx.Client(base_url=inference_stack.openai_base_url) as raw:
+        answer = raw.post("/chat/completions", json=body)
+    assert answer.status_code == 400 and "malformed" in answer.json()["error"]["message"]

@@ -81,7 +81,12 @@ def four_methods(fine_tuning_stack, training_file):
     with openai_client(fine_tuning_stack) as alice:
         created = {
             name: alice.fine_tuning.jobs.create(
-                model=fine_tuning_stack.base_id, training_file=file.id, method=method, suffix=f"pirate-{name}", seed=7
+                model=fine_tuning_stack.base_id,
+                training_file=file.id,
+                validation_file=file.id if name == "qlora" else None,  # eval loss in its events and checkpoints
+                method=method,
+                suffix=f"pirate-{name}",
+                seed=7,
             )
             for name, method in METHODS.items()
         }

@@ -109,6 +109,17 @@ def test_events_checkpoints_and_the_result_file(alice, finished):
     (results,) = job.result_files
     rows = alice.files.content(results).read().decode().splitlines()
     assert rows[0].startswith("step,train_loss") and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
+    # A validation file: its loss at the end, in the events, the checkpoint and the CSV.
+    qlora = finished[0]["qlora"]
+    assert qlora.validation_file == qlora.training_file
+    valid = [
+        e.data["valid_loss"]
+        for e in alice.fine_tuning.jobs.list_events(qlora.id, limit=100).data
+        if e.type == "metrics" and "valid_loss" in e.data
+    ]
+    assert len(valid) == 1 and valid[0] > 0
+    assert alice.fine_tuning.jobs.checkpoints.list(qlora.id).data[0].metrics.valid_loss == pytest.approx(valid[0])
+    assert qlora.model_extra["tunedock"]["metrics"]["eval_loss"] == pytest.approx(valid[0])
     # The extraction's events follow a Full job's own.
     full = alice.fine_tuning.jobs.list_events(finished[0]["full"].id, limit=200).data
     assert full[0].message.startswith("extraction: ") and any(not e.message.startswith("extraction") for e in full)

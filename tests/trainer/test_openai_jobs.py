@@ -139,3 +139,17 @@ def test_events_checkpoints_and_the_results_csv():
     assert found[1]["metrics"] == {"step": 1, "train_loss": 2.5}
     rows = oj.results_csv(events).decode().splitlines()
     assert rows[0].startswith("step,train_loss,valid_loss") and rows[2].startswith("2,1.5,1.75")
+
+
+def test_an_upload_over_the_limit_is_refused_by_its_declared_length_before_it_is_spooled():
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from services.trainer.openai_api import FineTuningFront, build_app
+
+    front = FineTuningFront(core=SimpleNamespace(max_dataset_bytes=1 << 10), authenticator=None)  # type: ignore[arg-type]
+    with TestClient(build_app(front)) as http:
+        answer = http.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("big.jsonl", b"x" * 200_000)})
+    assert answer.status_code == 429 and answer.json()["error"]["type"] == "rate_limit_error"
+    assert "--max-dataset-mb" in answer.json()["error"]["message"]

@@ -103,33 +103,30 @@ function series(events) {
   };
 }
 
-function chart(title, lines, format = (v) => v.toPrecision(3)) {
-  const W = 560, H = 180, P = 36;
-  const all = lines.flatMap((l) => l.points);
-  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
-  svg.setAttribute("class", "chart");
-  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
-  svg.dataset.testid = `chart-${title}`;
-  svg.dataset.points = String(lines[0]?.points.length || 0);
-  const box = el("div", { class: "card" }, el("strong", {}, title));
-  if (!all.length) { box.append(el("p", { class: "muted" }, "no data yet")); return box; }
-  const xs = all.map((p) => p[0]), ys = all.map((p) => p[1]);
-  const [x0, x1] = [Math.min(...xs), Math.max(...xs, Math.min(...xs) + 1)];
-  let [y0, y1] = [Math.min(...ys), Math.max(...ys)];
-  if (y0 === y1) { y0 -= Math.abs(y0) * 0.1 || 1; y1 += Math.abs(y1) * 0.1 || 1; }
-  const sx = (x) => P + ((x - x0) / (x1 - x0)) * (W - 2 * P), sy = (y) => H - P + 10 - ((y - y0) / (y1 - y0)) * (H - 2 * P);
-  const ns = (tag, attrs) => { const n = document.createElementNS("http://www.w3.org/2000/svg", tag); for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, v); return n; };
-  svg.append(ns("line", { x1: P, y1: H - P + 10, x2: W - P, y2: H - P + 10, stroke: "#9aa6b8" }));
-  for (const [y, label] of [[y0, format(y0)], [y1, format(y1)]]) {
-    const t = ns("text", { x: 2, y: sy(y) + 4, "font-size": 10, fill: "#667085" }); t.textContent = label; svg.append(t);
-  }
-  const xl = ns("text", { x: W - P, y: H - 2, "font-size": 10, fill: "#667085", "text-anchor": "end" }); xl.textContent = `step ${x1}`; svg.append(xl);
-  lines.forEach((line, i) => {
-    const color = COLORS[i % COLORS.length];
-    svg.append(ns("polyline", { points: line.points.map(([x, y]) => `${sx(x)},${sy(y)}`).join(" "), fill: "none", stroke: color, "stroke-width": 2, "data-series": line.name }));
-    for (const [x, y] of line.points) svg.append(ns("circle", { cx: sx(x), cy: sy(y), r: 2.5, fill: color }));
+// Charts are uPlot's (vendor/uPlot.iife.min.js, shipped with the console): drawn once the holder is in
+// the page (its width is known then).
+function plot(holder, options, data) {
+  requestAnimationFrame(() => {
+    holder.replaceChildren();
+    new uPlot({ width: Math.max(holder.clientWidth, 280), height: 180, ...options }, data, holder);
   });
-  box.append(svg, el("div", { class: "legend" }, lines.map((l, i) => el("span", { style: `color:${COLORS[i % COLORS.length]}` }, `● ${l.name}`))));
+}
+
+function chart(title, lines, format = (v) => v.toPrecision(3)) {
+  const drawn = lines.filter((l) => l.points.length);
+  const holder = el("div", { "data-testid": `chart-${title}`, "data-points": String(lines[0]?.points.length || 0) });
+  const box = el("div", { class: "card" }, el("strong", {}, title), holder);
+  if (!drawn.length) { holder.append(el("p", { class: "muted" }, "no data yet")); return box; }
+  const steps = [...new Set(drawn.flatMap((l) => l.points.map((p) => p[0])))].sort((a, b) => a - b);
+  const data = [steps, ...drawn.map((l) => { const at = new Map(l.points); return steps.map((x) => (at.has(x) ? at.get(x) : null)); })];
+  plot(holder, {
+    scales: { x: { time: false } },
+    series: [{ label: "step" }, ...drawn.map((l, i) => ({
+      label: l.name, stroke: COLORS[i % COLORS.length], width: 2, spanGaps: true, points: { show: true, size: 5 },
+      value: (u, v) => (v == null ? "" : format(v)),
+    }))],
+    axes: [{}, { size: 84, values: (u, ticks) => ticks.map((v) => format(v)) }],
+  }, data);
   return box;
 }
 
@@ -218,8 +215,11 @@ async function datasetsPage() {
       if (xhr.status !== 200) { report.replaceChildren(fail(new Error(body.error?.message || xhr.statusText))); return; }
       bar.value = 100;
       const t = body.tunedock || {};
+      const st = t.stats || {};
       report.replaceChildren(el("div", { class: "card" }, el("strong", {}, `${body.filename}: ${t.records} records, ${t.format} format`),
-        el("p", { class: "muted" }, `id ${body.id} · ${bytes(body.bytes)} · project ${t.project}`)));
+        el("p", { class: "muted" }, `id ${body.id} · ${bytes(body.bytes)} · project ${t.project}` + (st.source ? ` · read as ${st.source}` : "")),
+        st.chars_p50 !== undefined ? el("p", {}, `characters per record: p50 ${st.chars_p50}, p95 ${st.chars_p95}, max ${st.chars_max}`) : "",
+        el("p", { "data-testid": "ignored" }, t.ignored_columns?.length ? `ignored columns: ${t.ignored_columns.join(", ")}` : "no column ignored")));
       later(300);
     };
     xhr.open("POST", "/v1/files");
@@ -294,12 +294,19 @@ const comparing = new Set();
 
 function bars(title, rows, value, format) {
   const known = rows.filter((r) => Number.isFinite(value(r)));
-  const top = Math.max(...known.map(value), 0) || 1;
-  return el("div", { class: "card", "data-testid": `bars-${title}` }, el("strong", {}, title),
-    known.map((r, i) => el("div", { style: "display:flex;gap:.5rem;align-items:center;margin:.25rem 0" },
-      el("span", { style: "width:5rem" }, r.method),
-      el("div", { style: `height:14px;width:${(70 * value(r)) / top}%;background:${COLORS[i % COLORS.length]}` }),
-      el("span", { class: "muted" }, format(value(r))))));
+  const holder = el("div", { "data-testid": `bars-${title}`, "data-bars": String(known.length) });
+  const box = el("div", { class: "card" }, el("strong", {}, title), holder);
+  if (!known.length) { holder.append(el("p", { class: "muted" }, "no data yet")); return box; }
+  plot(holder, {
+    legend: { show: false },
+    scales: { x: { time: false, range: [-0.5, known.length - 0.5] }, y: { range: (u, lo, hi) => [0, hi * 1.1 || 1] } },
+    series: [{}, { label: title, stroke: COLORS[0], fill: `${COLORS[0]}aa`, paths: uPlot.paths.bars({ size: [0.6, 80] }), points: { show: false } }],
+    axes: [
+      { splits: () => known.map((_, i) => i), values: (u, ticks) => ticks.map((i) => known[i]?.method ?? "") },
+      { size: 84, values: (u, ticks) => ticks.map((v) => format(v)) },
+    ],
+  }, [known.map((_, i) => i), known.map(value)]);
+  return box;
 }
 
 async function comparePage() {
@@ -419,6 +426,26 @@ async function registryPage(name) {
       Object.entries(artifact.aliases).map(([a, v]) => aliasRow(a, v)), aliasRow("", artifact.latest_version)), message);
 }
 
+// -------------------------------------------------------------------------------------- serving
+
+async function servingPage() {
+  const answer = await fetch("/tunedock/v1/serving", { headers: { Authorization: `Bearer ${token()}` } });
+  const s = await answer.json();
+  if (!answer.ok) throw new Error(s.error?.message || answer.statusText);
+  const r = s.replica, e = s.engine;
+  show(el("h1", {}, "Serving"),
+    el("p", { class: "muted" }, "The replica that answered this page (behind a proxy, each request may reach another)."),
+    el("div", { class: "card", "data-testid": "replica" },
+      el("p", {}, `Base ${r.base_id} (${r.architecture}, ${r.device}, ${e.dtype}) · max_model_len ${r.max_model_len} · TuneDock ${r.version}`),
+      el("p", {}, `LoRA slots ${r.max_loras} in the engine, ${r.max_cpu_loras} in host memory, rank ≤ ${r.max_lora_rank} · ${s.adapters_loaded} adapters loaded`),
+      el("p", {}, `Queue ${e.queued_requests} waiting · ${e.open_streams} open streams · isolation ${e.isolation}` + (e.restarting ? " · engine restarting" : ""))),
+    el("h2", {}, "Loaded adapters you can see"),
+    el("table", { "data-testid": "loaded" }, el("tr", {}, ...["adapter", "project", "rank", "size", "in engine", "in flight", "pinned"].map((h) => el("th", {}, h))),
+      s.adapters.map((a) => el("tr", {}, el("td", {}, a.ref), el("td", {}, a.project), el("td", {}, a.rank), el("td", {}, bytes(a.bytes)),
+        el("td", {}, a.in_engine ? "yes" : "no"), el("td", {}, a.in_flight), el("td", {}, a.pinned ? "yes" : "")))));
+  later(3000);
+}
+
 // ------------------------------------------------------------------------------- models, playground
 
 async function modelsPage() {
@@ -429,14 +456,15 @@ async function modelsPage() {
         el("td", {}, (m.tunedock?.aliases || []).join(", ")), el("td", {}, m.tunedock?.project || m.owned_by)))));
 }
 
-async function stream(model, prompt, out) {
+async function stream(body, out) {
   out.textContent = "";
+  delete out.dataset.done;
   const answer = await fetch("/v1/chat/completions", {
     method: "POST",
     headers: { Authorization: `Bearer ${token()}`, "content-type": "application/json" },
-    body: JSON.stringify({ model, messages: [{ role: "user", content: prompt }], max_tokens: 48, temperature: 0, stream: true }),
+    body: JSON.stringify({ ...body, stream: true }),
   });
-  if (!answer.ok) { out.replaceChildren(fail(new Error((await answer.json()).error?.message))); return; }
+  if (!answer.ok) { out.replaceChildren(fail(new Error((await answer.json()).error?.message))); out.dataset.done = "true"; return; }
   const reader = answer.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
@@ -457,16 +485,47 @@ async function stream(model, prompt, out) {
   out.dataset.done = "true";
 }
 
+function copyAs(kind, body) {
+  const json = JSON.stringify(body);
+  if (kind === "curl") {
+    return `curl -s ${location.origin}/v1/chat/completions -H "Authorization: Bearer $TUNEDOCK_TOKEN" \\\n  -H 'content-type: application/json' -d '${json.replaceAll("'", "'\\''")}'`;
+  }
+  const messages = JSON.stringify(body.messages);
+  return `from openai import OpenAI\n\nclient = OpenAI(base_url="${location.origin}/v1", api_key=TUNEDOCK_TOKEN)\n` +
+    `reply = client.chat.completions.create(model=${JSON.stringify(body.model)}, messages=${messages}, ` +
+    `temperature=${body.temperature}, max_tokens=${body.max_tokens})\nprint(reply.choices[0].message.content)`;
+}
+
 async function playgroundPage() {
   const models = (await api("/models")).data.map((m) => m.id);
-  const pick = (id, chosen) => el("select", { id }, models.map((m) => el("option", { value: m, selected: m === chosen }, m)));
-  const left = pick("left", models[0]), right = pick("right", models[1] || models[0]);
+  const adapters = models.slice(1);
+  const panes = [models[0], ...adapters.slice(0, 2)].map((chosen, i) => {
+    const pick = el("select", { id: `model-${i}`, "data-testid": `model-${i}` }, el("option", { value: "" }, "(none)"),
+      models.map((m) => el("option", { value: m, selected: m === chosen }, m)));
+    return { pick, out: el("div", { class: "answer", "data-testid": `answer-${i}` }) };
+  });
+  while (panes.length < 5) {
+    const i = panes.length;
+    panes.push({ pick: el("select", { id: `model-${i}`, "data-testid": `model-${i}` }, el("option", { value: "" }, "(none)"), models.map((m) => el("option", { value: m }, m))),
+      out: el("div", { class: "answer", "data-testid": `answer-${i}` }) });
+  }
   const prompt = el("textarea", { id: "prompt", rows: 3 }, "What does the pirate say about ship 3?");
-  const outLeft = el("div", { class: "answer", "data-testid": "answer-left" }), outRight = el("div", { class: "answer", "data-testid": "answer-right" });
-  const run = el("button", { "data-testid": "run", on: { click: () => Promise.all([stream(left.value, prompt.value, outLeft), stream(right.value, prompt.value, outRight)]) } }, "Ask both");
-  show(el("h1", {}, "Playground"), el("p", { class: "muted" }, "The same prompt to two models (the base, an adapter, two versions), greedy, side by side."),
-    el("label", { for: "prompt" }, "Prompt"), prompt, el("p"), run,
-    el("div", { class: "two" }, el("div", {}, left, outLeft), el("div", {}, right, outRight)));
+  const temperature = el("input", { id: "temperature", type: "number", value: 0, step: "0.1", min: 0, max: 2 });
+  const maxTokens = el("input", { id: "max_tokens", type: "number", value: 32, min: 1 });
+  const copied = el("pre", { class: "log", "data-testid": "copy-as", hidden: true });
+  const body = (model) => ({ model, messages: [{ role: "user", content: prompt.value }], temperature: Number(temperature.value), max_tokens: Number(maxTokens.value) });
+  const run = el("button", { "data-testid": "run", on: { click: () => Promise.all(panes.filter((p) => p.pick.value).map((p) => stream(body(p.pick.value), p.out))) } }, "Ask them all");
+  const copy = (kind) => el("button", { class: "secondary", "data-testid": `copy-${kind}`, on: { click: () => {
+    const model = panes.find((p) => p.pick.value && p.pick.value !== models[0])?.pick.value || models[0];
+    copied.hidden = false;
+    copied.textContent = copyAs(kind, body(model));
+    navigator.clipboard?.writeText(copied.textContent).catch(() => {});
+  } } }, `Copy as ${kind}`);
+  show(el("h1", {}, "Playground"), el("p", { class: "muted" }, "One prompt to the base and up to four adapters or aliases at once, streamed side by side."),
+    el("label", { for: "prompt" }, "Prompt"), prompt,
+    el("div", { class: "two" }, el("div", {}, el("label", { for: "temperature" }, "temperature"), temperature), el("div", {}, el("label", { for: "max_tokens" }, "max tokens"), maxTokens)),
+    el("p"), run, " ", copy("curl"), " ", copy("openai-python"), copied,
+    el("div", { class: "grid" }, panes.map((p) => el("div", {}, p.pick, p.out))));
 }
 
 // ---------------------------------------------------------------------------------------- router
@@ -479,7 +538,7 @@ async function route(refresh = false) {
   const hash = location.hash || "#/jobs";
   for (const a of document.querySelectorAll("#nav a")) a.classList.toggle("active", hash.startsWith(a.getAttribute("href")));
   const [, page, id] = hash.split("/");
-  const pages = { jobs: () => (id ? jobPage(id) : jobsPage()), datasets: datasetsPage, new: newJobPage, compare: comparePage, registry: () => registryPage(id), models: modelsPage, playground: playgroundPage };
+  const pages = { jobs: () => (id ? jobPage(id) : jobsPage()), datasets: datasetsPage, new: newJobPage, compare: comparePage, registry: () => registryPage(id), serving: servingPage, models: modelsPage, playground: playgroundPage };
   try {
     await (pages[page] || jobsPage)();
   } catch (error) {
