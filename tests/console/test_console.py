@@ -192,6 +192,10 @@ def test_compare_shows_the_four_methods_side_by_side_and_runs_them(alice, four_m
     assert "Least memory:" in alice.text_content("[data-testid=recommendation]")
     shot(alice, "compare")
     assert alice.get_attribute("[data-testid='bars-tensor memory']", "data-bars") == "4"
+    assert alice.get_attribute("[data-testid='bars-artifact size']", "data-bars") == "4"  # sizes from the registry
+    full = alice.text_content("[data-testid=compare] tr[data-method=full] [data-testid=artifact-size]")
+    lora = alice.text_content("[data-testid=compare] tr[data-method=lora] [data-testid=artifact-size]")
+    assert full.endswith("MiB") and lora.endswith(("KiB", "MiB")) and full != lora
     alice.wait_for_selector("[data-testid='bars-tensor memory'] canvas")  # drawn by uPlot
     # The button starts the four methods on a file (with 1 step each here; they are cancelled at once).
     alice.fill("#steps", "1")

@@ -324,6 +324,13 @@ async function comparePage() {
       agreement: j.tunedock?.extraction?.metrics?.extract_greedy_agreement,
     };
   });
+  // Artifact sizes from the registry (what each method publishes: a model, a delta, an adapter).
+  const published = [...new Set(rows.map((r) => r.job.tunedock?.output_ref).filter(Boolean).map((ref) => ref.split(":")[0]))];
+  const sizes = new Map();
+  await Promise.all(published.map(async (name) => {
+    try { for (const v of (await tunedock(`/artifacts/${name}/versions`)).data) sizes.set(v.ref, v.size); } catch { /* not readable: no size */ }
+  }));
+  for (const r of rows) r.artifact = sizes.get(r.job.tunedock?.output_ref) ?? NaN;
   const done = rows.filter((r) => r.job.status === "succeeded" && Number.isFinite(r.loss));
   const best = done.length ? done.reduce((a, b) => (b.loss < a.loss ? b : a)) : null;
   const lightest = done.length ? done.reduce((a, b) => (b.memory < a.memory ? b : a)) : null;
@@ -350,16 +357,17 @@ async function comparePage() {
       el("label", { for: "prefix" }, "Name prefix"), el("input", { id: "prefix", type: "text", value: "compare" }), el("p"),
       el("button", { type: "submit", "data-testid": "run-four" }, "Run the four methods")),
     el("table", { "data-testid": "compare" },
-      el("tr", {}, ...["method", "job", "status", "trainable params", "tensor memory", "process peak", "tokens/s", "wall s", "loss", "served as"].map((h) => el("th", {}, h))),
+      el("tr", {}, ...["method", "job", "status", "trainable params", "tensor memory", "process peak", "tokens/s", "wall s", "loss", "artifact", "served as"].map((h) => el("th", {}, h))),
       rows.map((r) => el("tr", { "data-method": r.method }, el("td", {}, r.method), el("td", {}, el("a", { href: `#/jobs/${r.job.id}` }, r.job.id)), el("td", {}, status(r.job.status)),
         el("td", {}, fmt(r.params, (v) => v.toLocaleString())), el("td", {}, fmt(r.memory, bytes)), el("td", {}, fmt(r.peak, bytes)),
         el("td", {}, fmt(r.speed, (v) => v.toFixed(0))), el("td", {}, fmt(r.wall, (v) => v.toFixed(1))), el("td", {}, fmt(r.loss, (v) => `${v.toFixed(3)} (${r.lossKind})`)),
+        el("td", { "data-testid": "artifact-size" }, fmt(r.artifact, bytes)),
         el("td", {}, (r.job.fine_tuned_model || "") + (r.agreement !== undefined ? ` (extracted, ${(100 * r.agreement).toFixed(0)}% agreement)` : ""))))),
     best ? el("p", { "data-testid": "recommendation" }, `Lowest loss: ${best.method} (${best.loss.toFixed(3)}). Least memory: ${lightest.method} (${bytes(lightest.memory)}). ` +
       "LoRA and QLoRA serve as trained; Full and Freeze through an extracted adapter.") : "",
     el("div", { class: "grid" },
       bars("tensor memory", rows, (r) => r.memory, bytes), bars("tokens/s", rows, (r) => r.speed, (v) => v.toFixed(0)),
-      bars("loss", rows, (r) => r.loss, (v) => v.toFixed(3))),
+      bars("loss", rows, (r) => r.loss, (v) => v.toFixed(3)), bars("artifact size", rows, (r) => r.artifact, bytes)),
     el("h2", {}, "Jobs to compare"),
     el("div", {}, jobs.data.map((j) => el("label", { style: "font-weight:normal" }, el("input", { type: "checkbox", style: "width:auto", checked: comparing.has(j.id),
       on: { change: (e) => { if (e.target.checked) comparing.add(j.id); else comparing.delete(j.id); route(true); } } }), ` ${j.id} (${j.tunedock?.method}, ${j.status})`))));
