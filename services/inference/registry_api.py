@@ -33,14 +33,18 @@ class RegistryFront:
         rpc = getattr(self.client.stub, method)  # type: ignore[attr-defined]
         return await asyncio.to_thread(rpc, message, metadata=self._metadata(request), timeout=self.timeout_s)
 
-    async def artifacts(self, request: Request) -> dict:
-        found, token = [], ""
+    async def _all(self, request: Request, method: str, message, field: str) -> list:
+        """Every item of a paged list RPC, following page tokens (as the SDK's pages(), with the caller's token)."""
+        found: list = []
         while True:
-            page = await self._call(request, "ListArtifacts", pb.ListArtifactsRequest(page_size=500, page_token=token))
-            found.extend(page.artifacts)
-            token = page.next_page_token
-            if not token:
-                break
+            page = await self._call(request, method, message)
+            found.extend(getattr(page, field))
+            if not page.next_page_token:
+                return found
+            message.page_token = page.next_page_token
+
+    async def artifacts(self, request: Request) -> dict:
+        found = await self._all(request, "ListArtifacts", pb.ListArtifactsRequest(page_size=500), "artifacts")
         return {
             "data": [
                 {
@@ -56,15 +60,7 @@ class RegistryFront:
         }
 
     async def versions(self, request: Request, name: str) -> dict:
-        found, token = [], ""
-        while True:
-            page = await self._call(
-                request, "ListVersions", pb.ListVersionsRequest(name=name, page_size=500, page_token=token)
-            )
-            found.extend(page.versions)
-            token = page.next_page_token
-            if not token:
-                break
+        found = await self._all(request, "ListVersions", pb.ListVersionsRequest(name=name, page_size=500), "versions")
         return {"data": [version_object(v) for v in found]}
 
     async def set_alias(self, request: Request, name: str, alias: str) -> dict:
