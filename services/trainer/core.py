@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -38,10 +39,13 @@ from services.common.registry_answers import registry_answer
 from services.trainer.config import TrainConfig, config_from_spec, extract_options
 from services.trainer.data.records import RecordStats, not_a_dataset, validate_records
 from services.trainer.data.sources import SourceOptions, detect, is_tar, unpack
+from services.trainer.data.stored import stored_records
 from services.trainer.domain import JobEvent, JobSpec, State, StateEvent
 from services.trainer.executor import EXIT_PLATFORM, Executor, Launch
+from services.trainer.previewer import Previewer
 from services.trainer.store import TERMINAL, DatasetRow, JobRecord, JobStore, now
 from services.trainer.validation import check_against_base, check_same_base
+from tunedock import planner
 from tunedock.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, TuneDockError
 from tunedock.jobs import METHODS
 from tunedock.model_files import inspect_base
@@ -55,6 +59,10 @@ NODE_CACHES = ("bases", "datasets", "tokens")
 MAX_PLATFORM_RETRIES = 10
 """Attempts a job may restart because our infrastructure failed it (beyond max_attempts of its own)."""
 DATASET_FORMATS = ("alpaca", "chat", "text")
+
+
+PREVIEW_MAX_SHOWN = 20
+PREVIEW_MAX_SAMPLE = 20_000
 
 
 def state_event(state: State, message: str = "") -> JobEvent:
@@ -98,6 +106,8 @@ class TrainerCore:
         self.set_serving: Callable[[bool], Awaitable[None]] = _serving_unknown
         """Health of the service (the server wires it): NOT_SERVING while the core cannot write its state."""
         self.unwritable_since: float | None = None
+        self.previewer = Previewer()
+        """Dataset previews tokenize in a helper process (the server never imports the training stack)."""
         self.background_failed: Callable[[str], None] = lambda task: None
         """Counts a background task's failure (the server wires it to tunedock_background_errors_total)."""
         """Wakes WatchJob streams of a job when its events change."""
@@ -173,6 +183,76 @@ class TrainerCore:
         uploaded; every other source as the JSONL of its records)."""
         row = self.get_dataset(dataset_id)
         return self.datasets.read(row.sha256, 0, CHUNK)
+
+    def preview_dataset(
+        self, dataset_id: str, base_model: str = "", max_length: int = 512, show: int = 3, sample: int = 1000
+    ) -> dict:
+        """The first `show` records as `base_model` (default: this trainer's) will see them, through its chat
+        template with the trained tokens marked, and the token lengths of the first `sample` records
+        against `max_length` (a job's max_seq_length): how many a job would cut."""
+        if not 1 <= show <= PREVIEW_MAX_SHOWN:
+            raise InvalidArgument(f"records must be in [1, {PREVIEW_MAX_SHOWN}], got {show}")
+        if not show <= sample <= PREVIEW_MAX_SAMPLE:
+            raise InvalidArgument(f"sample must be in [records, {PREVIEW_MAX_SAMPLE}], got {sample}")
+        if not 16 <= max_length <= 1 << 17:
+            raise InvalidArgument(f"max_length must be in [16, 131072] (a job's max_seq_length), got {max_length}")
+        row = self.get_dataset(dataset_id)
+        base = base_model or self.default_base(build=True)
+        local = resolve_local_base(base)
+        if local is None:
+            raise FailedPrecondition(
+                f"base model {base!r} is not on this trainer: preview with a local model directory, a model in "
+                "the trainer's Hugging Face cache, or leave it empty for the trainer's default base"
+            )
+        records = list(itertools.islice(stored_records(self.datasets.read(row.sha256, 0, CHUNK)), sample))
+        answer = self.previewer.preview(
+            {"records": records, "format": row.format, "base": str(local), "max_length": max_length, "show": show}
+        )
+        about = {"dataset": row.id, "num_records": row.num_records, "base_model": base, "max_length": max_length}
+        return about | answer
+
+    def plan(
+        self,
+        base_model: str = "",
+        batch_size: int = 4,
+        max_seq_length: int = 512,
+        lora_r: int = 16,
+        trainable_layers: int = 2,
+        gradient_checkpointing: bool = False,
+        device: str = "",
+    ) -> dict:
+        """Peak training memory of each method on `base_model` (default: this trainer's), as `tunedock plan`
+        estimates it, on this trainer's device unless `device` (cpu or cuda) is given."""
+        device = device or getattr(self.executor, "device", "cpu")
+        for ok, message in (
+            (device in ("cpu", "cuda"), f"device must be cpu or cuda, got {device!r}"),
+            (1 <= batch_size <= 4096, f"batch_size must be in [1, 4096], got {batch_size}"),
+            (16 <= max_seq_length <= 1 << 17, f"max_seq_length must be in [16, 131072], got {max_seq_length}"),
+            (1 <= lora_r <= 1024, f"r must be in [1, 1024], got {lora_r}"),
+            (1 <= trainable_layers <= 1024, f"trainable_layers must be in [1, 1024], got {trainable_layers}"),
+        ):
+            if not ok:
+                raise InvalidArgument(message)
+        base = base_model or self.default_base(build=True)
+        local = resolve_local_base(base)
+        if local is None:
+            raise FailedPrecondition(f"base model {base!r} is not on this trainer: give a local model directory")
+        shape = planner.read_shape(local)
+        overhead = planner.runtime_overhead(device)
+        methods = []
+        for method in METHODS:
+            e = planner.estimate(
+                shape, method, batch_size, max_seq_length, device, lora_r, trainable_layers,
+                gradient_checkpointing, overhead,
+            )  # fmt: skip
+            methods.append({"method": method, "trainable_params": e.trainable, "peak_bytes": e.total, "parts": e.parts})
+        return {
+            "base_model": base,
+            "device": device,
+            "batch_size": batch_size,
+            "max_seq_length": max_seq_length,
+            "methods": methods,
+        }
 
     def delete_dataset(self, dataset_id: str) -> DatasetRow:
         """Forget a dataset and free its bytes; refused while a job that has not ended uses it."""

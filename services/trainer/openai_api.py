@@ -134,6 +134,36 @@ class FineTuningFront:
         chunks = await self.call(request, READ, self.core.dataset_content, file_id)
         return StreamingResponse(_threaded(chunks), media_type="application/octet-stream")
 
+    async def preview(self, request: Request, file_id: str) -> dict:
+        """TuneDock's own: the first records as the base sees them (loss tokens marked), token lengths."""
+        q = request.query_params
+        return await self.call(
+            request,
+            READ,
+            self.core.preview_dataset,
+            file_id,
+            q.get("model", "").removeprefix("auto"),
+            _int(q, "max_length", 512),
+            _int(q, "records", 3),
+            _int(q, "sample", 1000),
+        )
+
+    async def plan(self, request: Request) -> dict:
+        """TuneDock's own: each method's estimated peak memory for these knobs (`tunedock plan`)."""
+        q = request.query_params
+        return await self.call(
+            request,
+            READ,
+            self.core.plan,
+            q.get("model", "").removeprefix("auto"),
+            _int(q, "batch_size", 4),
+            _int(q, "max_seq_length", 512),
+            _int(q, "r", 16),
+            _int(q, "trainable_layers", 2),
+            q.get("gradient_checkpointing", "false").lower() in ("1", "true", "yes"),
+            q.get("device", ""),
+        )
+
     async def _results(self, request: Request, job: JobRecord) -> bytes:
         events = await self.call(request, READ, self.core.job_events, job.id)
         return oj.results_csv(events)
@@ -240,6 +270,15 @@ def _limit(value: str | None, maximum: int, default: int = 20) -> int:
     return int(value)
 
 
+def _int(query, name: str, default: int) -> int:
+    value = query.get(name)
+    if value in (None, ""):
+        return default
+    if not value.isdigit():
+        raise HttpError(400, f"{name} must be a whole number, got {value!r}", name)
+    return int(value)
+
+
 def _list(data: list[dict], more: bool) -> dict:
     return {
         "object": "list",
@@ -272,7 +311,7 @@ def _route(path: str) -> str:
     """The path with its ids folded (bounded metric labels)."""
     parts = path.strip("/").split("/")
     if parts[:2] == ["v1", "files"] and len(parts) > 2:
-        return "/v1/files/{id}" + ("/content" if parts[-1] == "content" else "")
+        return "/v1/files/{id}" + (f"/{parts[3]}" if len(parts) > 3 and parts[3] in ("content", "preview") else "")
     if parts[:3] == ["v1", "fine_tuning", "jobs"] and len(parts) > 3:
         return "/v1/fine_tuning/jobs/{id}" + (f"/{parts[4]}" if len(parts) > 4 else "")
     return path if path.startswith("/v1/") else "other"
@@ -302,6 +341,14 @@ def build_app(front: FineTuningFront) -> FastAPI:
     @app.get("/v1/files/{file_id}/content")
     async def file_content(request: Request, file_id: str):
         return await front.file_content(request, file_id)
+
+    @app.get("/v1/files/{file_id}/preview")
+    async def preview(request: Request, file_id: str):
+        return JSONResponse(await front.preview(request, file_id))
+
+    @app.get("/v1/fine_tuning/plan")
+    async def plan(request: Request):
+        return JSONResponse(await front.plan(request))
 
     @app.post("/v1/fine_tuning/jobs")
     async def create_job(request: Request):

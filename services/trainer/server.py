@@ -118,5 +118,6 @@ async def build_server(settings: TrainerSettings) -> GrpcServer:
         server.after_start.append(start_http)
         server.on_stop.insert(0, http.stop)
     server.on_stop.insert(0, core.executor.close)
+    server.on_stop.append(core.previewer.close)
     server.on_stop.append(store.close)
     return server

@@ -53,7 +53,7 @@ def adapters_get(ref: str, registry: str = typer.Option(REGISTRY), as_json: bool
 
 def show_version(v) -> None:
     """One version for people: what it is, where it came from, its metrics (an extraction's fidelity first)."""
-    from tunedock.cli import planner
+    from tunedock import planner
     from tunedock.v1 import adapter_registry_pb2, common_pb2
 
     kind = adapter_registry_pb2.ArtifactKind.Name(v.kind).removeprefix("ARTIFACT_KIND_").lower()

@@ -76,7 +76,7 @@ def _compare(
     inference,
     as_json,
 ):
-    from tunedock.cli import planner
+    from tunedock import planner
     from tunedock.client import RegistryClient, TrainerClient
 
     budget = planner.parse_bytes(memory_budget) if memory_budget else None
@@ -226,7 +226,7 @@ def _ask(address: str, rows: list[dict], prompts: list[str], max_tokens: int) ->
 
 
 def _table(rows, base, steps, batch_size, max_seq_length, budget, serve) -> Table:
-    from tunedock.cli import planner
+    from tunedock import planner
 
     table = Table(
         "method",
@@ -288,7 +288,7 @@ def _answers_table(rows, answers: dict) -> Table:
 
 def advice(rows: list[dict], budget: int) -> str:
     """Which methods fit, and which to pick, worded as the seed document advises."""
-    from tunedock.cli import planner
+    from tunedock import planner
 
     fits = [r["method"] for r in rows if r["fits_budget"]]
     head = f"within {planner.human(budget)}: {', '.join(fits) if fits else 'none of the methods'} fit. "

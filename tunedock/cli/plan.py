@@ -30,7 +30,7 @@ def plan(
 ) -> None:
     """Estimate peak memory per method before training, and which fit a budget."""
     require("server", ("safetensors", "numpy"), "tunedock plan (it reads the checkpoint's tensor shapes)")
-    from tunedock.cli import planner
+    from tunedock import planner
 
     path = Path(base)
     if not (path / "config.json").is_file():

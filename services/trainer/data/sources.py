@@ -178,35 +178,40 @@ class _Window:
 
 def _json_array(path: Path, _: SourceOptions) -> Iterator[Record]:
     """The elements of a JSON array, decoded one at a time: memory holds one record, not the file."""
-    decoder = json.JSONDecoder()
     with path.open("r", encoding="utf-8-sig") as fh:
-        window = _Window(fh)
-        try:
-            if window.peek() != "[":
-                raise InvalidArgument("the JSON array does not start with '['")
-            window.pos += 1
-            index = 0
-            while window.peek() != "]":
+        yield from json_array_records(fh)
+
+
+def json_array_records(fh) -> Iterator[Record]:
+    """The elements of the JSON array an open text file holds, read a chunk at a time."""
+    decoder = json.JSONDecoder()
+    window = _Window(fh)
+    try:
+        if window.peek() != "[":
+            raise InvalidArgument("the JSON array does not start with '['")
+        window.pos += 1
+        index = 0
+        while window.peek() != "]":
+            if not window.peek():
+                raise InvalidArgument(f"the JSON array is not closed with ']' (after record {index - 1})")
+            if index:
+                if window.peek() != ",":
+                    raise InvalidArgument(f"the JSON array does not parse after record {index - 1}: expected ','")
+                window.pos += 1
                 if not window.peek():
                     raise InvalidArgument(f"the JSON array is not closed with ']' (after record {index - 1})")
-                if index:
-                    if window.peek() != ",":
-                        raise InvalidArgument(f"the JSON array does not parse after record {index - 1}: expected ','")
-                    window.pos += 1
-                    if not window.peek():
-                        raise InvalidArgument(f"the JSON array is not closed with ']' (after record {index - 1})")
-                while True:
-                    try:
-                        value, end = decoder.raw_decode(window.text, window.pos)
-                        if end < len(window.text) or window.eof or not window.more():
-                            break  # a number at the end of the window may go on in the next chunk
-                    except json.JSONDecodeError as exc:
-                        if window.eof or len(window.text) - window.pos > MAX_RECORD_CHARS or not window.more():
-                            raise InvalidArgument(f"record {index}: not valid JSON ({exc.msg})") from None
-                yield f"record {index}", value
-                window.pos, index = end, index + 1
-        except UnicodeDecodeError as exc:
-            raise InvalidArgument(f"the file is not UTF-8 text ({exc.reason})") from None
+            while True:
+                try:
+                    value, end = decoder.raw_decode(window.text, window.pos)
+                    if end < len(window.text) or window.eof or not window.more():
+                        break  # a number at the end of the window may go on in the next chunk
+                except json.JSONDecodeError as exc:
+                    if window.eof or len(window.text) - window.pos > MAX_RECORD_CHARS or not window.more():
+                        raise InvalidArgument(f"record {index}: not valid JSON ({exc.msg})") from None
+            yield f"record {index}", value
+            window.pos, index = end, index + 1
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"the file is not UTF-8 text ({exc.reason})") from None
 
 
 # ------------------------------------------------------------------------------ columnar

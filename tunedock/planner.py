@@ -13,6 +13,7 @@ Parameter counts come from the checkpoint's safetensors headers, so any Llama-st
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -107,8 +108,9 @@ class Estimate:
         return sum(self.parts.values())
 
 
+@functools.lru_cache(maxsize=2)
 def runtime_overhead(device: str) -> int:
-    """Bytes the training process holds before loading a model (CPU); 0 on CUDA."""
+    """Bytes the training process holds before loading a model (CPU); 0 on CUDA. Measured once per process."""
     if device == "cuda":
         return 0
     code = (
