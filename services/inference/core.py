@@ -18,6 +18,7 @@ from services.common.auth import principal
 from services.common.chat import ConversationError, normalize_tools, openai_message
 from services.inference.adapters import AdapterCache, AdapterResolver, CachedAdapter, LoraIds, ResolvedAdapter
 from services.inference.scheduler import AdapterScheduler
+from services.inference.throughput import RecentRate
 from services.inference.tools import ToolCall, ToolCallDelta, ToolCalls
 from tunedock.errors import InvalidArgument, NotFound, TuneDockError
 from tunedock.refs import Ref
@@ -185,6 +186,8 @@ class InferenceCore:
         self._prune_at = 1024
         self.lora_ids = lora_ids or LoraIds()
         """Content hash -> the engine's adapter id (collision-free; kept across engine rebuilds)."""
+        self.recent_tokens, self.recent_requests = RecentRate(), RecentRate()
+        """Generated tokens and finished requests per second of the last minute (the console's Serving page)."""
 
     def _prepare(self, req: GenerateInput) -> Prepared:
         """Check a request and turn it into the engine's prompt and sampling parameters (InvalidArgument
@@ -434,6 +437,7 @@ class InferenceCore:
                     ids = list(completion.token_ids)
                     counts[i] += len(ids)
                     self.metrics.tokens.inc(len(ids))
+                    self.recent_tokens.add(len(ids))
                     finish = completion.finish_reason or ""
                     text, call_deltas = completion.text, list[ToolCallDelta]()
                     if parsers is not None:
@@ -448,6 +452,7 @@ class InferenceCore:
                         ]
                     yield Delta(i, text, ids, counts[i], prompt_tokens, finish, label, logprobs, call_deltas)
             finished = True
+            self.recent_requests.add()
         finally:
             self.metrics.in_flight.dec()
             if not finished:

@@ -28,7 +28,7 @@ from services import console
 from services.common.auth import Authenticator, Principal, current_principal
 from services.common.http import HttpError, authenticate, forward, openai_app
 from services.common.openai_errors import error_body, from_domain
-from services.inference import registry_api
+from services.inference import peers, registry_api
 from services.inference.catalog import ModelCatalog
 from services.inference.core import Completion, Delta, GenerateInput, InferenceCore, ResponseFormat, TokenLogprob
 from services.inference.registry_api import RegistryFront
@@ -60,6 +60,10 @@ class OpenAIFront:
     """The registry as the caller (/tunedock/v1/artifacts ...: the console's registry page)."""
     info: dict = field(default_factory=dict)
     """GetInferenceInfo's answer (base, limits, device), for /tunedock/v1/serving."""
+    peers_srv: str = ""
+    """SRV name of every replica's HTTP port (peers_srv): /tunedock/v1/serving?replicas=1 asks each."""
+    peers_nameserver: str = ""
+    scheme: str = "http"
 
     @property
     def base_id(self) -> str:
@@ -146,9 +150,23 @@ class OpenAIFront:
     # ------------------------------------------------------------------ /tunedock/v1/serving
 
     async def serving(self, request: Request) -> dict:
-        """What this replica serves now: its base and limits, slots, queue, and the loaded adapters the
-        caller's projects may see (another tenant's stay out, counted only)."""
+        """What this replica serves now: its base and limits, slots, queue, recent throughput, and the loaded
+        adapters the caller's projects may see (another tenant's stay out, counted only). With `replicas=1`,
+        every replica's answer (found through peers_srv, asked with the caller's token)."""
         caller = self.caller(request, None)
+        if request.query_params.get("replicas") and self.peers_srv:
+            try:
+                found = await peers.resolve(self.peers_srv, self.peers_nameserver)
+            except Exception as exc:  # dnspython's NXDOMAIN, timeouts, ...: say so, still show this replica
+                here = self._serving_here(caller)
+                return here | {"replicas": [here], "peers_error": f"{self.peers_srv}: {type(exc).__name__} {exc}"}
+            auth = request.headers.get("authorization", "")
+            return self._serving_here(caller) | {
+                "replicas": await peers.ask_each(found, "/tunedock/v1/serving", auth, self.scheme)
+            }
+        return self._serving_here(caller)
+
+    def _serving_here(self, caller: Principal) -> dict:
         state = self.core.state()
         adapters = [a for a in state.adapters if caller.may_access(a.entry.resolved.project)]
         keys = ("base_model", "architecture", "device", "max_model_len", "max_loras", "max_cpu_loras", "max_lora_rank")
@@ -175,6 +193,11 @@ class OpenAIFront:
                 for a in adapters
             ],
             "adapters_loaded": len(state.adapters),
+            "throughput": {
+                "tokens_per_s_10s": self.core.recent_tokens.rate(10),
+                "tokens_per_s_60s": self.core.recent_tokens.rate(60),
+                "requests_per_s_10s": self.core.recent_requests.rate(10),
+            },
         }
 
     # ------------------------------------------------------------------ /v1/chat/completions

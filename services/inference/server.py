@@ -330,6 +330,9 @@ async def build_server(settings: InferenceSettings, engine=None) -> GrpcServer:
             # The caller's token goes with each call: a channel of its own, without the service's.
             registry=RegistryFront(RegistryClient(settings.registry_address, timeout=30, token=None)),
             info=info,
+            peers_srv=settings.peers_srv,
+            peers_nameserver=settings.peers_nameserver,
+            scheme="https" if settings.tls_cert_file else "http",
         )
         http = HttpServer(
             build_app(front), settings.host, settings.http_port, settings.tls_cert_file, settings.tls_key_file

@@ -76,6 +76,12 @@ class InferenceSettings(ServerSettings):
         "forwarded there from this HTTP port, so clients see one base URL (tunedock up sets it); empty: those "
         "paths answer 404 saying where they live (behind a proxy, route them to the trainer by path)",
     )
+    peers_srv: str = setting(
+        "",
+        "DNS SRV name of every replica's HTTP port (the headless Service's _http._tcp name the proxy reads): the "
+        "console's Serving page shows each replica; empty: only the replica that answers",
+    )
+    peers_nameserver: str = setting("", "host:port of the DNS server for peers_srv; empty: the system's resolver")
     metrics_adapter_labels: str = setting(
         "hashed",
         "how metrics name adapters (tunedock_adapter_requests): hashed (a stable digest, no tenant's names on a "

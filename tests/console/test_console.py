@@ -8,6 +8,7 @@ origin (the trainer's paths forwarded, as `tunedock up` arranges). One browser f
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import time
@@ -94,6 +95,45 @@ def test_an_upload_shows_the_validation_report_or_the_line_at_fault(alice, tmp_p
     alice.wait_for_selector("[data-testid=files] >> text=pirate.jsonl")
 
 
+def test_a_dataset_previews_as_the_model_will_see_it(alice):
+    """The upload above, through the default base's chat template: the trained tokens highlighted, the
+    token histogram, and how many records a job's max length would cut."""
+    alice.click("text=Datasets")
+    alice.click("[data-testid=files] tr.link >> text=pirate.jsonl")
+    alice.wait_for_selector("[data-testid=preview-record]", timeout=120_000)  # the first loads the tokenizer
+    records = alice.query_selector_all("[data-testid=preview-record]")
+    assert len(records) == 3
+    trained = " ".join(m.text_content() for m in records[0].query_selector_all("mark"))
+    context = " ".join(s.text_content() for s in records[0].query_selector_all("pre span"))
+    assert "Arr, ship 0 be mine!" in trained and "What does the pirate say" not in trained
+    assert "What does the pirate say about ship 0?" in context
+    assert "Of all 8 records, 0 would be cut at 512 tokens" in alice.text_content("[data-testid=truncation]")
+    assert alice.get_attribute("[data-testid=histogram]", "data-bins") == "20"
+    alice.wait_for_selector("[data-testid=histogram] canvas")
+    shot(alice, "dataset-preview")
+    alice.fill("#max_length", "20")
+    alice.click("[data-testid=preview-apply]")
+    alice.wait_for_selector("[data-testid=truncation]:has-text('cut at 20 tokens')")
+    assert "8 would be cut at 20 tokens" in alice.text_content("[data-testid=truncation]")
+    assert "cut at 20" in alice.text_content("[data-testid=preview-record]")
+
+
+def test_the_new_job_form_shows_the_memory_plan_as_the_knobs_change(alice):
+    alice.click("text=New job")
+    plan = "document.querySelector('[data-testid=plan]')"
+    alice.wait_for_function(f"{plan}.dataset.method === 'lora'", timeout=120_000)  # the first measures the runtime
+    assert "LoRA: about" in alice.text_content("[data-testid=plan-chosen]")
+    lora = int(alice.get_attribute("[data-testid=plan]", "data-peak"))
+    alice.click(".method[data-method=full]")
+    alice.wait_for_function(f"{plan}.dataset.method === 'full'")
+    full = int(alice.get_attribute("[data-testid=plan]", "data-peak"))
+    assert full > lora  # Full trains every weight
+    alice.fill("#batch_size", "16")
+    alice.wait_for_function(f"Number({plan}.dataset.peak) > {full}")  # more activations
+    assert alice.query_selector("[data-testid=plan] tr.chosen[data-plan=full]") is not None
+    shot(alice, "new-job")
+
+
 def test_a_job_from_the_form_shows_live_curves_and_serves_at_once(alice):
     alice.click("text=New job")
     alice.click(".method[data-method=qlora]")
@@ -150,9 +190,35 @@ def test_the_playground_asks_base_and_adapters_side_by_side(alice, stack, four_m
     assert f"{stack.origin}/v1/chat/completions" in snippet and '"model":"console-pirate:1"' in snippet
     alice.click("[data-testid=copy-openai-python]")
     assert 'model="console-pirate:1"' in alice.text_content("[data-testid=copy-as]")
+
+    # Chat mode keeps a conversation per pane: the second question goes with each model's own first answer.
+    alice.fill("#system", "You are a pirate.")
+    alice.fill("#prompt", "And ship 5?")
+    alice.click("[data-testid=run]")
+    for pane in range(3):
+        alice.wait_for_selector(f"[data-testid=answer-{pane}][data-done=true]")
+    assert "What does the pirate say about ship 3?" in alice.text_content("[data-testid=turns-1]")
+    assert answers[1] in alice.text_content("[data-testid=turns-1]")
+    alice.click("[data-testid=copy-curl]")
+    sent = json.loads(alice.text_content("[data-testid=copy-as]").split("-d '", 1)[1].rsplit("'", 1)[0])
+    assert [m["role"] for m in sent["messages"]] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert sent["messages"][2]["content"] == answers[1]
+
+    # Prompt mode sends raw text to /v1/completions.
+    alice.select_option("[data-testid=mode]", "prompt")
+    alice.fill("#prompt", "Once upon a time")
+    alice.click("[data-testid=run]")
+    alice.wait_for_selector("[data-testid=answer-0][data-done=true]")
+    assert alice.text_content("[data-testid=answer-0]") and not alice.text_content("[data-testid=turns-0]")
+    alice.click("[data-testid=copy-curl]")
+    assert f"{stack.origin}/v1/completions" in alice.text_content("[data-testid=copy-as]")
+
     alice.click("text=Serving")
     alice.wait_for_selector("[data-testid=loaded] >> text=console-pirate:1")  # loaded by the playground's request
     assert "LoRA slots" in alice.text_content("[data-testid=replica]")
+    throughput = alice.text_content("[data-testid=throughput]")  # the playground's tokens, within the minute
+    assert float(throughput.split("Throughput ")[1].split(" tokens/s")[0]) >= 0
+    assert float(throughput.split(", ")[1].split(" over 60 s")[0]) > 0, throughput
 
 
 def test_every_page_loads_quickly(alice, stack, capsys):

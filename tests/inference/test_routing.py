@@ -91,6 +91,32 @@ def test_each_adapter_lands_on_one_replica_and_base_requests_spread(fleet):
     assert sum(base.values()) == 8 and min(base.values()) >= 2, f"base requests did not spread: {base}"
 
 
+def _serving_of_all(fleet: LocalFleet, via: int) -> dict:
+    import httpx
+
+    url = f"http://127.0.0.1:{fleet.members[via - 1].http_port}/tunedock/v1/serving"
+    answer = httpx.get(url, params={"replicas": 1}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def test_the_serving_view_shows_every_replica_with_its_own_adapters_and_throughput(fleet):
+    """One replica asked (as the console asks whichever the proxy picks) answers for all of them, each
+    replica's part coming from that replica: its adapters are the ones the hash sent it."""
+    owners = _owners(fleet)
+    view = _serving_of_all(fleet, via=1)
+    by_port = {int(r["address"].rsplit(":", 1)[1]): r for r in view["replicas"]}
+    assert set(by_port) == {r.http_port for r in fleet.members}, view["replicas"]
+    for member in fleet.members:
+        replica = by_port[member.http_port]
+        assert "error" not in replica, replica
+        names = {a["ref"].split(":")[0] for a in replica["adapters"]}
+        assert names == {n for n, owner in owners.items() if owner == member.index}, (member.index, names)
+        assert replica["replica"]["max_loras"] == 2 and replica["engine"]["queued_requests"] == 0
+    # The first test generated 3 x 8 adapter requests and 8 base ones within the last minute.
+    assert sum(r["throughput"]["tokens_per_s_60s"] for r in by_port.values()) > 0
+
+
 def test_a_promotion_is_warmed_on_the_replica_that_owns_the_adapter(fleet, inference_stack, tiny_model_dir, tmp_path):
     name = ADAPTERS[0]
     owner = _owners(fleet)[name]
@@ -133,6 +159,10 @@ def test_a_killed_replica_moves_only_its_adapters_and_gets_them_back(fleet):
     after = fleet.adapter_requests(survivor)
     # Every adapter was served by the survivor; the survivor's own adapters never moved.
     assert all(after.get(n, 0) == before[survivor].get(n, 0) + 1 for n in ADAPTERS), (before, after)
+    # The Serving view still answers, naming the replica that does not.
+    view = {r["address"]: r for r in _serving_of_all(fleet, via=survivor)["replicas"]}
+    dead = next(r for a, r in view.items() if a.endswith(f":{fleet.members[victim - 1].http_port}"))
+    assert "no answer" in dead["error"]
 
     fleet.start_replica(victim)
     fleet.wait_ready(timeout=600)

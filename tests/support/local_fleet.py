@@ -155,6 +155,10 @@ class LocalFleet:
             self.registry_address,
             "--metrics-adapter-labels",
             "names",  # the tests read which replica served which adapter
+            "--peers-srv",
+            HTTP_SRV_NAME,  # the Serving page's view of every replica, found as the proxy finds them
+            "--peers-nameserver",
+            f"127.0.0.1:{self.dns_port}",
             *self.replica_args,
         ]
         env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | {"PYTHONUNBUFFERED": "1"} | self.env

@@ -230,8 +230,61 @@ async function datasetsPage() {
   show(el("h1", {}, "Datasets"), drop, input, bar, report,
     el("h2", {}, "Uploaded"),
     el("table", { "data-testid": "files" }, el("tr", {}, ...["id", "file", "format", "records", "size", "uploaded"].map((h) => el("th", {}, h))),
-      files.data.map((f) => el("tr", {}, el("td", {}, f.id), el("td", {}, f.filename), el("td", {}, f.tunedock?.format), el("td", {}, f.tunedock?.records),
-        el("td", {}, bytes(f.bytes)), el("td", {}, when(f.created_at))))));
+      files.data.map((f) => el("tr", { class: "link", "data-file": f.id, on: { click: () => { location.hash = `#/datasets/${f.id}`; } } }, el("td", {}, f.id), el("td", {}, f.filename), el("td", {}, f.tunedock?.format), el("td", {}, f.tunedock?.records),
+        el("td", {}, bytes(f.bytes)), el("td", {}, when(f.created_at))))),
+    files.data.length ? el("p", { class: "muted" }, "Click a dataset to see its records as the model will see them.") : "");
+}
+
+// A dataset through the base's chat template, as training tokenizes it: the tokens the loss covers
+// highlighted, and the token lengths of a sample against the job's max length.
+async function datasetPage(fileId) {
+  const q = new URLSearchParams(location.hash.split("?")[1] || "");
+  const maxLength = el("input", { id: "max_length", type: "number", value: q.get("max_length") || 512, min: 16 });
+  const count = el("input", { id: "records", type: "number", value: q.get("records") || 3, min: 1, max: 20 });
+  const base = el("input", { id: "base", type: "text", value: q.get("model") || "", placeholder: "the trainer's default base" });
+  const apply = (e) => { e.preventDefault(); location.hash = `#/datasets/${fileId}?` + new URLSearchParams({ max_length: maxLength.value, records: count.value, model: base.value }); };
+  const file = await api(`/files/${fileId}`);
+  const form = el("form", { class: "card", on: { submit: apply } }, el("div", { class: "two" },
+    el("div", {}, el("label", { for: "max_length" }, "max length (the job's max_seq_length)"), maxLength),
+    el("div", {}, el("label", { for: "records" }, "records shown"), count)),
+    el("label", { for: "base" }, "base model"), base, el("p"), el("button", { type: "submit", "data-testid": "preview-apply" }, "Preview"));
+  show(el("h1", {}, `${file.filename} `, el("span", { class: "muted" }, `${file.tunedock?.records} records · ${file.tunedock?.format}`)), form,
+    el("p", { class: "muted", "data-testid": "preview-wait" }, "Tokenizing with the base's tokenizer (the first preview loads it) ..."));
+  const params = new URLSearchParams({ max_length: maxLength.value, records: count.value, sample: 2000 });
+  if (base.value) params.set("model", base.value);
+  let p;
+  try { p = await api(`/files/${fileId}/preview?${params}`); } catch (error) { $("[data-testid=preview-wait]").replaceWith(fail(error)); return; }
+  const L = p.lengths;
+  const edges = L.histogram.edges;
+  const holder = el("div", { "data-testid": "histogram", "data-bins": String(L.histogram.counts.length) });
+  const histogram = el("div", { class: "card" }, el("strong", {}, "tokens per record"), holder);
+  if (L.sampled) {
+    const centers = L.histogram.counts.map((_, i) => (edges[i] + edges[i + 1]) / 2);
+    plot(holder, {
+      legend: { show: false },
+      scales: { x: { time: false, range: [0, edges[edges.length - 1]] }, y: { range: (u, lo, hi) => [0, hi * 1.1 || 1] } },
+      series: [{}, { label: "records", stroke: COLORS[0], fill: `${COLORS[0]}aa`, paths: uPlot.paths.bars({ size: [0.95, 100] }), points: { show: false } }],
+      axes: [{ label: "tokens" }, { label: "records", size: 60 }],
+      hooks: { draw: [(u) => { // the job's max length, where records are cut
+        const x = u.valToPos(p.max_length, "x", true);
+        u.ctx.save(); u.ctx.strokeStyle = COLORS[1]; u.ctx.setLineDash([6, 4]); u.ctx.lineWidth = 2;
+        u.ctx.beginPath(); u.ctx.moveTo(x, u.bbox.top); u.ctx.lineTo(x, u.bbox.top + u.bbox.height); u.ctx.stroke(); u.ctx.restore();
+      }] },
+    }, [centers, L.histogram.counts]);
+  }
+  const sampled = L.sampled < p.num_records ? `the first ${L.sampled.toLocaleString()} of ${p.num_records.toLocaleString()} records` : `all ${L.sampled.toLocaleString()} records`;
+  const record = (r) => el("div", { class: "card", "data-testid": "preview-record" },
+    el("p", { class: "muted" }, `${r.where}: ${r.tokens} tokens, ${r.trained_tokens} trained` + (r.truncated ? ` · cut at ${p.max_length}: ${r.tokens - p.max_length} tokens dropped` : "")),
+    el("pre", { class: "tokens" }, r.spans.map((s) => (s.trained ? el("mark", { title: `${s.tokens} tokens the loss covers` }, s.text) : el("span", { title: `${s.tokens} tokens, not trained` }, s.text)))));
+  $("[data-testid=preview-wait]").replaceWith(el("div", {},
+    el("p", { "data-testid": "truncation" }, `Of ${sampled}, ${L.truncated.toLocaleString()} would be cut at ${p.max_length} tokens` +
+      (L.sampled ? ` (tokens per record: p50 ${L.p50}, p95 ${L.p95}, max ${L.max}; trained tokens per record ${L.trained_tokens_mean} on average).` : ".")),
+    p.refused_count ? el("div", { class: "error", "data-testid": "refused" }, `${p.refused_count} records the base's template cannot format (training would fail on them):`,
+      p.refused.map((r) => el("div", {}, `${r.where}: ${r.error}`))) : "",
+    histogram,
+    el("h2", {}, "As the model sees them"),
+    el("p", { class: "legend" }, el("mark", {}, "highlighted"), " tokens are what the model learns to say (the loss covers them); the rest is context. ", el("span", { class: "muted" }, `Base: ${p.base_model}`)),
+    p.records.map(record)));
 }
 
 // -------------------------------------------------------------------------------------- new job
@@ -254,6 +307,32 @@ async function newJobPage() {
       ? `Publishes a LoRA adapter ${suffix}:N, hot-swapped per request as trained.`
       : `Publishes ${method === "full" ? "a model" : "a delta"} ${suffix}:N, then extracts the LoRA adapter ${suffix}-lora:N that inference serves.`;
     for (const card of document.querySelectorAll(".method")) card.classList.toggle("chosen", card.dataset.method === method);
+    replan();
+  }
+  // The memory plan (`tunedock plan`) for the knobs as they are now, redrawn as they change.
+  const plan = el("div", { class: "card plan", "data-testid": "plan" }, el("p", { class: "muted" }, "Estimating memory ..."));
+  let planTimer = null, planAsked = 0;
+  function replan() {
+    clearTimeout(planTimer);
+    planTimer = setTimeout(async () => {
+      const value = (id, fallback) => $(`#${id}`)?.value || fallback;
+      const params = new URLSearchParams({ batch_size: value("batch_size", 4), max_seq_length: value("max_seq_length", 512), r: value("r", 16), trainable_layers: value("trainable_layers", 2) });
+      const asked = ++planAsked;
+      let answer;
+      try { answer = await api(`/fine_tuning/plan?${params}`); } catch (error) { plan.replaceChildren(fail(error)); return; }
+      if (asked !== planAsked) return; // a newer plan is on its way
+      const chosen = answer.methods.find((m) => m.method === method);
+      const p = chosen.parts;
+      plan.replaceChildren(
+        el("strong", { "data-testid": "plan-chosen" }, `${METHODS[method][0]}: about ${bytes(chosen.peak_bytes)} peak on ${answer.device}`),
+        el("p", { class: "muted" }, `weights ${bytes(p.weights)} · gradients + optimizer ${bytes(p.gradients + p.optimizer)} · activations ${bytes(p.activations)}` +
+          (p.runtime ? ` · runtime ${bytes(p.runtime)}` : "") + ` · ${chosen.trainable_params.toLocaleString()} trainable parameters, batch ${answer.batch_size} x ${answer.max_seq_length} tokens`),
+        el("table", {}, el("tr", {}, ...["method", "estimated peak", "trainable params"].map((h) => el("th", {}, h))),
+          answer.methods.map((m) => el("tr", { class: m.method === method ? "chosen" : "", "data-plan": m.method },
+            el("td", {}, METHODS[m.method][0]), el("td", {}, bytes(m.peak_bytes)), el("td", {}, m.trainable_params.toLocaleString())))));
+      plan.dataset.method = method;
+      plan.dataset.peak = String(chosen.peak_bytes);
+    }, 250);
   }
   const cards = el("div", { class: "methods" }, Object.entries(METHODS).map(([key, [name, text]]) => el("div", { class: "method", "data-method": key, on: { click: () => { method = key; drawKnobs(); } } },
     el("strong", {}, name), el("p", { class: "muted" }, text))));
@@ -263,6 +342,7 @@ async function newJobPage() {
     const number = (id) => ($(`#${id}`)?.value === "" ? undefined : Number($(`#${id}`)?.value));
     const hyperparameters = { batch_size: number("batch_size"), learning_rate_multiplier: number("lr_multiplier") };
     if (number("max_steps")) hyperparameters.max_steps = number("max_steps"); else hyperparameters.n_epochs = number("n_epochs");
+    if (number("max_seq_length")) hyperparameters.max_seq_length = number("max_seq_length");
     const config = { hyperparameters };
     if (method === "lora" || method === "qlora") { config.r = number("r"); config.alpha = number("alpha"); }
     if (method === "qlora") config.quant_type = $("#quant_type").value;
@@ -275,7 +355,7 @@ async function newJobPage() {
     } catch (error) { message.replaceChildren(fail(error)); }
   };
   show(el("h1", {}, "New fine-tuning job"),
-    el("form", { class: "card", on: { submit } },
+    el("form", { class: "card", on: { submit, input: (e) => { if (e.target.type === "number") replan(); } } },
       el("label", {}, "Method"), cards, knobs,
       el("div", { class: "two" },
         el("div", {}, el("label", { for: "training_file" }, "Training file"),
@@ -283,7 +363,9 @@ async function newJobPage() {
         el("div", {}, el("label", { for: "suffix" }, "Name (suffix)"), el("input", { id: "suffix", type: "text", placeholder: "my-model", on: { input: drawKnobs } }))),
       el("div", { class: "two" },
         field("max_steps", "max steps", "", "0 or empty: train n_epochs"), field("n_epochs", "epochs", 1, "passes over the data"),
-        field("batch_size", "batch size", 4, "examples per step and process"), field("lr_multiplier", "learning-rate multiplier", 1, "× the method's default rate")),
+        field("batch_size", "batch size", 4, "examples per step and process"), field("lr_multiplier", "learning-rate multiplier", 1, "× the method's default rate"),
+        field("max_seq_length", "max sequence length", 512, "tokens per example; longer ones are cut")),
+      el("label", {}, "Memory plan"), plan,
       publishes, el("button", { type: "submit", "data-testid": "submit" }, "Start job"), message));
   drawKnobs();
 }
@@ -437,20 +519,28 @@ async function registryPage(name) {
 // -------------------------------------------------------------------------------------- serving
 
 async function servingPage() {
-  const answer = await fetch("/tunedock/v1/serving", { headers: { Authorization: `Bearer ${token()}` } });
+  const answer = await fetch("/tunedock/v1/serving?replicas=1", { headers: { Authorization: `Bearer ${token()}` } });
   const s = await answer.json();
   if (!answer.ok) throw new Error(s.error?.message || answer.statusText);
-  const r = s.replica, e = s.engine;
-  show(el("h1", {}, "Serving"),
-    el("p", { class: "muted" }, "The replica that answered this page (behind a proxy, each request may reach another)."),
-    el("div", { class: "card", "data-testid": "replica" },
+  const replicas = s.replicas || [s];
+  const card = (x) => {
+    if (x.error) return el("div", { class: "card", "data-testid": "replica" }, el("strong", {}, x.address), el("p", { class: "error" }, x.error));
+    const r = x.replica, e = x.engine, t = x.throughput || {};
+    return el("div", { class: "card", "data-testid": "replica" },
+      el("strong", {}, x.address || "this replica"),
       el("p", {}, `Base ${r.base_id} (${r.architecture}, ${r.device}, ${e.dtype}) · max_model_len ${r.max_model_len} · TuneDock ${r.version}`),
-      el("p", {}, `LoRA slots ${r.max_loras} in the engine, ${r.max_cpu_loras} in host memory, rank ≤ ${r.max_lora_rank} · ${s.adapters_loaded} adapters loaded`),
-      el("p", {}, `Queue ${e.queued_requests} waiting · ${e.open_streams} open streams · isolation ${e.isolation}` + (e.restarting ? " · engine restarting" : ""))),
-    el("h2", {}, "Loaded adapters you can see"),
-    el("table", { "data-testid": "loaded" }, el("tr", {}, ...["adapter", "project", "rank", "size", "in engine", "in flight", "pinned"].map((h) => el("th", {}, h))),
-      s.adapters.map((a) => el("tr", {}, el("td", {}, a.ref), el("td", {}, a.project), el("td", {}, a.rank), el("td", {}, bytes(a.bytes)),
-        el("td", {}, a.in_engine ? "yes" : "no"), el("td", {}, a.in_flight), el("td", {}, a.pinned ? "yes" : "")))));
+      el("p", {}, `LoRA slots ${r.max_loras} in the engine, ${r.max_cpu_loras} in host memory, rank ≤ ${r.max_lora_rank} · ${x.adapters_loaded} adapters loaded`),
+      el("p", {}, `Queue ${e.queued_requests} waiting · ${e.open_streams} open streams · isolation ${e.isolation}` + (e.restarting ? " · engine restarting" : "")),
+      el("p", { "data-testid": "throughput" }, `Throughput ${(t.tokens_per_s_10s ?? 0).toFixed(1)} tokens/s over 10 s, ${(t.tokens_per_s_60s ?? 0).toFixed(1)} over 60 s · ${(t.requests_per_s_10s ?? 0).toFixed(2)} requests/s`),
+      el("table", { "data-testid": "loaded" }, el("tr", {}, ...["adapter you can see", "project", "rank", "size", "in engine", "in flight", "pinned"].map((h) => el("th", {}, h))),
+        x.adapters.map((a) => el("tr", {}, el("td", {}, a.ref), el("td", {}, a.project), el("td", {}, a.rank), el("td", {}, bytes(a.bytes)),
+          el("td", {}, a.in_engine ? "yes" : "no"), el("td", {}, a.in_flight), el("td", {}, a.pinned ? "yes" : "")))));
+  };
+  show(el("h1", {}, "Serving"),
+    el("p", { class: "muted" }, s.replicas ? `${replicas.length} replicas (the SRV records of their HTTP port, as the proxy finds them), each answering for itself.`
+      : "The replica that answered this page (set --peers-srv on the replicas to see every one)."),
+    s.peers_error ? el("p", { class: "error" }, `Other replicas not found: ${s.peers_error}`) : "",
+    el("div", { class: "grid" }, replicas.map(card)));
   later(3000);
 }
 
@@ -464,18 +554,19 @@ async function modelsPage() {
         el("td", {}, (m.tunedock?.aliases || []).join(", ")), el("td", {}, m.tunedock?.project || m.owned_by)))));
 }
 
-async function stream(body, out) {
+// One streamed answer into `out`: chat completions (a delta's content) or completions (a choice's text).
+async function stream(path, body, out) {
   out.textContent = "";
   delete out.dataset.done;
-  const answer = await fetch("/v1/chat/completions", {
+  const answer = await fetch(`/v1${path}`, {
     method: "POST",
     headers: { Authorization: `Bearer ${token()}`, "content-type": "application/json" },
     body: JSON.stringify({ ...body, stream: true }),
   });
-  if (!answer.ok) { out.replaceChildren(fail(new Error((await answer.json()).error?.message))); out.dataset.done = "true"; return; }
+  if (!answer.ok) { out.replaceChildren(fail(new Error((await answer.json()).error?.message))); out.dataset.done = "true"; return null; }
   const reader = answer.body.getReader();
   const decoder = new TextDecoder();
-  let buffer = "";
+  let buffer = "", text = "";
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
@@ -487,53 +578,80 @@ async function stream(body, out) {
       if (data === "[DONE]") continue;
       const chunk = JSON.parse(data);
       if (chunk.error) { out.append(fail(new Error(chunk.error.message))); continue; }
-      out.append(chunk.choices?.[0]?.delta?.content || "");
+      const piece = chunk.choices?.[0]?.delta?.content ?? chunk.choices?.[0]?.text ?? "";
+      text += piece;
+      out.append(piece);
     }
   }
   out.dataset.done = "true";
+  return text;
 }
 
-function copyAs(kind, body) {
+function copyAs(kind, path, body) {
   const json = JSON.stringify(body);
   if (kind === "curl") {
-    return `curl -s ${location.origin}/v1/chat/completions -H "Authorization: Bearer $TUNEDOCK_TOKEN" \\\n  -H 'content-type: application/json' -d '${json.replaceAll("'", "'\\''")}'`;
+    return `curl -s ${location.origin}/v1${path} -H "Authorization: Bearer $TUNEDOCK_TOKEN" \\\n  -H 'content-type: application/json' -d '${json.replaceAll("'", "'\\''")}'`;
   }
-  const messages = JSON.stringify(body.messages);
-  return `from openai import OpenAI\n\nclient = OpenAI(base_url="${location.origin}/v1", api_key=TUNEDOCK_TOKEN)\n` +
-    `reply = client.chat.completions.create(model=${JSON.stringify(body.model)}, messages=${messages}, ` +
+  const head = `from openai import OpenAI\n\nclient = OpenAI(base_url="${location.origin}/v1", api_key=TUNEDOCK_TOKEN)\n`;
+  if (path === "/completions") {
+    return head + `reply = client.completions.create(model=${JSON.stringify(body.model)}, prompt=${JSON.stringify(body.prompt)}, ` +
+      `temperature=${body.temperature}, max_tokens=${body.max_tokens})\nprint(reply.choices[0].text)`;
+  }
+  return head + `reply = client.chat.completions.create(model=${JSON.stringify(body.model)}, messages=${JSON.stringify(body.messages)}, ` +
     `temperature=${body.temperature}, max_tokens=${body.max_tokens})\nprint(reply.choices[0].message.content)`;
 }
 
+// The base and up to four adapters or aliases side by side. Chat keeps a conversation per pane (each
+// model answers its own earlier turns); prompt sends raw text to /v1/completions, no template.
 async function playgroundPage() {
   const models = (await api("/models")).data.map((m) => m.id);
   const adapters = models.slice(1);
-  const panes = [models[0], ...adapters.slice(0, 2)].map((chosen, i) => {
-    const pick = el("select", { id: `model-${i}`, "data-testid": `model-${i}` }, el("option", { value: "" }, "(none)"),
-      models.map((m) => el("option", { value: m, selected: m === chosen }, m)));
-    return { pick, out: el("div", { class: "answer", "data-testid": `answer-${i}` }) };
-  });
-  while (panes.length < 5) {
-    const i = panes.length;
-    panes.push({ pick: el("select", { id: `model-${i}`, "data-testid": `model-${i}` }, el("option", { value: "" }, "(none)"), models.map((m) => el("option", { value: m }, m))),
-      out: el("div", { class: "answer", "data-testid": `answer-${i}` }) });
-  }
+  const chosen = [models[0], ...adapters.slice(0, 2)];
+  const panes = [0, 1, 2, 3, 4].map((i) => ({
+    pick: el("select", { id: `model-${i}`, "data-testid": `model-${i}` }, el("option", { value: "" }, "(none)"),
+      models.map((m) => el("option", { value: m, selected: m === chosen[i] }, m))),
+    turns: el("div", { class: "turns", "data-testid": `turns-${i}` }),
+    out: el("div", { class: "answer", "data-testid": `answer-${i}` }),
+    history: [],
+  }));
+  const mode = el("select", { id: "mode", "data-testid": "mode", on: { change: () => { reset(); system.parentElement.hidden = mode.value !== "chat"; } } },
+    el("option", { value: "chat" }, "chat (a conversation per model)"), el("option", { value: "prompt" }, "prompt (raw text, /v1/completions)"));
+  const system = el("textarea", { id: "system", rows: 2, placeholder: "optional: the system prompt" });
   const prompt = el("textarea", { id: "prompt", rows: 3 }, "What does the pirate say about ship 3?");
   const temperature = el("input", { id: "temperature", type: "number", value: 0, step: "0.1", min: 0, max: 2 });
   const maxTokens = el("input", { id: "max_tokens", type: "number", value: 32, min: 1 });
   const copied = el("pre", { class: "log", "data-testid": "copy-as", hidden: true });
-  const body = (model) => ({ model, messages: [{ role: "user", content: prompt.value }], temperature: Number(temperature.value), max_tokens: Number(maxTokens.value) });
-  const run = el("button", { "data-testid": "run", on: { click: () => Promise.all(panes.filter((p) => p.pick.value).map((p) => stream(body(p.pick.value), p.out))) } }, "Ask them all");
+  const sampling = () => ({ temperature: Number(temperature.value), max_tokens: Number(maxTokens.value) });
+  const request = (pane, model) => {
+    if (mode.value === "prompt") return ["/completions", { model, prompt: prompt.value, ...sampling() }];
+    const head = system.value.trim() ? [{ role: "system", content: system.value.trim() }] : [];
+    return ["/chat/completions", { model, messages: [...head, ...pane.history, { role: "user", content: prompt.value }], ...sampling() }];
+  };
+  function reset() { for (const pane of panes) { pane.history = []; pane.turns.replaceChildren(); pane.out.textContent = ""; } }
+  async function ask(pane) {
+    const question = prompt.value;
+    const [path, body] = request(pane, pane.pick.value);
+    if (mode.value === "chat") { // the last answer moves up into the conversation, the new question below it
+      if (pane.history.length) pane.turns.append(el("div", { class: "turn assistant" }, pane.history[pane.history.length - 1].content));
+      pane.turns.append(el("div", { class: "turn user" }, question));
+    }
+    const text = await stream(path, body, pane.out);
+    if (mode.value === "chat" && text !== null) pane.history.push({ role: "user", content: question }, { role: "assistant", content: text });
+  }
+  const run = el("button", { "data-testid": "run", on: { click: () => Promise.all(panes.filter((p) => p.pick.value).map(ask)) } }, "Ask them all");
+  const fresh = el("button", { class: "secondary", "data-testid": "new-conversation", on: { click: reset } }, "New conversation");
   const copy = (kind) => el("button", { class: "secondary", "data-testid": `copy-${kind}`, on: { click: () => {
-    const model = panes.find((p) => p.pick.value && p.pick.value !== models[0])?.pick.value || models[0];
+    const pane = panes.find((p) => p.pick.value && p.pick.value !== models[0]) || panes[0];
     copied.hidden = false;
-    copied.textContent = copyAs(kind, body(model));
+    copied.textContent = copyAs(kind, ...request(pane, pane.pick.value || models[0]));
     navigator.clipboard?.writeText(copied.textContent).catch(() => {});
   } } }, `Copy as ${kind}`);
-  show(el("h1", {}, "Playground"), el("p", { class: "muted" }, "One prompt to the base and up to four adapters or aliases at once, streamed side by side."),
-    el("label", { for: "prompt" }, "Prompt"), prompt,
+  show(el("h1", {}, "Playground"), el("p", { class: "muted" }, "One chat or prompt to the base and up to four adapters or aliases at once, streamed side by side."),
+    el("div", { class: "two" }, el("div", {}, el("label", { for: "mode" }, "Mode"), mode), el("div", {}, el("label", { for: "system" }, "System prompt"), system)),
+    el("label", { for: "prompt" }, "Message"), prompt,
     el("div", { class: "two" }, el("div", {}, el("label", { for: "temperature" }, "temperature"), temperature), el("div", {}, el("label", { for: "max_tokens" }, "max tokens"), maxTokens)),
-    el("p"), run, " ", copy("curl"), " ", copy("openai-python"), copied,
-    el("div", { class: "grid" }, panes.map((p) => el("div", {}, p.pick, p.out))));
+    el("p"), run, " ", fresh, " ", copy("curl"), " ", copy("openai-python"), copied,
+    el("div", { class: "grid" }, panes.map((p) => el("div", {}, p.pick, p.turns, p.out))));
 }
 
 // ---------------------------------------------------------------------------------------- router
@@ -546,7 +664,7 @@ async function route(refresh = false) {
   const hash = location.hash || "#/jobs";
   for (const a of document.querySelectorAll("#nav a")) a.classList.toggle("active", hash.startsWith(a.getAttribute("href")));
   const [, page, id] = hash.split("/");
-  const pages = { jobs: () => (id ? jobPage(id) : jobsPage()), datasets: datasetsPage, new: newJobPage, compare: comparePage, registry: () => registryPage(id), serving: servingPage, models: modelsPage, playground: playgroundPage };
+  const pages = { jobs: () => (id ? jobPage(id) : jobsPage()), datasets: () => (id ? datasetPage(id.split("?")[0]) : datasetsPage()), new: newJobPage, compare: comparePage, registry: () => registryPage(id), serving: servingPage, models: modelsPage, playground: playgroundPage };
   try {
     await (pages[page] || jobsPage)();
   } catch (error) {
