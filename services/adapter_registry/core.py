@@ -17,12 +17,13 @@ No grpc here: the servicer converts protos to these calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import shutil
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -34,9 +35,16 @@ from services.common.audit import audit
 from services.common.auth import principal
 from services.common.blobs import CHUNK, BlobStore
 from services.common.changes import Changes
-from services.common.disk import close_quietly, disk_errors
+from services.common.disk import close_quietly, disk_errors, is_full
 from services.common.pages import Page
-from tunedock.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from tunedock.errors import (
+    AlreadyExists,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from tunedock.refs import Ref, check_alias, check_name, check_version
 
 log = logging.getLogger(__name__)
@@ -84,7 +92,7 @@ class PublishSession:
             )
         if offset + len(data) > declared.size:
             raise InvalidArgument(f"file {path!r} is larger than the {declared.size} bytes the manifest declares")
-        with disk_errors(f"{path!r} of {self.manifest.name}", self.dir, declared.size - offset):
+        with self.registry.disk_errors(f"{path!r} of {self.manifest.name}", self.dir, declared.size - offset):
             handle = self._handles.get(path)
             if handle is None:
                 target = self.dir / path
@@ -95,7 +103,7 @@ class PublishSession:
         self._written[path] += len(data)
 
     def commit(self) -> tuple[Version, bool]:
-        with disk_errors(f"the files of {self.manifest.name}", self.dir):
+        with self.registry.disk_errors(f"the files of {self.manifest.name}", self.dir):
             for handle in self._handles.values():
                 handle.close()
         for path, declared in self.declared.items():
@@ -135,7 +143,8 @@ class PublishSession:
             return existing, False
         # Held against delete_version's blob removal: a blob this publish relies on must not
         # vanish between "already stored" and the commit that references it.
-        with self.registry.blob_lock, disk_errors(f"version of {m.name}", self.registry.staging_dir.parent):
+        registry = self.registry
+        with registry.blob_lock, registry.disk_errors(f"version of {m.name}", registry.staging_dir.parent):
             for f in files:
                 if self.registry.blobs.put(f.sha256, self.dir / f.path):
                     self._added_blobs.append(f.sha256)
@@ -177,6 +186,20 @@ class Registry:
         self.blob_lock = threading.RLock()
         self.changes = Changes()
         """Wakes Watch streams when this replica commits an event (other replicas' are polled)."""
+        self.full_disk_seen: Callable[[], None] = lambda: None
+        """Called (from any thread) when a write failed for want of space; the server probes then
+        whether the registry can still write its state, and turns NOT_SERVING while it cannot."""
+
+    @contextlib.contextmanager
+    def disk_errors(self, what: str, where: Path, needed: int | None = None) -> Iterator[None]:
+        """`services.common.disk.disk_errors`, telling `full_disk_seen` about a full disk."""
+        try:
+            with disk_errors(what, where, needed):
+                yield
+        except ResourceExhausted as exc:
+            if isinstance(exc.__cause__, BaseException) and is_full(exc.__cause__):
+                self.full_disk_seen()
+            raise
 
     def begin_publish(self, manifest: ManifestIn) -> PublishSession:
         check_name(manifest.name)
@@ -267,14 +290,16 @@ class Registry:
         check_alias(alias)
         check_version(version)
         project = self.check_visible(name)
-        result = self.metadata.set_alias(name, alias, version)
+        with self.disk_errors(f"the alias {name}@{alias}", self.staging_dir.parent):
+            result = self.metadata.set_alias(name, alias, version)
         audit("registry.alias", f"{name}@{alias}", project, version=version, previous_version=result[1])
         self.changes.notify()
         return result
 
     def delete_alias(self, name: str, alias: str) -> int:
         project = self.check_visible(check_name(name))
-        previous = self.metadata.delete_alias(name, alias)
+        with self.disk_errors(f"the removal of {name}@{alias}", self.staging_dir.parent):
+            previous = self.metadata.delete_alias(name, alias)
         audit("registry.delete_alias", f"{name}@{alias}", project, previous_version=previous)
         self.changes.notify()
         return previous
@@ -283,7 +308,7 @@ class Registry:
         check_name(name)
         check_version(version)
         project = self.check_visible(name)
-        with self.blob_lock:
+        with self.blob_lock, self.disk_errors(f"the removal of {name}:{version}", self.staging_dir.parent):
             removed, unreferenced = self.metadata.delete_version(name, version, force)
             for sha in unreferenced:
                 self.blobs.delete(sha)

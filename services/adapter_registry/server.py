@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from services.adapter_registry.core import Registry
 from services.adapter_registry.metadata import MetadataStore
 from services.adapter_registry.servicer import AdapterRegistryServicer
 from services.adapter_registry.settings import RegistrySettings
 from services.common.auth import method_roles
-from services.common.blobs import open_blob_store
+from services.common.blobs import LocalBlobStore, open_blob_store
 from services.common.pages import MAX_PAGE_SIZE
 from services.common.server import GrpcServer, ServiceBinding
+from services.common.writable import WritableProbe
 from tunedock import __version__
 from tunedock.v1 import adapter_registry_pb2, adapter_registry_pb2_grpc
 
@@ -72,5 +74,20 @@ async def build_server(settings: RegistrySettings) -> GrpcServer:
         ],
         roles=method_roles(service, ROLES),
     )
+    probe = WritableProbe(state_dirs(settings, registry), server.set_serving)
+    registry.full_disk_seen = probe.full_disk_seen
+    server.after_start.append(lambda: server.supervise("writable-probe", probe.run))
     server.on_stop.append(registry.metadata.close)
     return server
+
+
+def state_dirs(settings: RegistrySettings, registry: Registry) -> list[Path]:
+    """Where the registry writes its state: staging, local blobs, a SQLite database's directory."""
+    dirs = [registry.staging_dir]
+    if isinstance(registry.blobs, LocalBlobStore):
+        dirs.append(registry.blobs.root)
+    if registry.metadata.is_sqlite:
+        database = registry.metadata.engine.url.database
+        if database and database != ":memory:":
+            dirs.append(Path(database).parent)
+    return dirs

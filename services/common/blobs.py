@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from tunedock.errors import DataLoss, NotFound, Unavailable
+from tunedock.errors import DataLoss, NotFound, ResourceExhausted, TuneDockError, Unavailable
 
 CHUNK = 1024 * 1024
 
@@ -109,14 +109,15 @@ class S3BlobStore:
         return f"{self.prefix}/{sha256[:2]}/{sha256}" if self.prefix else f"{sha256[:2]}/{sha256}"
 
     def _call(self, fn, *args, **kwargs):
+        from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return fn(*args, **kwargs)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                raise NotFound(f"blob not found in s3://{self.bucket}") from None
-            raise Unavailable(f"S3 error on bucket {self.bucket}: {exc}") from None
+        except (ClientError, S3UploadFailedError) as exc:
+            # upload_file wraps the ClientError of a failed part in S3UploadFailedError (as its context)
+            client_error = exc if isinstance(exc, ClientError) else exc.__context__
+            raise s3_status(client_error if isinstance(client_error, ClientError) else exc, self.bucket) from None
         except BotoCoreError as exc:
             raise Unavailable(f"S3 unreachable: {exc}") from None
 
@@ -150,6 +151,34 @@ class S3BlobStore:
         for page in self._call(lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=self.prefix))):
             for obj in page.get("Contents", []):
                 yield obj["Key"].rsplit("/", 1)[-1]
+
+
+S3_FULL = {
+    "XMinioStorageFull": "the object store has no free space left",
+    "XMinioAdminBucketQuotaExceeded": "the bucket's quota is used up",
+    "QuotaExceeded": "the bucket's (or user's) quota is used up",
+    "InsufficientStorage": "the object store has no free space left",
+    "EntityTooLarge": "the object is larger than the store accepts in one upload",
+}
+"""S3-compatible stores' answers for "no room" (MinIO, Ceph RGW, and others; HTTP 507 whatever the code)."""
+
+
+def s3_status(exc: Exception, bucket: str) -> TuneDockError:
+    """A failed S3 call as a status: NOT_FOUND for a missing key, RESOURCE_EXHAUSTED where the store is
+    full or over quota (the disk-full of object storage), UNAVAILABLE otherwise (retryable)."""
+    response = getattr(exc, "response", {}) or {}
+    error = response.get("Error", {})
+    code, message = str(error.get("Code", "")), str(error.get("Message", "") or exc)
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if code in ("404", "NoSuchKey", "NotFound"):
+        return NotFound(f"blob not found in s3://{bucket}")
+    if code in S3_FULL or status == 507:
+        why = S3_FULL.get(code, "the object store has no free space left")
+        return ResourceExhausted(
+            f"no room in s3://{bucket}: {why} ({code or status}: {message}); free space or raise the quota there, "
+            "then try again"
+        )
+    return Unavailable(f"S3 error on bucket {bucket}: {exc}")
 
 
 def open_blob_store(url: str, endpoint_url: str = "") -> BlobStore:

@@ -79,6 +79,7 @@ class GrpcServer:
         self._extra: dict[str, aio.Server] = {}
         self.bound: dict[str, int] = {}
         self._metrics_http = None
+        self._tasks: list[asyncio.Task] = []
         self.authenticator = build_authenticator(self.settings)
         self.auth = AuthInterceptor(
             self.authenticator,
@@ -172,6 +173,22 @@ class GrpcServer:
         for name in ["", *(b.full_name for b in self.bindings)]:
             await self.health.set(name, status)
 
+    def supervise(self, name: str, run: Callable[[], Awaitable[None]], restart_s: float = 1.0) -> None:
+        """Run a long-lived task while the server runs: an exception is logged with its traceback, counted
+        (tunedock_background_errors_total{task=name}) and the task started again; stop() cancels it."""
+
+        async def supervised() -> None:
+            while True:
+                try:
+                    await run()
+                    return
+                except Exception:
+                    log.exception("background task %s failed; starting it again in %.0f s", name, restart_s)
+                    self.metrics.background_errors.labels(name).inc()
+                    await asyncio.sleep(restart_s)
+
+        self._tasks.append(asyncio.get_running_loop().create_task(supervised(), name=name))
+
     def fail(self, reason: str) -> None:
         """Stop serving and exit non-zero (the process supervisor, e.g. Kubernetes, restarts it)."""
         log.error("cannot go on: %s", reason)
@@ -183,6 +200,9 @@ class GrpcServer:
             return
         grace = self.settings.shutdown_grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
         await asyncio.gather(self._server.stop(grace), *(s.stop(grace) for s in self._extra.values()))
         self._server = None
         self._extra.clear()
