@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import IO
 
 from tunedock.errors import FailedPrecondition, InvalidArgument, Unavailable
 
@@ -28,7 +29,7 @@ class Previewer:
         self.idle_s, self.timeout_s = idle_s, timeout_s
         self._lock = threading.Lock()
         self._child: subprocess.Popen | None = None
-        self._stderr = None
+        self._stderr: IO[bytes] | None = None
         self._last = 0.0
         self._idle_timer: threading.Timer | None = None
 
