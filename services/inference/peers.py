@@ -9,6 +9,7 @@ A replica that does not answer in time is listed with the reason, not dropped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 
 PEER_TIMEOUT_S = 2.0
@@ -23,7 +24,14 @@ async def resolve(srv_name: str, nameserver: str = "") -> list[tuple[str, int]]:
         host, _, port = nameserver.rpartition(":")
         resolver.nameservers, resolver.port = [host], int(port)
     answer = await resolver.resolve(srv_name, "SRV", lifetime=PEER_TIMEOUT_S)
-    return sorted((str(r.target).rstrip("."), int(r.port)) for r in answer)
+    peers = []
+    for record in answer:
+        target = str(record.target).rstrip(".")
+        # The targets through the same resolver (the system's may not know its names); else left as names.
+        with contextlib.suppress(Exception):
+            target = str((await resolver.resolve(target, "A", lifetime=PEER_TIMEOUT_S))[0])
+        peers.append((target, int(record.port)))
+    return sorted(peers)
 
 
 async def ask_each(peers: list[tuple[str, int]], path: str, authorization: str, scheme: str = "http") -> list[dict]:
