@@ -107,6 +107,15 @@ class Estimate:
     def total(self) -> int:
         return sum(self.parts.values())
 
+    def as_dict(self) -> dict:
+        """What `tunedock plan --json` and the trainer's /v1/fine_tuning/plan show of it."""
+        return {
+            "method": self.method,
+            "trainable_params": self.trainable,
+            "peak_bytes": self.total,
+            "parts": self.parts,
+        }
+
 
 @functools.lru_cache(maxsize=2)
 def runtime_overhead(device: str) -> int:

@@ -197,13 +197,7 @@ class TrainerCore:
         if not 16 <= max_length <= 1 << 17:
             raise InvalidArgument(f"max_length must be in [16, 131072] (a job's max_seq_length), got {max_length}")
         row = self.get_dataset(dataset_id)
-        base = base_model or self.default_base(build=True)
-        local = resolve_local_base(base)
-        if local is None:
-            raise FailedPrecondition(
-                f"base model {base!r} is not on this trainer: preview with a local model directory, a model in "
-                "the trainer's Hugging Face cache, or leave it empty for the trainer's default base"
-            )
+        base, local = self._local_base(base_model)
         records = list(itertools.islice(stored_records(self.datasets.read(row.sha256, 0, CHUNK)), sample))
         answer = self.previewer.preview(
             {"records": records, "format": row.format, "base": str(local), "max_length": max_length, "show": show}
@@ -233,19 +227,16 @@ class TrainerCore:
         ):
             if not ok:
                 raise InvalidArgument(message)
-        base = base_model or self.default_base(build=True)
-        local = resolve_local_base(base)
-        if local is None:
-            raise FailedPrecondition(f"base model {base!r} is not on this trainer: give a local model directory")
+        base, local = self._local_base(base_model)
         shape = planner.read_shape(local)
         overhead = planner.runtime_overhead(device)
-        methods = []
-        for method in METHODS:
-            e = planner.estimate(
+        methods = [
+            planner.estimate(
                 shape, method, batch_size, max_seq_length, device, lora_r, trainable_layers,
                 gradient_checkpointing, overhead,
-            )  # fmt: skip
-            methods.append({"method": method, "trainable_params": e.trainable, "peak_bytes": e.total, "parts": e.parts})
+            ).as_dict()
+            for method in METHODS
+        ]  # fmt: skip
         return {
             "base_model": base,
             "device": device,
@@ -253,6 +244,17 @@ class TrainerCore:
             "max_seq_length": max_seq_length,
             "methods": methods,
         }
+
+    def _local_base(self, base_model: str) -> tuple[str, Path]:
+        """`base_model` (empty: this trainer's default) and its directory here, for previews and plans."""
+        base = base_model or self.default_base(build=True)
+        local = resolve_local_base(base)
+        if local is None:
+            raise FailedPrecondition(
+                f"base model {base!r} is not on this trainer: give a local model directory, a model in the "
+                "trainer's Hugging Face cache, or nothing for the trainer's default base"
+            )
+        return base, local
 
     def delete_dataset(self, dataset_id: str) -> DatasetRow:
         """Forget a dataset and free its bytes; refused while a job that has not ended uses it."""

@@ -49,16 +49,7 @@ def plan(
         print_json(
             {
                 "budget_bytes": budget,
-                "methods": [
-                    {
-                        "method": e.method,
-                        "trainable_params": e.trainable,
-                        "peak_bytes": e.total,
-                        "parts": e.parts,
-                        "fits": budget is None or e.total <= budget,
-                    }
-                    for e in estimates
-                ],
+                "methods": [e.as_dict() | {"fits": budget is None or e.total <= budget} for e in estimates],
             }
         )
         return
